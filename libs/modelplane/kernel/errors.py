@@ -1,0 +1,95 @@
+"""Domain errors, and the one place that turns them into gRPC status codes.
+
+Domain code raises these without knowing about gRPC; the error interceptor maps
+them. Their message is written for the caller and is sent as the status details.
+Anything else that escapes a handler is an internal error: the caller gets an
+opaque message with an incident id, the log gets the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import grpc
+
+log = logging.getLogger("modelplane.errors")
+
+
+class ModelplaneError(Exception):
+    """Base of every error a caller is meant to see."""
+
+    code = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(ModelplaneError):
+    """The named thing does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class InvalidArgument(ModelplaneError):
+    """The request itself is wrong, whatever the state of the system."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class AlreadyExists(ModelplaneError):
+    """Creating something whose name is taken."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class Conflict(ModelplaneError):
+    """A concurrent change won (compare-and-set lost); retrying may succeed."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class FailedPrecondition(ModelplaneError):
+    """The system is not in a state that allows this (e.g. a missing approval)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Overloaded(ModelplaneError):
+    """A bounded queue is full: rejected at once so the caller can back off."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ResourceExhausted(ModelplaneError):
+    """A per-caller or per-request limit was exceeded."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(ModelplaneError):
+    """A dependency (database, cache, another service) cannot be reached."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ModelplaneError):
+    """The caller's deadline passed before the work could be done."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(ModelplaneError):
+    """The caller went away before the work could be done."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+def status_for(exc: BaseException, method: str = "") -> tuple[grpc.StatusCode, str]:
+    """The status code and caller-safe message for an exception raised by a handler."""
+    if isinstance(exc, ModelplaneError):
+        return exc.code, exc.message
+    incident = uuid.uuid4().hex[:12]
+    log.error("unhandled error in %s (incident %s)", method or "handler", incident, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (incident {incident})"

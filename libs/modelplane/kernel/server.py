@@ -1,0 +1,256 @@
+"""Server bootstrap shared by every service.
+
+A service hands over its settings, its gRPC service names and a function that
+adds its servicers; the bootstrap adds the standard health service, server
+reflection, raised message-size limits, the error-mapping and tracing
+interceptors and a Prometheus /metrics endpoint, and shuts down gracefully:
+health flips to NOT_SERVING first, new calls are refused, in-flight calls get
+the grace period to finish.
+
+`AioServiceServer` (grpc.aio) suits the I/O-bound services and streaming RPCs;
+`SyncServiceServer` (grpc.server with a thread pool) costs less CPU per request
+and is what a hot unary path like ModelInfer wants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from modelplane.kernel.interceptors import AioErrorInterceptor, SyncErrorInterceptor
+from modelplane.kernel.logs import configure_logging
+from modelplane.kernel.metrics import MetricsServer, new_registry
+from modelplane.kernel.settings import ServiceSettings
+from modelplane.kernel.telemetry import aio_tracing_interceptor, sync_tracing_interceptor
+
+log = logging.getLogger("modelplane.server")
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def grpc_options(settings: ServiceSettings) -> list[tuple[str, Any]]:
+    """Channel options every server uses: large messages, no port sharing."""
+    return [
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        # Two servers must never silently share a port (SO_REUSEPORT).
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class _ServiceServerBase:
+    """What both server kinds share: identity, metrics, health bookkeeping."""
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        name: str,
+        service_names: Sequence[str],
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        configure_logging(name, settings.log_level, settings.log_json)
+        self.settings = settings
+        self.name = name
+        self.service_names = list(service_names)
+        self.registry = registry or new_registry()
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._metrics: MetricsServer | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    def _bind(self, server: grpc.Server | grpc.aio.Server) -> None:
+        try:
+            port = server.add_insecure_port(self.settings.address)
+        except RuntimeError as exc:  # grpc raises this when the address is taken
+            raise OSError(f"{self.name}: cannot bind {self.settings.address}") from exc
+        if port == 0:
+            raise OSError(f"{self.name}: cannot bind {self.settings.address}")
+        self.port = port
+
+    def _start_metrics(self) -> None:
+        if self.settings.metrics_port is not None:
+            self._metrics = MetricsServer(
+                self.registry, self.settings.host, self.settings.metrics_port
+            )
+            self.metrics_port = self._metrics.port
+
+    def _stop_metrics(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+    def announce(self) -> None:
+        """Prints one JSON line on stdout once serving, for whoever started the process
+        (`modelplane up`, benchmarks) to learn the ports chosen for port 0."""
+        line = {
+            "event": "serving",
+            "service": self.name,
+            "address": self.address,
+            "port": self.port,
+            "metrics_port": self.metrics_port,
+        }
+        print(json.dumps(line), flush=True)
+
+    def _log_started(self) -> None:
+        log.info(
+            "%s serving on %s",
+            self.name,
+            self.address,
+            extra={"service": self.name, "port": self.port, "metrics_port": self.metrics_port},
+        )
+
+
+class AioServiceServer(_ServiceServerBase):
+    """A grpc.aio server with the standard services around a service's servicers."""
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        name: str,
+        service_names: Sequence[str],
+        add_servicers: Callable[[grpc.aio.Server], None],
+        on_stop: Sequence[Callable[[], Awaitable[None]]] = (),
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        super().__init__(settings, name, service_names, registry)
+        self._add_servicers = add_servicers
+        self._on_stop = list(on_stop)
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> int:
+        """Binds, starts serving and marks every service SERVING; returns the port."""
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self.settings.tracing_enabled:
+            interceptors.append(aio_tracing_interceptor(self.name, self.settings.otlp_endpoint))
+        interceptors.append(AioErrorInterceptor())
+        server = grpc.aio.server(interceptors=interceptors, options=grpc_options(self.settings))
+        self._add_servicers(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [*self.service_names, HEALTH_SERVICE, reflection.SERVICE_NAME], server
+        )
+        self._bind(server)
+        await server.start()
+        self._server = server
+        for service in ["", *self.service_names]:
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._start_metrics()
+        self._log_started()
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Flips health to NOT_SERVING, refuses new calls, drains in-flight ones."""
+        if self._server is None or self._stopped.is_set():
+            return
+        grace = self.settings.grace_period_s if grace is None else grace
+        log.info("%s shutting down (grace %.1fs)", self.name, grace)
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        for hook in self._on_stop:
+            await hook()
+        self._stop_metrics()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def serve_until_signal(self) -> None:
+        """Starts, then runs until SIGTERM or SIGINT and shuts down gracefully."""
+        await self.start()
+        self.announce()
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_requested.set)
+        await stop_requested.wait()
+        await self.stop()
+
+
+class SyncServiceServer(_ServiceServerBase):
+    """A synchronous grpc.server (thread pool) with the same standard services."""
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        name: str,
+        service_names: Sequence[str],
+        add_servicers: Callable[[grpc.Server], None],
+        max_workers: int = 64,
+        on_stop: Sequence[Callable[[], None]] = (),
+        registry: CollectorRegistry | None = None,
+        extra_interceptors: Sequence[grpc.ServerInterceptor] = (),
+    ) -> None:
+        super().__init__(settings, name, service_names, registry)
+        self._add_servicers = add_servicers
+        self._max_workers = max_workers
+        self._on_stop = list(on_stop)
+        self._extra_interceptors = list(extra_interceptors)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self._server: grpc.Server | None = None
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+
+    def start(self) -> int:
+        interceptors: list[grpc.ServerInterceptor] = []
+        if self.settings.tracing_enabled:
+            interceptors.append(sync_tracing_interceptor(self.name, self.settings.otlp_endpoint))
+        interceptors.append(SyncErrorInterceptor())
+        interceptors.extend(self._extra_interceptors)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix=self.name),
+            interceptors=interceptors,
+            options=grpc_options(self.settings),
+            # Calls beyond this many in flight are refused at once with RESOURCE_EXHAUSTED.
+            maximum_concurrent_rpcs=self._max_workers * 4,
+        )
+        self._add_servicers(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [*self.service_names, HEALTH_SERVICE, reflection.SERVICE_NAME], server
+        )
+        self._bind(server)
+        server.start()
+        self._server = server
+        for service in ["", *self.service_names]:
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._start_metrics()
+        self._log_started()
+        return self.port
+
+    def stop(self, grace: float | None = None) -> None:
+        with self._stop_lock:
+            if self._server is None or self._stopped.is_set():
+                return
+            grace = self.settings.grace_period_s if grace is None else grace
+            log.info("%s shutting down (grace %.1fs)", self.name, grace)
+            self.health.enter_graceful_shutdown()
+            self._server.stop(grace).wait()
+            for hook in self._on_stop:
+                hook()
+            self._stop_metrics()
+            self._stopped.set()
+
+    def serve_until_signal(self) -> None:
+        self.start()
+        self.announce()
+        stop_requested = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop_requested.set())
+        stop_requested.wait()
+        self.stop()

@@ -1,0 +1,49 @@
+"""Settings every service shares. Each service subclasses `ServiceSettings` with its
+own `MODELPLANE_<SERVICE>_` environment prefix; nothing else reads the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Triton's default: the largest message gRPC can frame.
+MAX_MESSAGE_BYTES = 2**31 - 1
+
+
+class ServiceSettings(BaseSettings):
+    """Fields common to all four services."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELPLANE_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
+    port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Prometheus /metrics HTTP port; 0 picks one, unset disables.",
+    )
+    data_dir: Path = Field(
+        Path(".modelplane"), description="Directory for embedded state (SQLite files, artifacts)."
+    )
+    max_message_bytes: int = Field(
+        MAX_MESSAGE_BYTES,
+        gt=0,
+        le=MAX_MESSAGE_BYTES,
+        description="Largest gRPC message sent or received.",
+    )
+    grace_period_s: float = Field(
+        10.0, ge=0, description="Seconds in-flight calls get to finish after SIGTERM."
+    )
+    log_level: str = Field("INFO", description="Log level (DEBUG, INFO, WARNING, ERROR).")
+    log_json: bool = Field(True, description="Log one JSON object per line instead of plain text.")
+    tracing_enabled: bool = Field(True, description="Create OpenTelemetry spans for RPCs.")
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/gRPC collector address for spans; unset exports nothing."
+    )
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"

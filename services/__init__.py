@@ -1,0 +1,1 @@
+"""The four modelplane services, importable as `modelplane.services.<name>`."""

@@ -1,0 +1,1 @@
+"""Monitoring service: prediction logs and their summaries per model version."""

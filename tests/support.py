@@ -1,0 +1,53 @@
+"""Helpers for tests that run real servers: port 0, readiness via the health service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from modelplane.kernel.server import AioServiceServer, SyncServiceServer
+
+
+async def wait_serving(address: str, service: str = "", timeout: float = 15.0) -> None:
+    """Blocks until the server at `address` reports SERVING (no sleeps: the health
+    RPC itself waits for the channel to be ready)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        response = await stub.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout, wait_for_ready=True
+        )
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def wait_serving_sync(address: str, service: str = "", timeout: float = 15.0) -> None:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        response = stub.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout, wait_for_ready=True
+        )
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@asynccontextmanager
+async def running_aio(server: AioServiceServer) -> AsyncIterator[str]:
+    """Starts an aio service server on its (port 0) settings; yields its address."""
+    await server.start()
+    try:
+        await wait_serving(server.address)
+        yield server.address
+    finally:
+        await server.stop(grace=1.0)
+
+
+@contextmanager
+def running_sync(server: SyncServiceServer) -> Iterator[str]:
+    """Starts a synchronous service server; yields its address."""
+    server.start()
+    try:
+        wait_serving_sync(server.address)
+        yield server.address
+    finally:
+        server.stop(grace=1.0)
