@@ -13,14 +13,19 @@ import grpc_tools
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTOS = sorted(p.relative_to(ROOT / "protos").as_posix() for p in (ROOT / "protos").rglob("*.proto"))
+PROTOS = sorted(
+    p.relative_to(ROOT / "protos").as_posix() for p in (ROOT / "protos").rglob("*.proto")
+)
 WELL_KNOWN = str(Path(grpc_tools.__file__).parent / "_proto")
 
 
 def protoc(*args: str, full: bool = False) -> None:
     # grpcio-tools' protoc generates Python only; protoc-exe ships the full compiler.
-    program = [str(Path(sys.executable).parent / "protoc")] if full else [
-        sys.executable, "-m", "grpc_tools.protoc"]
+    program = (
+        [str(Path(sys.executable).parent / "protoc")]
+        if full
+        else [sys.executable, "-m", "grpc_tools.protoc"]
+    )
     command = [*program, "-I", str(ROOT / "protos"), "-I", WELL_KNOWN, *args, *PROTOS]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
@@ -35,13 +40,20 @@ def test_checked_in_stubs_match_a_fresh_generation(tmp_path, monkeypatch):
     plugin_dir = Path(sys.executable).parent
     assert (plugin_dir / "protoc-gen-mypy").exists(), "mypy-protobuf is part of the dev extra"
     monkeypatch.setenv("PATH", f"{plugin_dir}{os.pathsep}{os.environ['PATH']}")
-    protoc(f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}",
-           f"--mypy_out={tmp_path}", f"--mypy_grpc_out={tmp_path}")
+    protoc(
+        f"--python_out={tmp_path}",
+        f"--grpc_python_out={tmp_path}",
+        f"--mypy_out={tmp_path}",
+        f"--mypy_grpc_out={tmp_path}",
+    )
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert generated
-    stale = [str(p) for p in generated
-             if not (ROOT / "libs" / p).exists()
-             or not filecmp.cmp(tmp_path / p, ROOT / "libs" / p, shallow=False)]
+    stale = [
+        str(p)
+        for p in generated
+        if not (ROOT / "libs" / p).exists()
+        or not filecmp.cmp(tmp_path / p, ROOT / "libs" / p, shallow=False)
+    ]
     assert not stale, f"run `make proto`: these stubs differ from the protos: {stale}"
 
 

@@ -9,6 +9,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import CollectorRegistry, Counter
 
+from modelplane.kernel.errors import InvalidArgument
 from modelplane.monitoring.v1 import monitoring_pb2 as pb
 from modelplane.monitoring.v1 import monitoring_pb2_grpc as pb_grpc
 from modelplane.services.monitoring import domain
@@ -63,7 +64,7 @@ class MonitoringServicer(pb_grpc.MonitoringServiceServicer):
         self, request: pb.GetPredictionSummaryRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetPredictionSummaryResponse:
         if not request.model_name:
-            raise domain.InvalidArgument("model_name is required")
+            raise InvalidArgument("model_name is required")
         times, latencies = await asyncio.to_thread(
             self._store.window,
             request.model_name,

@@ -35,9 +35,19 @@ def _listed_services(address: str) -> set[str]:
 
 def test_up_serves_all_four_and_stops_cleanly_on_ctrl_c(tmp_path):
     process = subprocess.Popen(
-        [sys.executable, "-m", "modelplane.cli.main", "up", "--any-ports",
-         "--data-dir", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "modelplane.cli.main",
+            "up",
+            "--any-ports",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
     )
     try:
         addresses: dict[str, str] = {}
@@ -52,9 +62,11 @@ def test_up_serves_all_four_and_stops_cleanly_on_ctrl_c(tmp_path):
 
         for name, address in addresses.items():
             with grpc.insecure_channel(address) as channel:
-                status = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=10
-                ).status
+                status = (
+                    health_pb2_grpc.HealthStub(channel)
+                    .Check(health_pb2.HealthCheckRequest(), timeout=10)
+                    .status
+                )
             assert status == health_pb2.HealthCheckResponse.SERVING, name
             assert EXPECTED_SERVICES[name] in _listed_services(address), name
 

@@ -19,8 +19,10 @@ def register(commands: Any) -> None:
 def settings_table(name: str) -> str:
     settings_class = service_main(name).Settings
     prefix = settings_class.model_config.get("env_prefix", "")
-    rows = [f"| `{prefix}{field.upper()}` | `{info.default}` | {info.description or ''} |"
-            for field, info in settings_class.model_fields.items()]
+    rows = [
+        f"| `{prefix}{field.upper()}` | `{info.default}` | {info.description or ''} |"
+        for field, info in settings_class.model_fields.items()
+    ]
     header = f"### {name}\n\n| variable | default | meaning |\n|---|---|---|"
     return "\n".join([header, *rows])
 

@@ -36,9 +36,7 @@ def settings_from_args(module: Any, args: argparse.Namespace) -> Any:
     """Flags given on the command line override the environment and defaults."""
     fields = module.Settings.model_fields
     overrides = {
-        key: value
-        for key, value in vars(args).items()
-        if key in fields and value is not None
+        key: value for key, value in vars(args).items() if key in fields and value is not None
     }
     return module.Settings(**overrides)
 

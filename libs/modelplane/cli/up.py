@@ -45,11 +45,18 @@ def register(commands: Any) -> None:
         "(SQLite and local disk under --data-dir, a demo model generated on first run), wait "
         "until each is SERVING, print their addresses, and stop them all on Ctrl-C.",
     )
-    parser.add_argument("--data-dir", type=Path, default=Path(".modelplane"),
-                        help="directory for state (default .modelplane)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".modelplane"),
+        help="directory for state (default .modelplane)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--any-ports", action="store_true",
-                        help="let every service pick a free port (printed once serving)")
+    parser.add_argument(
+        "--any-ports",
+        action="store_true",
+        help="let every service pick a free port (printed once serving)",
+    )
     parser.set_defaults(handler=up)
 
 
@@ -67,9 +74,19 @@ def _read_serving_line(stream: IO[str], found: dict[str, Any]) -> None:
 def _start(name: str, args: argparse.Namespace) -> Child:
     port, metrics_port = (0, 0) if args.any_ports else DEFAULT_PORTS[name]
     command = [
-        sys.executable, "-m", "modelplane.cli.main", "serve", name,
-        "--host", args.host, "--port", str(port), "--metrics-port", str(metrics_port),
-        "--data-dir", str(args.data_dir),
+        sys.executable,
+        "-m",
+        "modelplane.cli.main",
+        "serve",
+        name,
+        "--host",
+        args.host,
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--data-dir",
+        str(args.data_dir),
     ]
     if name == "inference":
         command += ["--model-repository", str(args.data_dir / "models")]
@@ -85,8 +102,9 @@ def _start(name: str, args: argparse.Namespace) -> Child:
 def _wait_serving(child: Child, deadline: float) -> None:
     found: dict[str, Any] = {}
     assert child.process.stdout is not None
-    reader = threading.Thread(target=_read_serving_line, args=(child.process.stdout, found),
-                              daemon=True)
+    reader = threading.Thread(
+        target=_read_serving_line, args=(child.process.stdout, found), daemon=True
+    )
     reader.start()
     reader.join(max(0.0, deadline - time.monotonic()))
     if not found:
@@ -94,7 +112,8 @@ def _wait_serving(child: Child, deadline: float) -> None:
     child.address, child.metrics_port = found["address"], found.get("metrics_port")
     with grpc.insecure_channel(child.address) as channel:
         response = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=max(1.0, deadline - time.monotonic()),
+            health_pb2.HealthCheckRequest(),
+            timeout=max(1.0, deadline - time.monotonic()),
             wait_for_ready=True,
         )
     if response.status != health_pb2.HealthCheckResponse.SERVING:
@@ -146,8 +165,11 @@ def up(args: argparse.Namespace) -> int:
         for child in children:
             _wait_serving(child, deadline)
         for child in children:
-            print(f"{child.name:<11} grpc {child.address:<18} metrics "
-                  f"http://{args.host}:{child.metrics_port}/metrics", flush=True)
+            print(
+                f"{child.name:<11} grpc {child.address:<18} metrics "
+                f"http://{args.host}:{child.metrics_port}/metrics",
+                flush=True,
+            )
         print(_usage(children), flush=True)
         while not stop.is_set():
             if any(child.process.poll() is not None for child in children):
@@ -158,7 +180,7 @@ def up(args: argparse.Namespace) -> int:
             stop.wait(0.5)
     except KeyboardInterrupt:
         pass
-    except Exception as exc:  # noqa: BLE001 - report and clean up whatever started
+    except Exception as exc:
         print(f"modelplane up failed: {exc}", file=sys.stderr)
         _stop_all(children)
         return 1

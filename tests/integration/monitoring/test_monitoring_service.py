@@ -19,9 +19,15 @@ async def test_logged_predictions_are_summarised_per_version(tmp_path):
     async with running_aio(server) as address, grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.MonitoringServiceStub(channel)
         records = [
-            pb.PredictionRecord(model_name="fraud", model_version=v, request_id=f"r{i}",
-                                time=ts(1_000 + i), features=[0.1, 0.2], outputs=[0.9],
-                                latency_ms=float(i))
+            pb.PredictionRecord(
+                model_name="fraud",
+                model_version=v,
+                request_id=f"r{i}",
+                time=ts(1_000 + i),
+                features=[0.1, 0.2],
+                outputs=[0.9],
+                latency_ms=float(i),
+            )
             for i, v in enumerate(["1", "1", "1", "2"], start=1)
         ]
         assert (await stub.LogPredictions(pb.LogPredictionsRequest(records=records))).stored == 4
@@ -34,8 +40,9 @@ async def test_logged_predictions_are_summarised_per_version(tmp_path):
         assert v1.first_time.seconds == 1_001 and v1.last_time.seconds == 1_003
 
         windowed = await stub.GetPredictionSummary(
-            pb.GetPredictionSummaryRequest(model_name="fraud", start_time=ts(1_002),
-                                           end_time=ts(1_004))
+            pb.GetPredictionSummaryRequest(
+                model_name="fraud", start_time=ts(1_002), end_time=ts(1_004)
+            )
         )
         assert windowed.count == 2
 
@@ -61,8 +68,12 @@ async def test_records_survive_a_restart(tmp_path):
         server = build(Settings(port=0, data_dir=tmp_path))
         async with running_aio(server) as address, grpc.aio.insecure_channel(address) as ch:
             stub = pb_grpc.MonitoringServiceStub(ch)
-            await stub.LogPredictions(pb.LogPredictionsRequest(
-                records=[pb.PredictionRecord(model_name="m", latency_ms=1.0)]))
+            await stub.LogPredictions(
+                pb.LogPredictionsRequest(
+                    records=[pb.PredictionRecord(model_name="m", latency_ms=1.0)]
+                )
+            )
             summary = await stub.GetPredictionSummary(
-                pb.GetPredictionSummaryRequest(model_name="m"))
+                pb.GetPredictionSummaryRequest(model_name="m")
+            )
             assert summary.count == expected

@@ -9,8 +9,15 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def record(**overrides):
-    fields = dict(model_name="fraud", model_version="1", request_id="r", time=T0,
-                  features=(1.0,), outputs=(0.5,), latency_ms=2.0)
+    fields = dict(
+        model_name="fraud",
+        model_version="1",
+        request_id="r",
+        time=T0,
+        features=(1.0,),
+        outputs=(0.5,),
+        latency_ms=2.0,
+    )
     fields.update(overrides)
     return domain.PredictionRecord(**fields)
 
