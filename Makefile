@@ -32,9 +32,11 @@ test: $(STAMP) ## Run the whole test suite
 proto: $(STAMP) ## Regenerate the Python stubs in libs/ from protos/
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
 	  --python_out=libs --grpc_python_out=libs --mypy_out=libs --mypy_grpc_out=libs $(PROTOS)
-	# Generated packages need an __init__.py at every level for setuptools and mypy.
-	find libs/inference $(wildcard $(addprefix libs/modelplane/,registry feature monitoring)) \
-	  -type d -not -name __pycache__ -exec touch {}/__init__.py \;
+	# Every folder between libs/ and a generated module needs an __init__.py.
+	for dir in $$(cd protos && find . -name '*.proto' -exec dirname {} \; | sort -u); do \
+	  path=libs/$${dir#./}; \
+	  while [ "$$path" != libs ]; do [ -f $$path/__init__.py ] || touch $$path/__init__.py; path=$$(dirname $$path); done; \
+	done
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1

@@ -13,6 +13,9 @@ COMMAND_MODULES = (
     "modelplane.cli.serve",
     "modelplane.cli.up",
     "modelplane.cli.config",
+    "modelplane.cli.registry",
+    "modelplane.cli.features",
+    "modelplane.cli.loadtest",
 )
 
 

@@ -1,0 +1,503 @@
+"""`modelplane registry ...`: register, inspect, promote, approve and download models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from modelplane.client.registry import DEFAULT_ADDRESS, DigestMismatch, RegistryClient
+from modelplane.registry.v1 import registry_pb2 as pb
+
+STATUSES = {
+    "registered": pb.VERSION_STATUS_REGISTERED,
+    "deprecated": pb.VERSION_STATUS_DEPRECATED,
+    "archived": pb.VERSION_STATUS_ARCHIVED,
+}
+
+
+def _pairs(values: Sequence[str] | None, what: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for item in values or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: {what} must look like key=value, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
+def _time(text: str) -> datetime:
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _metric(text: str) -> dict[str, Any]:
+    """`auc=0.91` or `auc=0.87@region=eu,segment=new`."""
+    head, _, slice_text = text.partition("@")
+    name, sep, value = head.partition("=")
+    if not sep:
+        raise SystemExit(f"error: --metric must look like name=value[@k=v,...], got {text!r}")
+    try:
+        number = float(value)
+    except ValueError as exc:
+        raise SystemExit(f"error: metric {name!r} value {value!r} is not a number") from exc
+    return {
+        "name": name,
+        "value": number,
+        "slice": _pairs(slice_text.split(",") if slice_text else [], "metric slice"),
+    }
+
+
+def _stringify_maps(raw: dict[str, Any]) -> dict[str, Any]:
+    """YAML reads `max_depth: 6` as a number; the proto maps hold strings."""
+    lineage = raw.get("lineage") or {}
+    if "params" in lineage:
+        lineage["params"] = {str(k): str(v) for k, v in (lineage["params"] or {}).items()}
+    for metric in lineage.get("metrics") or []:
+        if "slice" in metric:
+            metric["slice"] = {str(k): str(v) for k, v in (metric["slice"] or {}).items()}
+    return raw
+
+
+def upload_metadata(args: argparse.Namespace) -> pb.UploadMetadata:
+    """Metadata from the YAML file (if any), then flags on top."""
+    metadata = pb.UploadMetadata()
+    if args.metadata:
+        raw = yaml.safe_load(Path(args.metadata).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise SystemExit(f"error: {args.metadata} must hold a mapping")
+        try:
+            json_format.ParseDict(_stringify_maps(raw), metadata)
+        except json_format.ParseError as exc:
+            raise SystemExit(f"error: {args.metadata}: {exc}") from exc
+    metadata.model = args.model
+    if args.description:
+        metadata.description = args.description
+    lineage = metadata.lineage
+    for flag in ("training_data_ref", "training_data_version", "code_revision"):
+        if getattr(args, flag):
+            setattr(lineage, flag, getattr(args, flag))
+    lineage.params.update(_pairs(args.param, "--param"))
+    for text in args.metric or ():
+        json_format.ParseDict(_metric(text), lineage.metrics.add())
+    for flag in (
+        "intended_use",
+        "out_of_scope_uses",
+        "limitations",
+        "ethical_considerations",
+        "evaluation_data",
+    ):
+        if getattr(args, flag):
+            setattr(metadata.card, flag, getattr(args, flag))
+    return metadata
+
+
+# --- output -------------------------------------------------------------------------------
+
+
+def _json(message: Message) -> str:
+    return json_format.MessageToJson(message, indent=2, preserving_proto_field_name=True)
+
+
+def _emit(args: argparse.Namespace, message: Message, text: str) -> None:
+    print(_json(message) if args.json else text)
+
+
+def _when(ts: Any) -> str:
+    return ts.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds") if ts.seconds else "-"
+
+
+def _status(value: int) -> str:
+    return pb.VersionStatus.Name(value).removeprefix("VERSION_STATUS_").lower()  # type: ignore[arg-type]
+
+
+def _spec(spec: pb.TensorSpec) -> str:
+    return f"{spec.name} {spec.datatype}[{', '.join(str(d) for d in spec.shape)}]"
+
+
+def print_version(version: pb.ModelVersion) -> None:
+    print(f"{version.model} v{version.version}  ({_status(version.status)})")
+    aliases = ", ".join(version.aliases) or "-"
+    print(f"  aliases:     {aliases}")
+    print(f"  approvals:   {version.approvals}")
+    print(f"  created:     {_when(version.create_time)} by {version.created_by}")
+    print(f"  sha256:      {version.artifact.sha256}")
+    print(f"  size:        {version.artifact.size_bytes} bytes ({version.artifact.format})")
+    sig = version.signature
+    print(f"  onnx:        IR {sig.ir_version}, opset {sig.opset_version}")
+    for spec in sig.inputs:
+        print(f"  input:       {_spec(spec)}")
+    for spec in sig.outputs:
+        print(f"  output:      {_spec(spec)}")
+    if version.description:
+        print(f"  description: {version.description}")
+    lineage = version.lineage
+    print("lineage:")
+    data_version = lineage.training_data_version or "-"
+    print(f"  training data: {lineage.training_data_ref or '-'} @ {data_version}")
+    print(f"  code revision: {lineage.code_revision or '-'}")
+    for key, value in sorted(lineage.params.items()):
+        print(f"  param {key} = {value}")
+    for metric in lineage.metrics:
+        where = ",".join(f"{k}={v}" for k, v in sorted(metric.slice.items())) or "overall"
+        print(f"  metric {metric.name} = {metric.value:g} [{where}]")
+    print("model card:")
+    card = version.card
+    for label, text in (
+        ("intended use", card.intended_use),
+        ("out-of-scope uses", card.out_of_scope_uses),
+        ("limitations", card.limitations),
+        ("ethical considerations", card.ethical_considerations),
+        ("evaluation data", card.evaluation_data),
+    ):
+        print(f"  {label}: {text or '-'}")
+    for stat in version.feature_statistics:
+        print(f"  reference stats {stat.name}: {len(stat.counts)} bins, {sum(stat.counts)} rows")
+
+
+# --- commands -----------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> RegistryClient:
+    return RegistryClient(args.address, actor=args.actor, timeout=args.timeout)
+
+
+def cmd_create(args: argparse.Namespace, client: RegistryClient) -> None:
+    model = client.create_model(
+        args.name,
+        description=args.description or "",
+        owner=args.owner or "",
+        tags=_pairs(args.tag, "--tag"),
+        required_approvals=args.required_approvals,
+        protected_aliases=args.protect or [],
+    )
+    _emit(args, model, f"created model {model.name}")
+
+
+def cmd_register(args: argparse.Namespace, client: RegistryClient) -> None:
+    metadata = upload_metadata(args)
+    if args.create:
+        try:
+            client.create_model(args.model)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.ALREADY_EXISTS:  # type: ignore[attr-defined]
+                raise
+    version = client.upload_file(Path(args.file), metadata)
+    if args.json:
+        print(_json(version))
+    else:
+        print(f"registered {version.model} v{version.version} sha256:{version.artifact.sha256}")
+
+
+def cmd_list(args: argparse.Namespace, client: RegistryClient) -> None:
+    models = client.list_models(args.query or "", args.owner or "", _pairs(args.tag, "--tag"))
+    if args.json:
+        print(json.dumps([json.loads(_json(m)) for m in models], indent=2))
+        return
+    print(f"{'MODEL':<32} {'LATEST':>6}  {'OWNER':<16} TAGS")
+    for model in models:
+        tags = ",".join(f"{k}={v}" for k, v in sorted(model.tags.items()))
+        print(f"{model.name:<32} {model.latest_version:>6}  {model.owner:<16} {tags}")
+
+
+def cmd_show(args: argparse.Namespace, client: RegistryClient) -> None:
+    if args.version or args.alias:
+        version = client.get_version(args.model, version=args.version or 0, alias=args.alias or "")
+        if args.json:
+            print(_json(version))
+        else:
+            print_version(version)
+        return
+    model = client.get_model(args.model)
+    versions = client.list_versions(args.model)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "model": json.loads(_json(model)),
+                    "versions": [json.loads(_json(v)) for v in versions],
+                },
+                indent=2,
+            )
+        )
+        return
+    policy = model.approval_policy
+    print(f"{model.name}: {model.description or '-'}")
+    print(
+        f"  owner: {model.owner or '-'}   created {_when(model.create_time)} by {model.created_by}"
+    )
+    if model.tags:
+        print("  tags: " + ", ".join(f"{k}={v}" for k, v in sorted(model.tags.items())))
+    if policy.required_approvals:
+        print(
+            f"  policy: {policy.required_approvals} approval(s) before "
+            + ", ".join(policy.protected_aliases)
+        )
+    print(f"  {'VERSION':>7}  {'STATUS':<11} {'APPROVALS':>9}  {'ALIASES':<24} SHA256")
+    for version in versions:
+        print(
+            f"  {version.version:>7}  {_status(version.status):<11} {version.approvals:>9}  "
+            f"{','.join(version.aliases) or '-':<24} {version.artifact.sha256[:16]}"
+        )
+
+
+def cmd_promote(args: argparse.Namespace, client: RegistryClient) -> None:
+    expected = args.expect
+    if expected is None:
+        # Compare-and-set on what we just read: a promoter racing us makes this fail
+        # with ABORTED rather than being silently overwritten.
+        current = {a.alias: a.version for a in client.list_aliases(args.model)}
+        expected = current.get(args.alias, 0)
+    alias = client.set_alias(args.model, args.alias, args.version, expected, args.reason or "")
+    was = f"v{expected}" if expected else "unset"
+    _emit(args, alias, f"{alias.model}@{alias.alias} -> v{alias.version} (was {was})")
+
+
+def cmd_unset(args: argparse.Namespace, client: RegistryClient) -> None:
+    event = client.delete_alias(args.model, args.alias, args.expect, args.reason or "")
+    print(
+        _json(event)
+        if args.json
+        else f"removed {event.model}@{event.alias} (was v{event.from_version})"
+    )
+
+
+def cmd_review(args: argparse.Namespace, client: RegistryClient) -> None:
+    response = client.review(args.model, args.version, args.approve, args.comment or "")
+    if args.json:
+        print(_json(response))
+        return
+    verb = "approved" if args.approve else "rejected"
+    version = response.version
+    print(
+        f"{verb} {version.model} v{version.version}: {version.approvals} approval(s),"
+        f" status {_status(version.status)}"
+    )
+
+
+def cmd_status(args: argparse.Namespace, client: RegistryClient) -> None:
+    version = client.set_status(args.model, args.version, STATUSES[args.status], args.reason or "")
+    print(
+        _json(version)
+        if args.json
+        else f"{version.model} v{version.version} is now {_status(version.status)}"
+    )
+
+
+def cmd_policy(args: argparse.Namespace, client: RegistryClient) -> None:
+    model = client.set_approval_policy(args.model, args.required_approvals, args.protect or [])
+    guarded = ", ".join(args.protect or []) or "-"
+    _emit(args, model, f"{model.name}: {args.required_approvals} approval(s) before {guarded}")
+
+
+def cmd_download(args: argparse.Namespace, client: RegistryClient) -> None:
+    output = Path(args.output)
+    meta = client.download(args.model, output, version=args.version or 0, alias=args.alias or "")
+    _emit(
+        args,
+        meta,
+        f"downloaded {meta.model} v{meta.version} to {output}"
+        f" (sha256 verified: {meta.artifact.sha256})",
+    )
+
+
+def cmd_history(args: argparse.Namespace, client: RegistryClient) -> None:
+    if args.at:
+        if not args.alias:
+            raise SystemExit("error: --at needs --alias")
+        version = client.alias_at(args.model, args.alias, _time(args.at))
+        print(f"{args.model}@{args.alias} at {args.at}: v{version}")
+        return
+    events = client.alias_history(args.model, args.alias or "")
+    if args.json:
+        print(json.dumps([json.loads(_json(e)) for e in events], indent=2))
+        return
+    for event in events:
+        before = f"v{event.from_version}" if event.from_version else "unset"
+        after = f"v{event.to_version}" if event.to_version else "unset"
+        print(
+            f"{_when(event.time)}  {event.alias:<16} {before:>6} -> {after:<6} by {event.actor}"
+            f"{': ' + event.reason if event.reason else ''}"
+        )
+
+
+def cmd_audit(args: argparse.Namespace, client: RegistryClient) -> None:
+    events = client.audit(
+        actor=args.by or "",
+        target_prefix=args.target or "",
+        action=args.action or "",
+        since=_time(args.since) if args.since else None,
+        limit=args.limit,
+    )
+    if args.json:
+        print(json.dumps([json.loads(_json(e)) for e in events], indent=2))
+        return
+    for event in events:
+        print(
+            f"{_when(event.time)}  {event.actor:<16} {event.action:<24} {event.target}"
+            f"  {event.details_json}"
+        )
+
+
+def cmd_watch(args: argparse.Namespace, client: RegistryClient) -> None:
+    stream = client.watch(args.model)
+    try:
+        for event in stream:
+            print(json_format.MessageToJson(event, indent=None), flush=True)
+    except KeyboardInterrupt:
+        stream.cancel()  # type: ignore[attr-defined]
+
+
+# --- parser -------------------------------------------------------------------------------
+
+
+def _with_version_selector(parser: argparse.ArgumentParser, required: bool) -> None:
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument("--version", type=int, help="version number")
+    group.add_argument("--alias", help="alias, e.g. production")
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "registry",
+        help="register, inspect, promote, approve and download models",
+        description="Talk to a registry service. The caller's identity for history and audit "
+        "is --actor (sent as x-modelplane-actor).",
+    )
+    parser.add_argument("--address", default=DEFAULT_ADDRESS, help="registry host:port")
+    parser.add_argument("--actor", default=None, help="who you are, for history and audit")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    parser.add_argument("--json", action="store_true", help="print protobuf JSON")
+    sub = parser.add_subparsers(dest="registry_command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str, handler: Callable[..., None]) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.set_defaults(handler=run, registry_handler=handler)
+        return command
+
+    create = add("create", "create a registered model", cmd_create)
+    create.add_argument("name", help="model name")
+    create.add_argument("--description", help="free text")
+    create.add_argument("--owner", help="team or person responsible")
+    create.add_argument("--tag", action="append", help="key=value label (repeatable)")
+    create.add_argument(
+        "--required-approvals",
+        type=int,
+        default=0,
+        help="approvals a version needs before a protected alias",
+    )
+    create.add_argument("--protect", action="append", help="alias the approvals guard (repeatable)")
+
+    reg = add("register", "upload an ONNX file as the model's next version", cmd_register)
+    reg.add_argument("model", help="model name")
+    reg.add_argument("file", help="ONNX file")
+    reg.add_argument("--create", action="store_true", help="create the model if it is missing")
+    reg.add_argument(
+        "--metadata",
+        help="YAML file with description, lineage, card, "
+        "feature_statistics (UploadMetadata fields); flags override it",
+    )
+    reg.add_argument("--description", help="version description")
+    reg.add_argument("--training-data-ref", help="training data URI or name")
+    reg.add_argument("--training-data-version", help="training data version or snapshot")
+    reg.add_argument("--code-revision", help="code revision (e.g. git commit)")
+    reg.add_argument("--param", action="append", help="training parameter key=value (repeatable)")
+    reg.add_argument(
+        "--metric",
+        action="append",
+        help="metric name=value or name=value@slicekey=v,... (repeatable)",
+    )
+    reg.add_argument("--intended-use", help="model card: intended use")
+    reg.add_argument("--out-of-scope-uses", help="model card: out-of-scope uses")
+    reg.add_argument("--limitations", help="model card: limitations")
+    reg.add_argument("--ethical-considerations", help="model card: ethical considerations")
+    reg.add_argument("--evaluation-data", help="model card: evaluation data")
+
+    ls = add("list", "list or search models", cmd_list)
+    ls.add_argument("--query", help="substring of name or description")
+    ls.add_argument("--owner", help="exact owner")
+    ls.add_argument("--tag", action="append", help="key=value the model must carry (repeatable)")
+
+    show = add(
+        "show", "show a model and its versions, or one version with its model card", cmd_show
+    )
+    show.add_argument("model", help="model name")
+    _with_version_selector(show, required=False)
+
+    promote = add("promote", "point an alias at a version (compare-and-set)", cmd_promote)
+    promote.add_argument("model", help="model name")
+    promote.add_argument("alias", help="alias, e.g. production")
+    promote.add_argument("version", type=int, help="version to point it at")
+    promote.add_argument(
+        "--expect",
+        type=int,
+        default=None,
+        help="version expected to hold it now (0: unset); default: as read",
+    )
+    promote.add_argument("--reason", help="why, kept in the alias history")
+
+    unset = add("unset", "remove an alias (compare-and-set)", cmd_unset)
+    unset.add_argument("model", help="model name")
+    unset.add_argument("alias", help="alias to remove")
+    unset.add_argument("--expect", type=int, required=True, help="version holding it now")
+    unset.add_argument("--reason", help="why, kept in the alias history")
+
+    for name, approve in (("approve", True), ("reject", False)):
+        review = add(name, f"{name} a version, with a comment", cmd_review)
+        review.add_argument("model", help="model name")
+        review.add_argument("version", type=int, help="version number")
+        review.add_argument("--comment", help="reviewer's comment")
+        review.set_defaults(approve=approve)
+
+    status = add("status", "deprecate, archive or reinstate a version", cmd_status)
+    status.add_argument("model", help="model name")
+    status.add_argument("version", type=int, help="version number")
+    status.add_argument("status", choices=sorted(STATUSES), help="new status")
+    status.add_argument("--reason", help="why, for the audit log")
+
+    policy = add("policy", "set how many approvals protected aliases need", cmd_policy)
+    policy.add_argument("model", help="model name")
+    policy.add_argument("--required-approvals", type=int, required=True, help="0 disables")
+    policy.add_argument("--protect", action="append", help="alias the approvals guard (repeatable)")
+
+    download = add("download", "download a version's ONNX file, verifying its digest", cmd_download)
+    download.add_argument("model", help="model name")
+    _with_version_selector(download, required=True)
+    download.add_argument("-o", "--output", required=True, help="file to write")
+
+    history = add("history", "alias history, or which version held an alias at a time", cmd_history)
+    history.add_argument("model", help="model name")
+    history.add_argument("--alias", help="only this alias")
+    history.add_argument("--at", help="ISO time: print the version that held --alias then")
+
+    audit = add("audit", "list audit events, newest first", cmd_audit)
+    audit.add_argument("--by", help="only this actor")
+    audit.add_argument("--target", help="only targets starting with this (model, model@alias)")
+    audit.add_argument("--action", help="only this action, e.g. alias.set")
+    audit.add_argument("--since", help="ISO time")
+    audit.add_argument("--limit", type=int, default=50, help="most events to print")
+
+    watch = add("watch", "print a model's alias state, then changes, as JSON lines", cmd_watch)
+    watch.add_argument("model", help="model name")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        with _client(args) as client:
+            args.registry_handler(args, client)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
+    except (DigestMismatch, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,1 @@
+"""Typed Python clients of the modelplane services."""

@@ -1,0 +1,327 @@
+"""The standard inference scenarios (`make bench` runs them via bench/inference.py):
+the light and heavy MLPs with dynamic batching on and off, served by the real
+inference service in its own process and loaded by `modelplane loadtest`'s
+generator, next to the in-process ONNX Runtime ceiling.
+
+Prints the three target figures of the inference issue with PASS/MISS (never asserts):
+  1. c=1, light model: p50 with batching on within 10% of batching off.
+  2. c=64, heavy model: throughput on/off >= 1.8x, p99 on < off, server CPU <= 350 µs/req.
+  3. c=64, light model: >= 3000 req/s and server CPU <= 300 µs/req.
+
+The machine is shared (2 cores; the generator runs beside the server), so throughput
+moves from run to run; server CPU per request is the steadier figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from google.protobuf import text_format
+
+from inference import model_config_pb2 as mc
+from modelplane.examples.models import HEAVY_MLP, LIGHT_MLP, mlp, write_model
+from modelplane.loadtest import LevelPlan, LevelResult, SweepConfig, build_payload
+from modelplane.loadtest.report import Report, format_table, write_report
+from modelplane.loadtest.stats import percentile
+from modelplane.loadtest.sweep import fetch_metadata, sweep
+
+MAX_BATCH = 64
+STARTUP_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    layers: tuple[int, ...]
+    batching: bool
+    preferred: tuple[int, ...]
+    max_queue_delay_us: int
+    instances: int
+
+
+def model_specs() -> list[ModelSpec]:
+    """Same model, same instances, batching on or off: the only difference measured."""
+    specs = []
+    for kind, layers, preferred, delay in (
+        ("light", LIGHT_MLP, (16, 32, 64), 200),
+        ("heavy", HEAVY_MLP, (16, 32, 64), 1000),
+    ):
+        for batching in (True, False):
+            name = f"{kind}_{'batched' if batching else 'unbatched'}"
+            specs.append(ModelSpec(name, layers, batching, preferred, delay, instances=1))
+    return specs
+
+
+def model_config(spec: ModelSpec) -> mc.ModelConfig:
+    config = mc.ModelConfig(
+        name=spec.name,
+        platform="onnxruntime_onnx",
+        max_batch_size=MAX_BATCH,
+        instance_group=[
+            mc.ModelInstanceGroup(count=spec.instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+        ],
+    )
+    if spec.batching:
+        config.dynamic_batching.CopyFrom(
+            mc.ModelDynamicBatching(
+                preferred_batch_size=list(spec.preferred),
+                max_queue_delay_microseconds=spec.max_queue_delay_us,
+            )
+        )
+    return config
+
+
+def write_repository(root: Path, specs: Sequence[ModelSpec]) -> dict[str, Path]:
+    """`<root>/<model>/1/model.onnx` plus `<root>/<model>/config.pbtxt` (Triton format)."""
+    paths = {}
+    for spec in specs:
+        paths[spec.name] = write_model(mlp(spec.layers, seed=1, name=spec.name), root, spec.name)
+        (root / spec.name / "config.pbtxt").write_text(
+            text_format.MessageToString(model_config(spec)), encoding="utf-8"
+        )
+    return paths
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    model: str
+    batch: int
+    rows_per_s: float
+    p50_ms: float
+
+
+def ort_ceiling(path: Path, features: int, batch: int, seconds: float) -> Ceiling:
+    """ONNX Runtime called directly in this process: what no server can beat."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    data = np.random.default_rng(0).standard_normal((batch, features)).astype(np.float32)
+    feeds = {"input": data}
+    for _ in range(10):
+        session.run(None, feeds)
+    times = []
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    elapsed = time.perf_counter() - started
+    return Ceiling(
+        path.parent.parent.name, batch, batch * len(times) / elapsed, percentile(times, 50) * 1e3
+    )
+
+
+@dataclass(frozen=True)
+class Served:
+    address: str
+    metrics_url: str
+
+
+def _pump(stream: object, lines: queue.Queue[str | None]) -> None:
+    for line in stream:  # type: ignore[attr-defined]
+        lines.put(line)
+    lines.put(None)
+
+
+@contextmanager
+def serving(repository: Path, log: Path) -> Iterator[Served]:
+    """The real service as a subprocess; its ports come from the JSON line it prints."""
+    command = [
+        sys.executable, "-m", "modelplane.cli.main", "serve", "inference",
+        "--model-repository", str(repository), "--port", "0", "--metrics-port", "0",
+        "--log-level", "WARNING",
+    ]  # fmt: skip
+    with log.open("w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        try:
+            lines: queue.Queue[str | None] = queue.Queue()
+            threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            announced = None
+            while announced is None:
+                try:
+                    line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+                except queue.Empty:
+                    raise RuntimeError(
+                        f"no 'serving' line within {STARTUP_TIMEOUT_S:.0f}s"
+                    ) from None
+                if line is None:
+                    status = process.wait()
+                    tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+                    raise RuntimeError(f"the service exited with status {status}:\n{tail}")
+                if line.startswith("{"):
+                    event = json.loads(line)
+                    if event.get("event") == "serving":
+                        announced = event
+            host = "127.0.0.1"
+            yield Served(
+                f"{host}:{announced['port']}", f"http://{host}:{announced['metrics_port']}/metrics"
+            )
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def run_model(
+    served: Served,
+    model: str,
+    levels: Sequence[LevelPlan],
+    args: argparse.Namespace,
+    title: str = "",
+) -> list[LevelResult]:
+    payload = build_payload(fetch_metadata(served.address, model), batch_rows=1)
+    config = SweepConfig(
+        target=served.address,
+        levels=levels,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        metrics_url=served.metrics_url,
+        processes=args.processes,
+        timeout_s=30.0,
+    )
+    results = asyncio.run(sweep(config, payload, progress=sys.stderr.isatty()))
+    print(f"\n-- {title or model}")
+    print(format_table(results))
+    if args.json_dir is not None:
+        write_report(
+            Report(
+                target=served.address,
+                model=model,
+                model_version="",
+                batch_rows=1,
+                request_bytes=payload.size,
+                settings={"duration_s": args.duration, "warmup_s": args.warmup},
+                levels=results,
+            ),
+            args.json_dir / f"{model}{'' if levels[0].mode == 'closed' else '_open'}.json",
+        )
+    sys.stdout.flush()
+    return results
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def _level(results: Sequence[LevelResult], label: str) -> LevelResult:
+    return next(level for level in results if level.label == label)
+
+
+def print_targets(results: dict[str, list[LevelResult]]) -> None:
+    on1 = _level(results["light_batched"], "c=1")
+    off1 = _level(results["light_unbatched"], "c=1")
+    heavy_on = _level(results["heavy_batched"], "c=64")
+    heavy_off = _level(results["heavy_unbatched"], "c=64")
+    light64 = _level(results["light_batched"], "c=64")
+
+    def us(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.0f} µs"
+
+    p50_ratio = on1.latency.p50_ms / off1.latency.p50_ms
+    speedup = heavy_on.throughput_rps / max(heavy_off.throughput_rps, 1e-9)
+    heavy_cpu = heavy_on.server_cpu_us_per_request
+    light_cpu = light64.server_cpu_us_per_request
+    print("\n== targets")
+    print(
+        f"1. light c=1 p50: batching on {on1.latency.p50_ms:.3f} ms, "
+        f"off {off1.latency.p50_ms:.3f} ms, "
+        f"on/off {p50_ratio:.2f} (target <= 1.10)  {_verdict(p50_ratio <= 1.10)}"
+    )
+    print(
+        f"2. heavy c=64 throughput: on {heavy_on.throughput_rps:.0f} req/s, off "
+        f"{heavy_off.throughput_rps:.0f} req/s, on/off {speedup:.2f}x (target >= 1.8x)  "
+        f"{_verdict(speedup >= 1.8)}"
+    )
+    print(
+        f"   heavy c=64 p99: on {heavy_on.latency.p99_ms:.1f} ms, "
+        f"off {heavy_off.latency.p99_ms:.1f} ms "
+        f"(target on < off)  {_verdict(heavy_on.latency.p99_ms < heavy_off.latency.p99_ms)}"
+    )
+    print(
+        f"   heavy c=64 server CPU/request (batching on): {us(heavy_cpu)} (target <= 350 µs)  "
+        f"{_verdict(heavy_cpu is not None and heavy_cpu <= 350)}"
+    )
+    print(
+        f"3. light c=64 throughput (batching on): {light64.throughput_rps:.0f} req/s "
+        f"(target >= 3000)  {_verdict(light64.throughput_rps >= 3000)}"
+    )
+    print(
+        f"   light c=64 server CPU/request: {us(light_cpu)} (target <= 300 µs)  "
+        f"{_verdict(light_cpu is not None and light_cpu <= 300)}; "
+        f"server {light64.server_cpu_cores or 0:.2f} cores, "
+        f"generator {light64.client_cpu_cores:.2f} "
+        f"cores ({us(light64.client_cpu_us_per_request)}/req)"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=float, default=7.0, help="seconds per level")
+    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per level")
+    parser.add_argument("--processes", type=int, default=1, help="load generator processes")
+    parser.add_argument("--json-dir", type=Path, help="also write one loadtest JSON per model")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    specs = model_specs()
+    with tempfile.TemporaryDirectory(prefix="modelplane-bench-") as tmp:
+        root = Path(tmp) / "models"
+        paths = write_repository(root, specs)
+        print(f"== in-process ONNX Runtime ceiling (intra-op threads = {os.cpu_count()} cores)")
+        print(f"{'model':>8}  {'batch':>5}  {'rows/s':>9}  {'ms/call':>8}")
+        for kind, layers in (("light", LIGHT_MLP), ("heavy", HEAVY_MLP)):
+            for batch in (1, MAX_BATCH):
+                c = ort_ceiling(paths[f"{kind}_batched"], layers[0], batch, seconds=1.0)
+                print(f"{kind:>8}  {batch:>5}  {c.rows_per_s:>9.0f}  {c.p50_ms:>8.3f}")
+        print(
+            f"\n== served: {len(specs)} models in one `modelplane serve inference` process, "
+            f"max_batch_size {MAX_BATCH}; closed loop, single-row requests, "
+            f"{args.duration:g}s per level after {args.warmup:g}s warm-up"
+        )
+        for spec in specs[::2]:
+            kind = spec.name.split("_")[0]
+            print(
+                f"   {kind}: batched = dynamic_batching {{ preferred_batch_size: "
+                f"{list(spec.preferred)} max_queue_delay_microseconds: "
+                f"{spec.max_queue_delay_us} }}, unbatched = none; "
+                f"instance_group {{ count: {spec.instances} kind: KIND_CPU }}"
+            )
+        sweep_levels = [LevelPlan(concurrency=c) for c in (1, 8, 64)]
+        results: dict[str, list[LevelResult]] = {}
+        with serving(root, Path(tmp) / "server.log") as served:
+            for spec in specs:
+                results[spec.name] = run_model(served, spec.name, sweep_levels, args)
+            run_model(
+                served,
+                "light_batched",
+                [LevelPlan(rate=r) for r in (1000, 2000)],
+                args,
+                title="light_batched, open loop (Poisson arrivals, latency from scheduled send)",
+            )
+        print_targets(results)
+    # Other work on the machine takes CPU from both server and generator: say how much.
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    print(
+        f"\n(bench took {time.monotonic() - started:.0f}s on {os.cpu_count()} CPUs; "
+        f"load average at the end {load})"
+    )
+    return 0

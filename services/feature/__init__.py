@@ -1,0 +1,1 @@
+"""Feature service: online features with freshness statuses, point-in-time training sets."""

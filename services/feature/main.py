@@ -1,0 +1,138 @@
+"""Feature service: online features with freshness statuses, point-in-time training sets."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from modelplane.feature.v1 import feature_pb2, feature_pb2_grpc
+from modelplane.kernel.metrics import new_registry
+from modelplane.kernel.server import SyncServiceServer
+from modelplane.kernel.settings import ServiceSettings
+from modelplane.services.feature.definition_store import SqliteDefinitionStore
+from modelplane.services.feature.definitions import DefinitionRegistry, definitions_from_yaml
+from modelplane.services.feature.domain import FeatureView
+from modelplane.services.feature.materialize import Materializer
+from modelplane.services.feature.online import OnlineFeatures
+from modelplane.services.feature.online_store import OnlineStore
+from modelplane.services.feature.online_store.redis import RedisOnlineStore
+from modelplane.services.feature.online_store.sqlite import SqliteOnlineStore
+from modelplane.services.feature.servicer import FeatureServicer
+
+SERVICE_NAME = feature_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name
+
+
+class Settings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELPLANE_FEATURE_", extra="ignore")
+
+    online_store: str = Field(
+        "sqlite",
+        description="Online store: 'sqlite' (embedded) or a Redis URL (redis://host:port/db).",
+    )
+    sqlite_path: str = Field(
+        "", description="SQLite online store file; empty means <data_dir>/feature_online.db."
+    )
+    definitions_db: str = Field(
+        "",
+        description="SQLite file of definition versions; empty means "
+        "<data_dir>/feature_registry.db.",
+    )
+    definitions_file: str = Field("", description="YAML definitions applied at startup (optional).")
+    files_dir: str = Field(
+        "",
+        description="Where GetTrainingSet may read entity_path and write output_path; "
+        "empty means <data_dir>/files.",
+    )
+    redis_key_prefix: str = Field(
+        "modelplane:feature:", description="Prefix of every Redis key the service writes."
+    )
+    redis_socket_timeout_s: float = Field(
+        1.0, gt=0, description="Redis read/write timeout; a slower Redis fails the call."
+    )
+    redis_connect_timeout_s: float = Field(
+        0.5, gt=0, description="Redis connect timeout; an unreachable Redis fails fast."
+    )
+    max_workers: int = Field(
+        32, ge=1, description="gRPC handler threads (calls in flight beyond 4x are refused)."
+    )
+
+    @field_validator("online_store")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if value != "sqlite" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("online_store must be 'sqlite' or a redis:// URL")
+        return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--online-store", help="'sqlite' (default) or a Redis URL such as redis://127.0.0.1:6379/0"
+    )
+    parser.add_argument("--definitions-file", help="YAML definitions to apply at startup")
+    parser.add_argument("--max-workers", type=int, help="gRPC handler threads")
+
+
+def make_store(settings: Settings) -> OnlineStore:
+    if settings.online_store == "sqlite":
+        path = (
+            Path(settings.sqlite_path)
+            if settings.sqlite_path
+            else settings.data_dir / "feature_online.db"
+        )
+        return SqliteOnlineStore(path)
+    return RedisOnlineStore(
+        settings.online_store,
+        key_prefix=settings.redis_key_prefix,
+        socket_timeout_s=settings.redis_socket_timeout_s,
+        connect_timeout_s=settings.redis_connect_timeout_s,
+        max_connections=settings.max_workers * 2,
+    )
+
+
+def build(settings: Settings) -> SyncServiceServer:
+    store = make_store(settings)
+    definitions = SqliteDefinitionStore(
+        Path(settings.definitions_db)
+        if settings.definitions_db
+        else settings.data_dir / "feature_registry.db"
+    )
+
+    def prepare_views(views: Sequence[FeatureView]) -> None:
+        for view in views:
+            store.ensure_view(view.name, [f.name for f in view.features])
+
+    registry = DefinitionRegistry(definitions, on_views_changed=prepare_views)
+    if settings.definitions_file:
+        path = Path(settings.definitions_file)
+        registry.apply(definitions_from_yaml(path.read_text(), base_dir=path.resolve().parent))
+    metrics = new_registry()
+    servicer = FeatureServicer(
+        registry,
+        OnlineFeatures(registry, store),
+        Materializer(registry, store, definitions),
+        metrics,
+        Path(settings.files_dir) if settings.files_dir else settings.data_dir / "files",
+    )
+
+    def close() -> None:
+        store.close()
+        definitions.close()
+
+    return SyncServiceServer(
+        settings,
+        "feature",
+        [SERVICE_NAME],
+        lambda server: feature_pb2_grpc.add_FeatureServiceServicer_to_server(servicer, server),
+        max_workers=settings.max_workers,
+        on_stop=[close],
+        registry=metrics,
+    )
+
+
+def run(settings: Settings) -> None:
+    """Serves until SIGTERM/SIGINT."""
+    build(settings).serve_until_signal()

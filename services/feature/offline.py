@@ -1,0 +1,315 @@
+"""The offline store: feature views' Parquet sources, and the point-in-time join.
+
+A training row gets, for each feature, the latest source row of its entity whose
+event time is at or before the row's timestamp (never after: no future leakage),
+and its status comes from `domain.value_statuses`, the function online reads use.
+All work is vectorised with numpy/pyarrow; nothing loops per row in Python.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from modelplane.kernel.errors import FailedPrecondition, InvalidArgument, NotFound
+from modelplane.services.feature.domain import (
+    Catalog,
+    Entity,
+    Feature,
+    FeatureView,
+    Status,
+    ValueType,
+    value_statuses,
+)
+
+_ARROW_TYPES = {
+    ValueType.DOUBLE: pa.float64(),
+    ValueType.INT64: pa.int64(),
+    ValueType.BOOL: pa.bool_(),
+    ValueType.STRING: pa.string(),
+}
+# Index = Status number (1..4), in order.
+STATUS_NAMES = {int(s): s.name for s in sorted(Status)}
+
+
+@dataclass(frozen=True)
+class SourceRows:
+    table: pa.Table
+    event_us: np.ndarray  # int64, one per table row
+
+
+def timestamps_us(column: pa.ChunkedArray | pa.Array, where: str) -> np.ndarray:
+    """Microseconds since the epoch from a timestamp, integer (µs) or ISO-string column.
+
+    Naive timestamps are taken as UTC.
+    """
+    kind = column.type
+    try:
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            column = pc.cast(column, pa.timestamp("us", tz="UTC"))
+            kind = column.type
+        if pa.types.is_timestamp(kind):
+            column = pc.cast(column, pa.timestamp("us", tz=kind.tz)).cast(pa.int64())
+        elif not pa.types.is_integer(kind):
+            raise InvalidArgument(f"{where} must hold timestamps, not {kind}")
+    except pa.ArrowInvalid as exc:
+        raise InvalidArgument(f"{where} must hold timestamps: {exc}") from None
+    if column.null_count:
+        raise InvalidArgument(f"{where} has null timestamps")
+    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def read_source(
+    view: FeatureView,
+    entity: Entity,
+    features: Sequence[Feature],
+    start_us: int | None = None,
+    end_us: int | None = None,
+) -> SourceRows:
+    """Rows of the view's source with start_us <= event time < end_us, file order kept."""
+    if view.source is None:
+        raise FailedPrecondition(f"feature view {view.name!r} has no source")
+    path = Path(view.source.path)
+    if not path.exists():
+        raise FailedPrecondition(f"source of feature view {view.name!r} not found: {path}")
+    try:
+        return _read_source(view, entity, features, path, start_us, end_us)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise FailedPrecondition(
+            f"source of feature view {view.name!r} cannot be read: {exc}"
+        ) from None
+
+
+def _read_source(
+    view: FeatureView,
+    entity: Entity,
+    features: Sequence[Feature],
+    path: Path,
+    start_us: int | None,
+    end_us: int | None,
+) -> SourceRows:
+    assert view.source is not None
+    dataset = ds.dataset(path, format="parquet")
+    columns = [k.name for k in entity.join_keys] + [view.source.timestamp_field]
+    columns += [f.name for f in features]
+    missing = [c for c in columns if c not in dataset.schema.names]
+    if missing:
+        raise FailedPrecondition(
+            f"source of feature view {view.name!r} lacks columns: {', '.join(missing)}"
+        )
+    field = view.source.timestamp_field
+    table = dataset.to_table(
+        columns=list(dict.fromkeys(columns)),
+        filter=_time_filter(dataset.schema.field(field), start_us, end_us),
+    )
+    event_us = timestamps_us(table[field], f"{view.name} source {field}")
+    # The scan filter prunes row groups; this mask is exact whatever the column type.
+    if start_us is not None or end_us is not None:
+        keep = np.ones(len(event_us), dtype=bool)
+        if start_us is not None:
+            keep &= event_us >= start_us
+        if end_us is not None:
+            keep &= event_us < end_us
+        if not keep.all():
+            table = table.filter(pa.array(keep))
+            event_us = event_us[keep]
+    return SourceRows(table, event_us)
+
+
+def _in_unit(micros: int, unit: str) -> int:
+    """Microseconds in a timestamp unit, rounded down (integer arithmetic, exact)."""
+    if unit == "ns":
+        return micros * 1_000
+    return micros // {"s": 1_000_000, "ms": 1_000, "us": 1}[unit]
+
+
+def _time_filter(field: pa.Field, start_us: int | None, end_us: int | None) -> ds.Expression | None:
+    """A scan filter on a timestamp column, compared in the column's own type so
+    Parquet statistics can skip row groups; None for other column types. Bounds are
+    rounded down and inclusive, so it never drops a row in range (the exact mask in
+    `read_source` drops the few extra)."""
+    if not pa.types.is_timestamp(field.type) or (start_us is None and end_us is None):
+        return None
+
+    def bound(micros: int) -> pa.Scalar:
+        return pa.scalar(_in_unit(micros, field.type.unit), pa.int64()).cast(field.type)
+
+    condition: ds.Expression | None = None
+    if start_us is not None:
+        condition = ds.field(field.name) >= bound(start_us)
+    if end_us is not None:
+        upper = ds.field(field.name) <= bound(end_us)
+        condition = upper if condition is None else condition & upper
+    return condition
+
+
+def declared(column: pa.ChunkedArray, feature: Feature, where: str) -> pa.ChunkedArray:
+    """The column cast to the feature's declared type; an impossible cast names the column."""
+    target = _ARROW_TYPES[feature.type]
+    if column.type == target:
+        return column
+    if feature.type is not ValueType.STRING and (
+        pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+    ):
+        raise FailedPrecondition(f"{where} holds strings, the feature is {feature.type.name}")
+    try:
+        return pc.cast(column, target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise FailedPrecondition(
+            f"{where} is {column.type}, which does not convert to {feature.type.name}"
+        ) from None
+
+
+def key_codes(entity: Entity, *tables: pa.Table) -> list[np.ndarray]:
+    """One int64 code per row of each table, equal exactly when the join keys are equal."""
+    sizes = [t.num_rows for t in tables]
+    combined: np.ndarray | None = None
+    for key in entity.join_keys:
+        target = pa.int64() if key.type is ValueType.INT64 else pa.string()
+        parts = []
+        for table in tables:
+            if key.name not in table.column_names:
+                raise InvalidArgument(f"join key column {key.name!r} is missing")
+            column = table[key.name]
+            if column.null_count:
+                raise InvalidArgument(f"join key column {key.name!r} has nulls")
+            if (key.type is ValueType.INT64) != pa.types.is_integer(column.type):
+                raise InvalidArgument(f"join key column {key.name!r} must be {key.type.name}")
+            parts.extend(pc.cast(column, target).chunks)
+        encoded = pc.dictionary_encode(pa.chunked_array(parts, type=target)).combine_chunks()
+        codes = np.asarray(encoded.indices.to_numpy(), dtype=np.int64)
+        cardinality = len(encoded.dictionary)
+        if combined is None:
+            combined = codes
+        else:
+            # Mixed-radix combination; re-densify first so the product cannot overflow.
+            _, dense = np.unique(combined, return_inverse=True)
+            combined = dense.astype(np.int64) * max(cardinality, 1) + codes
+    assert combined is not None
+    return np.split(combined, np.cumsum(sizes)[:-1])
+
+
+def as_of_match(
+    left_codes: np.ndarray, left_us: np.ndarray, right_codes: np.ndarray, right_us: np.ndarray
+) -> np.ndarray:
+    """For each left row, the index of the last right row with the same key and an event
+    time at or before the left row's time (-1 if none). Among right rows with equal key and
+    time the later one in file order wins, as it does when they are materialized."""
+    n_right = len(right_codes)
+    codes = np.concatenate([right_codes, left_codes])
+    times = np.concatenate([right_us, left_us])
+    # At equal times a right row sorts before a left row: "at or before" includes equality.
+    side = np.concatenate([np.zeros(n_right, np.int8), np.ones(len(left_codes), np.int8)])
+    position = np.arange(len(codes))
+    order = np.lexsort((position, side, times, codes))
+    sorted_codes = codes[order]
+    is_right = side[order] == 0
+    last_right = np.maximum.accumulate(np.where(is_right, np.arange(len(order)), -1))
+    safe_last = np.maximum(last_right, 0)
+    valid = (last_right >= 0) & (sorted_codes[safe_last] == sorted_codes)
+    matched_right = np.where(valid, order[safe_last], -1)
+    match = np.empty(len(left_codes), dtype=np.int64)
+    left_positions = ~is_right
+    match[order[left_positions] - n_right] = matched_right[left_positions]
+    return match
+
+
+def latest_per_key(codes: np.ndarray, event_us: np.ndarray) -> np.ndarray:
+    """Indices of the newest row of each key (later file row wins a tie)."""
+    if len(codes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.lexsort((np.arange(len(codes)), event_us, codes))
+    sorted_codes = codes[order]
+    last_of_group = np.append(sorted_codes[1:] != sorted_codes[:-1], True)
+    return np.sort(order[last_of_group])
+
+
+def read_entity_table(parquet: bytes = b"", csv: bytes = b"", path: str = "") -> pa.Table:
+    """The entity dataframe from Parquet or CSV bytes, or a server-side file."""
+    try:
+        if parquet:
+            return pq.read_table(io.BytesIO(parquet))
+        if csv:
+            return pa_csv.read_csv(io.BytesIO(csv))
+        if path:
+            file = Path(path)
+            if not file.exists():
+                raise NotFound(f"entity file not found: {path}")
+            if file.suffix.lower() == ".csv":
+                return pa_csv.read_csv(file)
+            return pq.read_table(file)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InvalidArgument(f"the entity dataframe cannot be read: {exc}") from None
+    raise InvalidArgument("no entity dataframe given (Parquet, CSV or path)")
+
+
+def training_set(
+    catalog: Catalog,
+    entities: pa.Table,
+    refs: Sequence[str],
+    timestamp_column: str = "event_timestamp",
+    include_statuses: bool = False,
+) -> pa.Table:
+    """The entity rows with every feature's value as of each row's timestamp."""
+    resolved = catalog.resolve(refs)
+    if timestamp_column not in entities.column_names:
+        raise InvalidArgument(f"the entity dataframe has no column {timestamp_column!r}")
+    as_of = timestamps_us(entities[timestamp_column], f"entity column {timestamp_column!r}")
+    horizon = int(as_of.max()) + 1 if len(as_of) else 0
+    by_view: dict[str, tuple[FeatureView, list[Feature]]] = {}
+    for _, view, feature in resolved:
+        entry = by_view.setdefault(view.name, (view, []))
+        if feature not in entry[1]:
+            entry[1].append(feature)
+    joined: dict[str, list[tuple[str, pa.Array]]] = {}
+    for view, features in by_view.values():
+        entity = catalog.entity(view.entity)
+        # Rows after the last entity timestamp can never match: skip them early.
+        source = read_source(view, entity, features, end_us=horizon)
+        left, right = key_codes(entity, entities, source.table)
+        match = as_of_match(left, as_of, right, source.event_us)
+        found = match >= 0
+        safe = np.where(found, match, 0)
+        event_us = np.where(found, source.event_us[safe] if len(source.event_us) else 0, 0)
+        for feature in features:
+            name = f"{view.name}__{feature.name}"
+            column = declared(source.table[feature.name], feature, f"source column {name}")
+            if len(source.event_us):
+                values = column.take(pa.array(safe)).combine_chunks()
+                null = np.asarray(values.is_null().to_numpy(zero_copy_only=False))
+            else:
+                values = pa.nulls(len(safe), type=column.type)
+                null = np.ones(len(safe), dtype=bool)
+            statuses = value_statuses(found, null & found, event_us, as_of, view.max_age_us)
+            present = pa.array(statuses == Status.PRESENT)
+            cells = [(name, pc.if_else(present, values, pa.scalar(None, type=values.type)))]
+            if include_statuses:
+                names = np.array(["UNSPECIFIED", *STATUS_NAMES.values()], dtype=object)
+                cells.append((f"{name}__status", pa.array(names[statuses], type=pa.string())))
+            joined[f"{view.name}:{feature.name}"] = cells
+    output = entities
+    for ref, _, _ in resolved:
+        for name, array in joined.pop(str(ref), []):
+            output = output.append_column(name, array)
+    return output
+
+
+def to_parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def write_parquet(table: pa.Table, path: str) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, target)

@@ -1,0 +1,323 @@
+"""Online reads and writes against an OnlineStore, under the current definitions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from modelplane.kernel.errors import InvalidArgument, NotFound
+from modelplane.services.feature import codec
+from modelplane.services.feature.codec import Column
+from modelplane.services.feature.definitions import DefinitionRegistry
+from modelplane.services.feature.domain import (
+    MAX_ROWS_PER_WRITE,
+    Catalog,
+    Feature,
+    FeatureRef,
+    FeatureView,
+    Status,
+    ValueType,
+    entity_count,
+    entity_keys,
+    value_statuses,
+)
+from modelplane.services.feature.online_store import OnlineStore, WriteOutcome
+
+KeyColumns = Mapping[str, np.ndarray | list]
+
+# What a slot holds when its status is not PRESENT.
+_BLANK: dict[ValueType, object] = {
+    ValueType.DOUBLE: np.nan,
+    ValueType.INT64: 0,
+    ValueType.BOOL: False,
+    ValueType.STRING: "",
+}
+
+
+PRESENT = int(Status.PRESENT)
+
+
+def now_us() -> int:
+    return time.time_ns() // 1_000
+
+
+class Block:
+    """[features, entities] arrays of features of one view and type, as read together.
+
+    Per-feature results are rows of a block, and a response serializes each array's
+    bytes once per block and slices them per feature: the read path does a fixed
+    amount of array work per view, not per feature.
+    """
+
+    __slots__ = ("_bytes", "count", "null", "statuses", "times", "value_type", "values")
+
+    def __init__(
+        self,
+        value_type: ValueType,
+        values: np.ndarray,
+        null: np.ndarray,
+        statuses: np.ndarray,
+        times: np.ndarray,
+    ) -> None:
+        self.value_type = value_type
+        self.values = values
+        self.null = null
+        self.statuses = statuses  # uint8 Status numbers
+        self.times = times  # int64 event times, 0 where NOT_FOUND
+        self.count = values.shape[1]
+        self._bytes: tuple[bytes, bytes, bytes] | None = None
+
+    def raw(self) -> tuple[bytes, bytes, bytes]:
+        """Values (numeric types only), statuses and event times as bytes in numpy's
+        native order, feature-major."""
+        if self._bytes is None:
+            self._bytes = (
+                self.values.tobytes() if self.value_type.numeric else b"",
+                self.statuses.tobytes(),
+                self.times.astype(np.int64, copy=False).tobytes(),
+            )
+        return self._bytes
+
+
+class FeatureResult:
+    """One requested feature for every entity (row `index` of a block); slots whose
+    status is not PRESENT hold a blank value."""
+
+    __slots__ = ("block", "index", "ref")
+
+    def __init__(self, ref: str, block: Block, index: int) -> None:
+        self.ref = ref
+        self.block = block
+        self.index = index
+
+    @property
+    def column(self) -> Column:
+        return Column(
+            self.block.value_type, self.block.values[self.index], self.block.null[self.index]
+        )
+
+    @property
+    def statuses(self) -> np.ndarray:
+        return self.block.statuses[self.index]
+
+    @property
+    def event_us(self) -> np.ndarray:
+        return self.block.times[self.index]
+
+
+@dataclass(frozen=True)
+class OnlineResult:
+    count: int
+    as_of_us: int
+    features: list[FeatureResult]
+    catalog: Catalog
+
+
+@dataclass(frozen=True)
+class BundleTensor:
+    values: np.ndarray  # float32 [entities, features], row-major
+    statuses: np.ndarray  # uint8 [entities, features]
+    refs: list[str]
+    bundle_version: int
+    as_of_us: int
+
+
+@dataclass(frozen=True)
+class _ViewRead:
+    """How to read one view for a request: its features grouped by type."""
+
+    view: FeatureView
+    names: list[str]
+    refs: list[str]
+    groups: list[tuple[ValueType, list[int]]]
+
+
+@dataclass(frozen=True)
+class _ReadPlan:
+    catalog: Catalog  # the snapshot the plan was made from, used for the whole read
+    views: list[_ViewRead]
+    # Output position → (index into views, index into that view's names).
+    order: list[tuple[int, int]]
+
+
+class OnlineFeatures:
+    # Distinct feature lists seen are few (one per model); the bound guards against abuse.
+    MAX_PLANS = 1024
+
+    def __init__(
+        self,
+        registry: DefinitionRegistry,
+        store: OnlineStore,
+        clock_us: Callable[[], int] = now_us,
+    ) -> None:
+        self._registry = registry
+        self._store = store
+        self._clock_us = clock_us
+        self._plans: dict[tuple[tuple[str, ...], str], _ReadPlan] = {}
+        self._plans_catalog = registry.catalog
+
+    def _plan(self, refs: Sequence[str], bundle: str) -> _ReadPlan:
+        """Resolves a request's features once per catalog version, not once per call."""
+        catalog = self._registry.catalog
+        if catalog is not self._plans_catalog or len(self._plans) >= self.MAX_PLANS:
+            self._plans = {}
+            self._plans_catalog = catalog
+        key = (tuple(refs), bundle)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        resolved = catalog.resolve(catalog.refs_of_request(refs, bundle))
+        by_view: dict[str, tuple[FeatureView, list[Feature]]] = {}
+        for _, view, feature in resolved:
+            entry = by_view.setdefault(view.name, (view, []))
+            if feature not in entry[1]:
+                entry[1].append(feature)
+        views = []
+        for view, features in by_view.values():
+            groups: dict[ValueType, list[int]] = {}
+            for index, feature in enumerate(features):
+                groups.setdefault(feature.type, []).append(index)
+            views.append(
+                _ViewRead(
+                    view,
+                    [f.name for f in features],
+                    [str(FeatureRef(view.name, f.name)) for f in features],
+                    list(groups.items()),
+                )
+            )
+        position = {
+            (v.view.name, name): (vi, fi)
+            for vi, v in enumerate(views)
+            for fi, name in enumerate(v.names)
+        }
+        plan = _ReadPlan(
+            catalog, views, [position[(ref.view, ref.feature)] for ref, _, _ in resolved]
+        )
+        self._plans[key] = plan
+        return plan
+
+    def read(self, key_columns: KeyColumns, refs: Sequence[str], bundle: str = "") -> OnlineResult:
+        plan = self._plan(refs, bundle)
+        catalog = plan.catalog
+        count = entity_count(key_columns)
+        as_of = self._clock_us()
+        keys_by_entity: dict[str, list[str]] = {}
+        per_view: list[list[FeatureResult]] = []
+        for read in plan.views:
+            view = read.view
+            keys = keys_by_entity.get(view.entity)
+            if keys is None:
+                keys = entity_keys(catalog.entity(view.entity), key_columns)
+                keys_by_entity[view.entity] = keys
+            rows = self._store.read_rows(view.name, read.names, keys)
+            results: list[FeatureResult] = [None] * len(read.names)  # type: ignore[list-item]
+            for value_type, indices in read.groups:
+                if value_type is ValueType.STRING:
+                    for i in indices:
+                        column, found = codec.decode(value_type, rows.cells[i])
+                        results[i] = _result(
+                            [read.refs[i]], view, value_type, column.values[None, :],
+                            column.null[None, :], found[None, :], rows.event_us, as_of,
+                        )[0]  # fmt: skip
+                    continue
+                values, null, found = codec.decode_block(
+                    value_type, [rows.cells[i] for i in indices]
+                )
+                block = _result(
+                    [read.refs[i] for i in indices],
+                    view, value_type, values, null, found, rows.event_us, as_of,
+                )  # fmt: skip
+                for j, i in enumerate(indices):
+                    results[i] = block[j]
+            per_view.append(results)
+        ordered = [per_view[vi][fi] for vi, fi in plan.order]
+        return OnlineResult(count, as_of, ordered, catalog)
+
+    def bundle_tensor(self, bundle_name: str, key_columns: KeyColumns) -> BundleTensor:
+        result = self.read(key_columns, [], bundle_name)
+        bundle = result.catalog.bundle(bundle_name)  # the version the read used
+        width = len(bundle.features)
+        values = np.empty((result.count, width), dtype=np.float32)
+        statuses = np.empty((result.count, width), dtype=np.uint8)
+        for j, (item, feature) in enumerate(zip(bundle.features, result.features, strict=True)):
+            column = feature.column.values.astype(np.float32)
+            fill = np.float32(np.nan if item.fill_value is None else item.fill_value)
+            column[feature.statuses != Status.PRESENT] = fill
+            values[:, j] = column
+            statuses[:, j] = feature.statuses
+        return BundleTensor(
+            values, statuses, [f.ref for f in result.features], bundle.version, result.as_of_us
+        )
+
+    def write(
+        self,
+        view_name: str,
+        key_columns: KeyColumns,
+        event_us: np.ndarray,
+        columns: Mapping[str, Column],
+    ) -> WriteOutcome:
+        """Checks the whole request first, so a bad value means nothing is written."""
+        catalog = self._registry.catalog
+        view = catalog.view(view_name)
+        rows = len(event_us)
+        if rows > MAX_ROWS_PER_WRITE:
+            raise InvalidArgument(f"at most {MAX_ROWS_PER_WRITE} rows per write, got {rows}")
+        keys = entity_keys(catalog.entity(view.entity), key_columns)
+        if len(keys) != rows:
+            raise InvalidArgument(f"{len(keys)} entity keys for {rows} event times")
+        if rows and int(event_us.min()) <= 0:
+            raise InvalidArgument("event_time_unix_us must be positive")
+        check_columns(view, columns, rows)
+        if rows == 0:
+            return WriteOutcome(0, 0)
+        cells = [codec.encode(columns[f.name]) for f in view.features]
+        return self._store.write_rows(
+            view.name, [f.name for f in view.features], keys, event_us.tolist(), cells
+        )
+
+
+def _result(
+    refs: list[str],
+    view: FeatureView,
+    value_type: ValueType,
+    values: np.ndarray,
+    null: np.ndarray,
+    found: np.ndarray,
+    event_us: np.ndarray,
+    as_of_us: int,
+) -> list[FeatureResult]:
+    """Statuses for a [features, entities] block; blanks every slot not PRESENT."""
+    statuses = value_statuses(found, null, event_us, as_of_us, view.max_age_us)
+    absent = statuses != PRESENT
+    if absent.any():
+        values[absent] = _BLANK[value_type]
+    times = np.where(found, event_us, 0)
+    block = Block(value_type, values, null, statuses, times)
+    return [FeatureResult(ref, block, j) for j, ref in enumerate(refs)]
+
+
+def check_columns(view: FeatureView, columns: Mapping[str, Column], rows: int) -> None:
+    """Every feature of the view, of its declared type, one value per row."""
+    declared = {f.name: f for f in view.features}
+    for name in columns:
+        if name not in declared:
+            raise NotFound(f"feature {view.name}:{name} is not defined")
+    missing = [name for name in declared if name not in columns]
+    if missing:
+        raise InvalidArgument(
+            f"a write to {view.name!r} carries every feature of the view (null where unknown);"
+            f" missing: {', '.join(missing)}"
+        )
+    for name, column in columns.items():
+        expected = declared[name].type
+        if column.type is not expected:
+            raise InvalidArgument(
+                f"feature {view.name}:{name} is {expected.name}, got {column.type.name} values"
+            )
+        if len(column) != rows:
+            raise InvalidArgument(
+                f"feature {view.name}:{name} has {len(column)} values for {rows} rows"
+            )

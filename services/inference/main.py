@@ -1,0 +1,187 @@
+"""Inference service: KServe v2 gRPC (tritonclient-compatible) with dynamic batching."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import threading
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from inference import grpc_service_pb2, grpc_service_pb2_grpc
+from modelplane.kernel.metrics import new_registry
+from modelplane.kernel.server import SyncServiceServer
+from modelplane.kernel.settings import ServiceSettings
+from modelplane.kernel.telemetry import tracer_provider
+from modelplane.services.inference.model_config import Defaults
+from modelplane.services.inference.repository import (
+    ModelRepository,
+    RuntimeFactory,
+    ort_runtime,
+)
+from modelplane.services.inference.servicer import InferenceServicer
+from modelplane.services.inference.stats import InferenceMetrics
+
+SERVICE_NAME = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class Settings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELPLANE_INFERENCE_", extra="ignore")
+
+    model_repository: Path | None = Field(
+        None, description="Model repository directory; unset means <data_dir>/models."
+    )
+    model_control_mode: Literal["none", "explicit"] = Field(
+        "none",
+        description="none: load every model at start; explicit: only --load-model ones "
+        "(RepositoryModelLoad/Unload work in both).",
+    )
+    load_model: list[str] = Field(
+        [], description="Models to load at start in explicit mode (JSON list in the env)."
+    )
+    max_batch_size: int = Field(
+        64, ge=0, description="max_batch_size of models without a config.pbtxt."
+    )
+    max_queue_delay_us: int = Field(
+        0,
+        ge=0,
+        description="Batching delay under load for models without a config.pbtxt (µs).",
+    )
+    max_queue_rows: int = Field(
+        1024, gt=0, description="Queue bound in rows where config.pbtxt sets none."
+    )
+    instance_count: int = Field(
+        1, gt=0, description="Runtime instances per model where config.pbtxt sets none."
+    )
+    execution_provider: str = Field(
+        "auto", description="auto (CUDA when present), cpu or cuda, where config sets none."
+    )
+    thread_budget: int = Field(
+        0,
+        ge=0,
+        description="ONNX Runtime intra-op threads per model, split across its instances; "
+        "0 means the number of CPUs.",
+    )
+    handler_threads: int = Field(
+        128, gt=0, description="gRPC handler threads (each waits on one request in flight)."
+    )
+    gc_threshold: int = Field(
+        20000,
+        ge=0,
+        description="Python GC young-generation threshold for `serve` (0 keeps Python's 700).",
+    )
+
+    @property
+    def repository_path(self) -> Path:
+        return self.model_repository or self.data_dir / "models"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Triton-style flags; each is also settable as MODELPLANE_INFERENCE_<NAME>."""
+    parser.add_argument(
+        "--model-repository", type=Path, metavar="DIR", help="model repository directory"
+    )
+    parser.add_argument(
+        "--model-control-mode",
+        choices=["none", "explicit"],
+        help="none loads every model at start; explicit only those given by --load-model",
+    )
+    parser.add_argument(
+        "--load-model",
+        action="append",
+        metavar="NAME",
+        help="model to load at start in explicit mode (repeatable)",
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, help="max_batch_size for models without config.pbtxt"
+    )
+    parser.add_argument(
+        "--max-queue-delay-us", type=int, help="batching delay under load without config.pbtxt"
+    )
+    parser.add_argument("--max-queue-rows", type=int, help="queue bound (rows) by default")
+    parser.add_argument("--instance-count", type=int, help="runtime instances per model")
+    parser.add_argument(
+        "--execution-provider", choices=["auto", "cpu", "cuda"], help="default provider"
+    )
+    parser.add_argument("--thread-budget", type=int, help="intra-op threads per model")
+    parser.add_argument("--handler-threads", type=int, help="gRPC handler threads")
+
+
+class InferenceServer(SyncServiceServer):
+    """The kernel's synchronous server (cheaper per request than grpc.aio, see
+    DESIGN.md) holding the model repository it serves."""
+
+    def __init__(self, repository: ModelRepository, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.repository = repository
+
+
+def build(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime) -> InferenceServer:
+    registry = new_registry()
+    tracer = None
+    if settings.tracing_enabled and settings.otlp_endpoint:
+        # One span per request, opened by the batcher with its batch id, instead of the
+        # kernel's per-RPC interceptor; only when spans are exported: creating them costs
+        # ~100 µs of CPU per request (measured), more than the batcher itself, and the
+        # service makes no downstream call that would need the context propagated.
+        tracer = tracer_provider("inference", settings.otlp_endpoint).get_tracer(
+            "modelplane.inference"
+        )
+    repository = ModelRepository(
+        settings.repository_path,
+        Defaults(
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_us=settings.max_queue_delay_us,
+            max_queue_rows=settings.max_queue_rows,
+            instance_count=settings.instance_count,
+            execution_provider=settings.execution_provider,
+            thread_budget=settings.thread_budget or os.cpu_count() or 1,
+        ),
+        InferenceMetrics(registry),
+        tracer,
+        runtime_factory,
+    )
+    ready = threading.Event()
+    servicer = InferenceServicer(repository, ready.is_set, trace_requests=tracer is not None)
+
+    def add_servicers(server: object) -> None:
+        # Models load before the port opens, so readiness means "models are warm".
+        if settings.model_control_mode == "none":
+            repository.load_all()
+        else:
+            for name in settings.load_model:
+                repository.load(name)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        ready.set()
+
+    return InferenceServer(
+        repository,
+        settings.model_copy(update={"tracing_enabled": False}),
+        "inference",
+        [SERVICE_NAME],
+        add_servicers,
+        max_workers=settings.handler_threads,
+        on_stop=[ready.clear, repository.close],
+        registry=registry,
+    )
+
+
+def tune_gc(threshold: int) -> None:
+    """At thousands of requests a second, Python's default of a young-generation
+    collection every 700 allocations cost more server CPU than the model itself
+    (measured: ~410 → ~220 µs/request for the light MLP, 64 concurrent clients). The
+    request path breaks the one cycle it makes (request ↔ call context), so rarer
+    collections cost no memory; freezing moves startup objects out of every scan."""
+    if threshold > 0:
+        gc.freeze()
+        gc.set_threshold(threshold, 20, 20)
+
+
+def run(settings: Settings) -> None:
+    """Serves until SIGTERM/SIGINT."""
+    tune_gc(settings.gc_threshold)
+    build(settings).serve_until_signal()

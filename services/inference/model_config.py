@@ -1,0 +1,142 @@
+"""A model's `config.pbtxt` (Triton's format: protobuf text of `inference.ModelConfig`)
+read into the plan the repository loads a model by.
+
+A model directory without the file gets the server defaults with batching on; a file
+without a `dynamic_batching` block turns batching off (each request runs alone on a
+free instance), as in Triton.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from inference import model_config_pb2 as mc
+from modelplane.kernel.errors import InvalidArgument
+from modelplane.services.inference.batcher import BatchingPolicy
+
+CONFIG_FILE = "config.pbtxt"
+DEFAULT_MODEL_FILE = "model.onnx"
+
+
+@dataclass(frozen=True, slots=True)
+class Defaults:
+    """Server-wide defaults for what a model's configuration leaves unset."""
+
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 0
+    max_queue_rows: int = 1024
+    instance_count: int = 1
+    execution_provider: str = "auto"
+    thread_budget: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPlan:
+    """How to load one model: the parsed configuration and what follows from it."""
+
+    config: mc.ModelConfig
+    """As written (or empty); the loader fills in what the model file tells."""
+    max_batch_size: int | None
+    """None: batch when the model's first dimension is symbolic, up to the default."""
+    policy: BatchingPolicy
+    instance_count: int
+    execution_provider: str
+    intra_op_threads: int
+    model_file: str
+
+
+def read_config(model_dir: Path) -> mc.ModelConfig | None:
+    path = model_dir / CONFIG_FILE
+    if not path.is_file():
+        return None
+    config = mc.ModelConfig()
+    try:
+        text_format.Parse(path.read_text(encoding="utf-8"), config)
+    except text_format.ParseError as exc:
+        raise InvalidArgument(f"{model_dir.name}/{CONFIG_FILE}: {exc}") from None
+    return config
+
+
+def plan(model_dir: Path, defaults: Defaults) -> ModelPlan:
+    """Reads `<model_dir>/config.pbtxt` (if any) and resolves it against the defaults."""
+    config = read_config(model_dir)
+    where = f"{model_dir.name}/{CONFIG_FILE}"
+    if config is None:
+        config = mc.ModelConfig()
+        batching = True
+        max_batch_size: int | None = None
+    else:
+        batching = config.HasField("dynamic_batching")
+        max_batch_size = config.max_batch_size
+        if max_batch_size < 0:
+            raise InvalidArgument(f"{where}: max_batch_size must not be negative")
+    if config.name and config.name != model_dir.name:
+        raise InvalidArgument(
+            f"{where}: name '{config.name}' differs from its directory '{model_dir.name}'"
+        )
+
+    dynamic = config.dynamic_batching
+    limit = max_batch_size if max_batch_size is not None else defaults.max_batch_size
+    preferred = tuple(sorted(set(dynamic.preferred_batch_size)))
+    for size in preferred:
+        if size <= 0 or (limit and size > limit):
+            raise InvalidArgument(
+                f"{where}: preferred_batch_size {size} must be between 1 and max_batch_size {limit}"
+            )
+    queue_rows = dynamic.default_queue_policy.max_queue_size or defaults.max_queue_rows
+    delay_us = (
+        dynamic.max_queue_delay_microseconds
+        if config.HasField("dynamic_batching")
+        else defaults.max_queue_delay_us
+    )
+    policy = BatchingPolicy(
+        enabled=batching and limit > 0,
+        max_batch_size=limit,
+        preferred_batch_sizes=preferred,
+        max_queue_delay_s=delay_us / 1e6,
+        max_queue_rows=queue_rows,
+    )
+
+    count = sum(group.count or 1 for group in config.instance_group) or defaults.instance_count
+    provider = defaults.execution_provider
+    kinds = {group.kind for group in config.instance_group}
+    if mc.ModelInstanceGroup.KIND_GPU in kinds:
+        provider = "cuda"
+    elif mc.ModelInstanceGroup.KIND_CPU in kinds:
+        provider = "cpu"
+    parameters = config.parameters
+    if "execution_provider" in parameters:
+        provider = parameters["execution_provider"].string_value
+    threads = max(1, defaults.thread_budget // count)
+    if "intra_op_thread_count" in parameters:
+        try:
+            threads = int(parameters["intra_op_thread_count"].string_value)
+        except ValueError:
+            raise InvalidArgument(f"{where}: intra_op_thread_count must be an integer") from None
+        if threads < 1:
+            raise InvalidArgument(f"{where}: intra_op_thread_count must be at least 1")
+    return ModelPlan(
+        config=config,
+        max_batch_size=max_batch_size,
+        policy=policy,
+        instance_count=count,
+        execution_provider=provider,
+        intra_op_threads=threads,
+        model_file=config.default_model_filename or DEFAULT_MODEL_FILE,
+    )
+
+
+def selected_versions(config: mc.ModelConfig, available: list[int]) -> list[int]:
+    """The versions the configuration's version policy serves (default: all of them)."""
+    versions = sorted(available)
+    policy = config.version_policy
+    choice = policy.WhichOneof("policy_choice")
+    if choice == "latest":
+        return versions[-max(1, policy.latest.num_versions) :]
+    if choice == "specific":
+        wanted = set(policy.specific.versions)
+        return [v for v in versions if v in wanted]
+    return versions

@@ -1,0 +1,423 @@
+"""The model repository: `<root>/<model>/<version>/model.onnx` (+ `<model>/config.pbtxt`),
+loaded into runtime instances behind one dynamic batcher per version.
+
+Lookups read an immutable snapshot (a dict replaced on every load/unload), so the hot
+path takes no lock and a load or unload of one model never touches another's batcher.
+A reload builds and warms the new versions before swapping them in; the old ones drain
+their queues before they close, so no accepted request is lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from opentelemetry import trace
+
+from inference import model_config_pb2 as mc
+from modelplane.kernel.errors import FailedPrecondition, InvalidArgument, NotFound
+from modelplane.services.inference import model_config
+from modelplane.services.inference.batcher import BatchingPolicy, DynamicBatcher, Tensors
+from modelplane.services.inference.datatypes import Datatype
+from modelplane.services.inference.model_config import Defaults, ModelPlan
+from modelplane.services.inference.runtime import (
+    OrtRuntime,
+    ProviderChoice,
+    TensorSignature,
+    available_providers,
+    choose_providers,
+)
+from modelplane.services.inference.stats import InferenceMetrics, VersionStats
+
+log = logging.getLogger("modelplane.inference.repository")
+
+
+class Runtime(Protocol):
+    """One runtime instance (OrtRuntime, or a wrapper around one)."""
+
+    provider: str
+    inputs: tuple[TensorSignature, ...]
+    outputs: tuple[TensorSignature, ...]
+
+    def __call__(self, feeds: Tensors) -> dict[str, np.ndarray]: ...
+
+
+RuntimeFactory = Callable[[Path, ProviderChoice, int], Runtime]
+
+
+def ort_runtime(path: Path, providers: ProviderChoice, threads: int) -> Runtime:
+    return OrtRuntime(path, providers, threads)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A tensor as requests see it: dims exclude the batch dimension when the model
+    batches; None marks a variable dimension."""
+
+    name: str
+    datatype: Datatype
+    dims: tuple[int | None, ...]
+
+    @property
+    def variable(self) -> bool:
+        return None in self.dims
+
+
+@dataclass(slots=True)
+class ModelVersion:
+    """A loaded, warmed-up model version ready for requests."""
+
+    name: str
+    version: str
+    max_batch_size: int
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+    variable_dims: bool
+    raw_only_outputs: bool
+    provider: str
+    config: mc.ModelConfig
+    batcher: DynamicBatcher
+    stats: VersionStats
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    versions: dict[str, ModelVersion]
+    latest: ModelVersion
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
+class ModelRepository:
+    """Loads, serves and unloads the models of one repository directory."""
+
+    def __init__(
+        self,
+        root: Path,
+        defaults: Defaults,
+        metrics: InferenceMetrics,
+        tracer: trace.Tracer | None = None,
+        runtime_factory: RuntimeFactory = ort_runtime,
+    ) -> None:
+        self.root = root
+        self._defaults = defaults
+        self._metrics = metrics
+        self._tracer = tracer
+        self._factory = runtime_factory
+        self._models: dict[str, ModelEntry] = {}
+        self._failures: dict[str, str] = {}
+        self._load_lock = threading.Lock()
+
+    # --- hot path -------------------------------------------------------------------
+
+    def get(self, name: str, version: str = "") -> ModelVersion:
+        entry = self._models.get(name)
+        if entry is None:
+            raise NotFound(f"model '{name}' is not loaded")
+        if not version:
+            return entry.latest
+        found = entry.versions.get(version)
+        if found is None:
+            raise NotFound(
+                f"model '{name}' has no ready version '{version}' "
+                f"(ready: {', '.join(entry.versions)})"
+            )
+        return found
+
+    def loaded(self) -> list[ModelVersion]:
+        return [v for entry in self._models.values() for v in entry.versions.values()]
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        entry = self._models.get(name)
+        if entry is None:
+            raise NotFound(f"model '{name}' is not loaded")
+        return list(entry.versions.values())
+
+    # --- control --------------------------------------------------------------------
+
+    def model_names(self) -> list[str]:
+        """Every model directory in the repository, loaded or not."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _valid_name(p.name))
+
+    def load_all(self) -> None:
+        """Loads every model in the repository; one model's failure does not stop others."""
+        if not self.root.is_dir():
+            log.warning("model repository %s does not exist; serving no models", self.root)
+        for name in self.model_names():
+            try:
+                self.load(name)
+            except Exception as exc:
+                log.error("model %s failed to load: %s", name, exc, extra={"model": name})
+
+    def load(self, name: str) -> None:
+        """Loads (or reloads) a model: new versions are warmed up before they serve."""
+        if not _valid_name(name):
+            raise InvalidArgument(f"'{name}' is not a valid model name")
+        model_dir = self.root / name
+        if not model_dir.is_dir():
+            raise NotFound(f"model '{name}' not found in repository {self.root}")
+        with self._load_lock:
+            try:
+                built = self._build(name, model_dir)
+            except Exception as exc:
+                self._failures[name] = str(getattr(exc, "message", exc))
+                raise
+            self._failures.pop(name, None)
+            latest = built[max(built, key=int)]
+            models = dict(self._models)
+            old = models.get(name)
+            models[name] = ModelEntry(built, latest)
+            self._models = models
+        if old is not None:
+            # Series of versions that stay loaded belong to the new instances now.
+            self._retire(old.versions.values(), keep_series=set(built))
+        log.info(
+            "model %s loaded",
+            name,
+            extra={
+                "model": name,
+                "versions": list(built),
+                "provider": latest.provider,
+                "instances": latest.batcher.instances,
+                "max_batch_size": latest.max_batch_size,
+                "batching": latest.batcher.policy.enabled,
+            },
+        )
+
+    def unload(self, name: str) -> None:
+        """Stops routing to a model; its queued and running requests still finish."""
+        with self._load_lock:
+            models = dict(self._models)
+            old = models.pop(name, None)
+            if old is None:
+                raise NotFound(f"model '{name}' is not loaded")
+            self._models = models
+        self._retire(old.versions.values())
+        log.info("model %s unloaded", name, extra={"model": name})
+
+    def close(self) -> None:
+        with self._load_lock:
+            old, self._models = self._models, {}
+        self._retire(v for entry in old.values() for v in entry.versions.values())
+
+    def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        entries: list[IndexEntry] = []
+        models = self._models
+        for name in sorted(set(self.model_names()) | set(models)):
+            entry = models.get(name)
+            if entry is not None:
+                entries += [
+                    IndexEntry(name, v, "READY", "") for v in sorted(entry.versions, key=int)
+                ]
+            elif not ready_only:
+                reason = self._failures.get(name, "unloaded")
+                entries.append(IndexEntry(name, "", "UNAVAILABLE", reason))
+        return entries
+
+    # --- building ------------------------------------------------------------------
+
+    def _retire(
+        self, versions: Iterable[ModelVersion], keep_series: frozenset[str] | set[str] = frozenset()
+    ) -> None:
+        for version in versions:
+            version.batcher.close()
+            if version.version not in keep_series:
+                self._metrics.forget(version.name, version.version, version.provider)
+
+    def _build(self, name: str, model_dir: Path) -> dict[str, ModelVersion]:
+        plan = model_config.plan(model_dir, self._defaults)
+        found = [
+            int(p.name)
+            for p in model_dir.iterdir()
+            if p.is_dir() and p.name.isdigit() and (p / plan.model_file).is_file()
+        ]
+        chosen = model_config.selected_versions(plan.config, found)
+        if not chosen:
+            raise FailedPrecondition(
+                f"model '{name}' has no version directory with {plan.model_file}"
+            )
+        providers = choose_providers(plan.execution_provider, available_providers())
+        built: dict[str, ModelVersion] = {}
+        try:
+            for number in chosen:
+                path = model_dir / str(number) / plan.model_file
+                built[str(number)] = self._build_version(name, str(number), path, plan, providers)
+        except BaseException:
+            for version in built.values():
+                version.batcher.close()
+            raise
+        return built
+
+    def _build_version(
+        self, name: str, version: str, path: Path, plan: ModelPlan, providers: ProviderChoice
+    ) -> ModelVersion:
+        instances = [
+            self._factory(path, providers, plan.intra_op_threads)
+            for _ in range(plan.instance_count)
+        ]
+        first = instances[0]
+        max_batch_size = _max_batch_size(name, plan, first)
+        batched = max_batch_size > 0
+        inputs = {s.name: _spec(s, batched) for s in first.inputs}
+        outputs = {s.name: _spec(s, batched) for s in first.outputs}
+        _check_declared(name, plan.config, inputs, outputs)
+        policy = dataclasses.replace(
+            plan.policy,
+            max_batch_size=max_batch_size,
+            enabled=plan.policy.enabled and batched,
+        )
+        if providers.primary not in (first.provider,):
+            log.warning(
+                "model %s wanted %s but runs on %s", name, providers.primary, first.provider
+            )
+        for instance in instances:
+            _warm_up(instance, inputs, policy)
+        stats = VersionStats(name, version, self._metrics, self._tracer)
+        batcher = DynamicBatcher(f"{name}:{version}", instances, policy, stats)
+        self._metrics.queue_rows.labels(name, version).set_function(lambda: batcher.queued_rows)
+        self._metrics.queue_limit.labels(name, version).set(policy.max_queue_rows)
+        self._metrics.instances.labels(name, version, first.provider).set(len(instances))
+        log.info(
+            "model %s version %s on %s (%s)",
+            name,
+            version,
+            first.provider,
+            providers.reason,
+            extra={"model": name, "version": version, "provider": first.provider},
+        )
+        return ModelVersion(
+            name=name,
+            version=version,
+            max_batch_size=max_batch_size,
+            inputs=inputs,
+            outputs=outputs,
+            variable_dims=any(spec.variable for spec in inputs.values()),
+            raw_only_outputs=any(spec.datatype.wire == "FP16" for spec in outputs.values()),
+            provider=first.provider,
+            config=_full_config(name, plan, policy, inputs, outputs, first.provider, providers),
+            batcher=batcher,
+            stats=stats,
+        )
+
+
+def _valid_name(name: str) -> bool:
+    return bool(name) and not name.startswith(".") and "/" not in name and name not in ("..",)
+
+
+def _max_batch_size(name: str, plan: ModelPlan, runtime: Runtime) -> int:
+    signatures = (*runtime.inputs, *runtime.outputs)
+    symbolic_first = all(s.shape and s.shape[0] is None for s in signatures)
+    if plan.max_batch_size is None:
+        return plan.policy.max_batch_size if symbolic_first else 0
+    if plan.max_batch_size > 0 and not symbolic_first:
+        fixed = next(s.name for s in signatures if not (s.shape and s.shape[0] is None))
+        raise InvalidArgument(
+            f"model '{name}': max_batch_size {plan.max_batch_size} needs a variable first "
+            f"dimension, but tensor '{fixed}' has a fixed one"
+        )
+    return plan.max_batch_size
+
+
+def _spec(signature: TensorSignature, batched: bool) -> TensorSpec:
+    dims = signature.shape[1:] if batched else signature.shape
+    return TensorSpec(signature.name, signature.datatype, dims)
+
+
+def _check_declared(
+    name: str, config: mc.ModelConfig, inputs: dict[str, TensorSpec], outputs: dict[str, TensorSpec]
+) -> None:
+    for declared, actual, kind in (
+        (config.input, inputs, "input"),
+        (config.output, outputs, "output"),
+    ):
+        for tensor in declared:
+            if tensor.name not in actual:
+                raise InvalidArgument(
+                    f"model '{name}': config declares {kind} '{tensor.name}', which the model "
+                    f"does not have (it has {', '.join(actual)})"
+                )
+
+
+def _warm_up(runtime: Runtime, inputs: dict[str, TensorSpec], policy: BatchingPolicy) -> None:
+    """Runs every preferred batch size once so no user request pays a first-run cost."""
+    if policy.max_batch_size > 0:
+        sizes = sorted({1, *policy.preferred_batch_sizes, policy.target_rows})
+        shapes: Sequence[tuple[int, ...] | None] = [(size,) for size in sizes]
+    else:
+        shapes = [None]
+    for prefix in shapes:
+        feeds = {}
+        for spec in inputs.values():
+            shape = (*(prefix or ()), *(d if d is not None else 1 for d in spec.dims))
+            if spec.datatype.is_bytes:
+                feeds[spec.name] = np.full(shape, "", dtype=object)
+            else:
+                feeds[spec.name] = np.zeros(shape, dtype=spec.datatype.dtype)
+        runtime(feeds)
+
+
+def _full_config(
+    name: str,
+    plan: ModelPlan,
+    policy: BatchingPolicy,
+    inputs: dict[str, TensorSpec],
+    outputs: dict[str, TensorSpec],
+    provider: str,
+    choice: ProviderChoice,
+) -> mc.ModelConfig:
+    """The configuration as served: what the file said, completed from the model."""
+    config = mc.ModelConfig()
+    config.CopyFrom(plan.config)
+    config.name = name
+    config.platform = "onnxruntime_onnx"
+    config.backend = "onnxruntime"
+    config.runtime = "onnxruntime"
+    config.default_model_filename = plan.model_file
+    config.max_batch_size = policy.max_batch_size
+    del config.input[:]
+    del config.output[:]
+    for spec in inputs.values():
+        config.input.add(
+            name=spec.name,
+            data_type=mc.DataType.Value(spec.datatype.config),
+            dims=[d if d is not None else -1 for d in spec.dims],
+        )
+    for spec in outputs.values():
+        config.output.add(
+            name=spec.name,
+            data_type=mc.DataType.Value(spec.datatype.config),
+            dims=[d if d is not None else -1 for d in spec.dims],
+        )
+    del config.instance_group[:]
+    kind = (
+        mc.ModelInstanceGroup.KIND_GPU
+        if provider == "CUDAExecutionProvider"
+        else (mc.ModelInstanceGroup.KIND_CPU)
+    )
+    config.instance_group.add(name=name, count=plan.instance_count, kind=kind)
+    if policy.enabled:
+        dynamic = config.dynamic_batching
+        dynamic.preferred_batch_size[:] = list(policy.preferred_batch_sizes)
+        dynamic.max_queue_delay_microseconds = int(policy.max_queue_delay_s * 1e6)
+        dynamic.default_queue_policy.max_queue_size = policy.max_queue_rows
+    else:
+        config.ClearField("dynamic_batching")
+    config.parameters["execution_provider"].string_value = provider
+    config.parameters["execution_provider_reason"].string_value = choice.reason
+    config.parameters["intra_op_thread_count"].string_value = str(plan.intra_op_threads)
+    config.parameters["max_queue_rows"].string_value = str(policy.max_queue_rows)
+    return config

@@ -1,0 +1,108 @@
+"""ONNX Runtime sessions: execution provider choice, thread budget, tensor signatures."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from modelplane.kernel.errors import FailedPrecondition, InvalidArgument
+from modelplane.services.inference.batcher import Tensors
+from modelplane.services.inference.datatypes import Datatype, from_onnx
+
+log = logging.getLogger("modelplane.inference.runtime")
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+PROVIDER_NAMES = {"cuda": CUDA, "gpu": CUDA, "cpu": CPU}
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderChoice:
+    """The providers handed to ONNX Runtime, first preferred, and why."""
+
+    providers: tuple[str, ...]
+    reason: str
+
+    @property
+    def primary(self) -> str:
+        return self.providers[0]
+
+
+def choose_providers(requested: str, available: Sequence[str]) -> ProviderChoice:
+    """CUDA when asked for ("cuda"/"gpu") or allowed ("auto") and present, else CPU.
+
+    An explicit "cuda" on a machine without onnxruntime-gpu's CUDA provider falls back
+    to CPU with a reason rather than failing the load: the same model configuration
+    then runs on CPU-only replicas too.
+    """
+    wanted = requested.strip().lower() or "auto"
+    if wanted not in ("auto", *PROVIDER_NAMES):
+        raise InvalidArgument(f"execution provider '{requested}' is not one of auto, cpu, cuda")
+    if wanted == "cpu":
+        return ProviderChoice((CPU,), "CPU requested")
+    if CUDA in available:
+        return ProviderChoice(
+            (CUDA, CPU), f"CUDA {'requested' if wanted != 'auto' else 'available'}"
+        )
+    if wanted == "auto":
+        return ProviderChoice((CPU,), "CUDA not available")
+    return ProviderChoice((CPU,), "CUDA requested but not available (install onnxruntime-gpu)")
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSignature:
+    """A model input or output: its name, datatype and full shape (None = symbolic)."""
+
+    name: str
+    datatype: Datatype
+    shape: tuple[int | None, ...]
+
+
+def _signature(arg: ort.NodeArg) -> TensorSignature:
+    shape = tuple(dim if isinstance(dim, int) and dim >= 0 else None for dim in (arg.shape or ()))
+    return TensorSignature(arg.name, from_onnx(arg.type, arg.name), shape)
+
+
+class OrtRuntime:
+    """One runtime instance: an InferenceSession and its tensor signatures."""
+
+    def __init__(
+        self,
+        path: Path,
+        providers: ProviderChoice,
+        intra_op_threads: int,
+        allow_spinning: bool = False,
+    ) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, intra_op_threads)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning pool threads burn CPU between batches; a server pays for that CPU.
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if allow_spinning else "0"
+        )
+        try:
+            self.session = ort.InferenceSession(
+                str(path), sess_options=options, providers=list(providers.providers)
+            )
+        except Exception as exc:
+            raise FailedPrecondition(f"ONNX Runtime cannot load {path.name}: {exc}") from exc
+        self.provider = self.session.get_providers()[0]
+        self.inputs = tuple(_signature(arg) for arg in self.session.get_inputs())
+        self.outputs = tuple(_signature(arg) for arg in self.session.get_outputs())
+        self._output_names = [output.name for output in self.outputs]
+        self._run = self.session.run
+
+    def __call__(self, feeds: Tensors) -> dict[str, np.ndarray]:
+        values = self._run(self._output_names, feeds)
+        return dict(zip(self._output_names, values, strict=True))
+
+
+def available_providers() -> list[str]:
+    return list(ort.get_available_providers())

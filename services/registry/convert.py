@@ -1,0 +1,211 @@
+"""Protobuf messages ⇄ domain objects for the registry servicer."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from modelplane.kernel.errors import InvalidArgument
+from modelplane.registry.v1 import registry_pb2 as pb
+from modelplane.services.registry import domain
+
+STATUS_TO_PB = {
+    domain.VersionStatus.REGISTERED: pb.VERSION_STATUS_REGISTERED,
+    domain.VersionStatus.APPROVED: pb.VERSION_STATUS_APPROVED,
+    domain.VersionStatus.DEPRECATED: pb.VERSION_STATUS_DEPRECATED,
+    domain.VersionStatus.ARCHIVED: pb.VERSION_STATUS_ARCHIVED,
+}
+STATUS_FROM_PB = {value: key for key, value in STATUS_TO_PB.items()}
+DECISION_TO_PB = {
+    domain.ReviewDecision.APPROVE: pb.REVIEW_DECISION_APPROVE,
+    domain.ReviewDecision.REJECT: pb.REVIEW_DECISION_REJECT,
+}
+DECISION_FROM_PB = {value: key for key, value in DECISION_TO_PB.items()}
+
+
+def timestamp(moment: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(moment)
+    return ts
+
+
+def time_or(ts: Timestamp, default: datetime | None) -> datetime | None:
+    return ts.ToDatetime(tzinfo=UTC) if ts.seconds or ts.nanos else default
+
+
+def encode_token(key: str) -> str:
+    return base64.urlsafe_b64encode(key.encode()).decode() if key else ""
+
+
+def decode_token(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidArgument("page_token is not one this server issued") from exc
+
+
+def decode_int_token(token: str) -> int:
+    key = decode_token(token)
+    if not key:
+        return 0
+    if not key.isdigit():
+        raise InvalidArgument("page_token is not one this server issued")
+    return int(key)
+
+
+def policy_from_pb(policy: pb.ApprovalPolicy) -> domain.ApprovalPolicy:
+    return domain.ApprovalPolicy(policy.required_approvals, tuple(policy.protected_aliases))
+
+
+def model_to_pb(model: domain.Model) -> pb.Model:
+    return pb.Model(
+        name=model.name,
+        description=model.description,
+        owner=model.owner,
+        tags=dict(model.tags),
+        create_time=timestamp(model.created_at),
+        latest_version=model.latest_version,
+        approval_policy=pb.ApprovalPolicy(
+            required_approvals=model.approval_policy.required_approvals,
+            protected_aliases=list(model.approval_policy.protected_aliases),
+        ),
+        created_by=model.created_by,
+    )
+
+
+def new_model_from_pb(request: pb.CreateModelRequest) -> domain.NewModel:
+    return domain.NewModel(
+        name=request.name,
+        description=request.description,
+        owner=request.owner,
+        tags=dict(request.tags),
+        approval_policy=policy_from_pb(request.approval_policy),
+    )
+
+
+def metadata_from_pb(upload: pb.UploadMetadata) -> domain.VersionMetadata:
+    lineage = upload.lineage
+    card = upload.card
+    return domain.VersionMetadata(
+        description=upload.description,
+        lineage=domain.Lineage(
+            training_data_ref=lineage.training_data_ref,
+            training_data_version=lineage.training_data_version,
+            code_revision=lineage.code_revision,
+            params=dict(lineage.params),
+            metrics=tuple(domain.Metric(m.name, m.value, dict(m.slice)) for m in lineage.metrics),
+        ),
+        card=domain.ModelCard(
+            intended_use=card.intended_use,
+            out_of_scope_uses=card.out_of_scope_uses,
+            limitations=card.limitations,
+            ethical_considerations=card.ethical_considerations,
+            evaluation_data=card.evaluation_data,
+        ),
+        feature_statistics=tuple(
+            domain.FeatureStatistics(s.name, tuple(s.bin_edges), tuple(s.counts))
+            for s in upload.feature_statistics
+        ),
+    )
+
+
+def _spec_to_pb(spec: domain.TensorSpec) -> pb.TensorSpec:
+    return pb.TensorSpec(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+
+
+def artifact_to_pb(artifact: domain.Artifact) -> pb.Artifact:
+    return pb.Artifact(
+        sha256=artifact.sha256, size_bytes=artifact.size_bytes, format=artifact.format
+    )
+
+
+def version_to_pb(version: domain.ModelVersion) -> pb.ModelVersion:
+    meta = version.metadata
+    lineage = meta.lineage
+    card = meta.card
+    return pb.ModelVersion(
+        model=version.model,
+        version=version.version,
+        description=meta.description,
+        artifact=artifact_to_pb(version.artifact),
+        signature=pb.Signature(
+            inputs=[_spec_to_pb(s) for s in version.signature.inputs],
+            outputs=[_spec_to_pb(s) for s in version.signature.outputs],
+            ir_version=version.signature.ir_version,
+            opset_version=version.signature.opset_version,
+        ),
+        lineage=pb.Lineage(
+            training_data_ref=lineage.training_data_ref,
+            training_data_version=lineage.training_data_version,
+            code_revision=lineage.code_revision,
+            params=dict(lineage.params),
+            metrics=[
+                pb.Metric(name=m.name, value=m.value, slice=dict(m.slice)) for m in lineage.metrics
+            ],
+        ),
+        card=pb.ModelCard(
+            intended_use=card.intended_use,
+            out_of_scope_uses=card.out_of_scope_uses,
+            limitations=card.limitations,
+            ethical_considerations=card.ethical_considerations,
+            evaluation_data=card.evaluation_data,
+        ),
+        feature_statistics=[
+            pb.FeatureStatistics(name=s.name, bin_edges=list(s.bin_edges), counts=list(s.counts))
+            for s in meta.feature_statistics
+        ],
+        status=STATUS_TO_PB[version.status],
+        create_time=timestamp(version.created_at),
+        created_by=version.created_by,
+        aliases=list(version.aliases),
+        approvals=version.approvals,
+    )
+
+
+def alias_to_pb(alias: domain.Alias) -> pb.Alias:
+    return pb.Alias(
+        model=alias.model,
+        alias=alias.alias,
+        version=alias.version,
+        update_time=timestamp(alias.updated_at),
+        updated_by=alias.updated_by,
+    )
+
+
+def event_to_pb(event: domain.AliasEvent) -> pb.AliasEvent:
+    return pb.AliasEvent(
+        model=event.model,
+        alias=event.alias,
+        from_version=event.from_version,
+        to_version=event.to_version,
+        actor=event.actor,
+        time=timestamp(event.time),
+        reason=event.reason,
+    )
+
+
+def review_to_pb(review: domain.Review) -> pb.Review:
+    return pb.Review(
+        model=review.model,
+        version=review.version,
+        actor=review.actor,
+        decision=DECISION_TO_PB[review.decision],
+        comment=review.comment,
+        time=timestamp(review.time),
+    )
+
+
+def audit_to_pb(event: domain.AuditEvent) -> pb.AuditEvent:
+    return pb.AuditEvent(
+        id=event.id,
+        time=timestamp(event.time),
+        actor=event.actor,
+        action=event.action,
+        target=event.target,
+        details_json=domain.details_json(event.details),
+    )

@@ -1,0 +1,100 @@
+"""Versioned schema migrations, applied in order at start and recorded in
+`schema_migrations`. A migration is never edited once released: changes are new
+migrations. `{id}` stands for each dialect's auto-increment primary key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "models, versions, aliases, reviews, audit",
+        (
+            """CREATE TABLE models (
+                name TEXT PRIMARY KEY,
+                description TEXT NOT NULL,
+                owner TEXT NOT NULL,
+                required_approvals BIGINT NOT NULL,
+                protected_aliases TEXT NOT NULL,
+                latest_version BIGINT NOT NULL,
+                created_us BIGINT NOT NULL,
+                created_by TEXT NOT NULL
+            )""",
+            """CREATE TABLE model_tags (
+                model TEXT NOT NULL REFERENCES models (name),
+                key TEXT NOT NULL,
+                value TEXT NOT NULL,
+                PRIMARY KEY (model, key)
+            )""",
+            "CREATE INDEX model_tags_by_key_value ON model_tags (key, value)",
+            """CREATE TABLE versions (
+                model TEXT NOT NULL REFERENCES models (name),
+                version BIGINT NOT NULL,
+                description TEXT NOT NULL,
+                sha256 TEXT NOT NULL,
+                size_bytes BIGINT NOT NULL,
+                format TEXT NOT NULL,
+                signature TEXT NOT NULL,
+                lineage TEXT NOT NULL,
+                card TEXT NOT NULL,
+                feature_statistics TEXT NOT NULL,
+                status TEXT NOT NULL,
+                created_us BIGINT NOT NULL,
+                created_by TEXT NOT NULL,
+                PRIMARY KEY (model, version)
+            )""",
+            "CREATE INDEX versions_by_sha256 ON versions (sha256)",
+            """CREATE TABLE aliases (
+                model TEXT NOT NULL REFERENCES models (name),
+                alias TEXT NOT NULL,
+                version BIGINT NOT NULL,
+                updated_us BIGINT NOT NULL,
+                updated_by TEXT NOT NULL,
+                PRIMARY KEY (model, alias),
+                FOREIGN KEY (model, version) REFERENCES versions (model, version)
+            )""",
+            """CREATE TABLE alias_history (
+                id {id},
+                model TEXT NOT NULL,
+                alias TEXT NOT NULL,
+                from_version BIGINT NOT NULL,
+                to_version BIGINT NOT NULL,
+                actor TEXT NOT NULL,
+                time_us BIGINT NOT NULL,
+                reason TEXT NOT NULL
+            )""",
+            "CREATE INDEX alias_history_by_time ON alias_history (model, alias, time_us)",
+            """CREATE TABLE reviews (
+                id {id},
+                model TEXT NOT NULL,
+                version BIGINT NOT NULL,
+                actor TEXT NOT NULL,
+                decision TEXT NOT NULL,
+                comment TEXT NOT NULL,
+                time_us BIGINT NOT NULL,
+                FOREIGN KEY (model, version) REFERENCES versions (model, version)
+            )""",
+            "CREATE INDEX reviews_by_version ON reviews (model, version)",
+            """CREATE TABLE audit_events (
+                id {id},
+                time_us BIGINT NOT NULL,
+                actor TEXT NOT NULL,
+                action TEXT NOT NULL,
+                target TEXT NOT NULL,
+                details TEXT NOT NULL
+            )""",
+            "CREATE INDEX audit_events_by_time ON audit_events (time_us)",
+        ),
+    ),
+)
+
+LATEST_VERSION = MIGRATIONS[-1].version

@@ -1,0 +1,143 @@
+"""Fixtures for the registry: stores on SQLite and on the machine's PostgreSQL (a fresh
+schema per test, dropped after), and a registry server on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from modelplane.kernel.server import AioServiceServer
+from modelplane.services.registry.main import Settings, build
+from modelplane.services.registry.store import Store
+from modelplane.services.registry.store.postgres import PostgresStore
+from modelplane.services.registry.store.sqlite import SqliteStore
+from tests.support import wait_serving_sync
+
+POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+RUN_ID = uuid.uuid4().hex[:8]
+
+StoreFactory = Callable[[], Store]
+
+
+def _drop_schema(schema: str) -> None:
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    schema = f"registry_{RUN_ID}_{uuid.uuid4().hex[:8]}"
+    try:
+        yield schema
+    finally:
+        _drop_schema(schema)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    """Opens stores on one database; each call is a separate instance (its own
+    connections), like separate registry processes."""
+    opened: list[Store] = []
+    if request.param == "sqlite":
+
+        def factory() -> Store:
+            store = SqliteStore(tmp_path / "registry.db")
+            opened.append(store)
+            return store
+
+        try:
+            yield factory
+        finally:
+            for store in opened:
+                store.close()
+        return
+
+    schema = f"registry_{RUN_ID}_{uuid.uuid4().hex[:8]}"
+
+    def pg_factory() -> Store:
+        store = PostgresStore(POSTGRES_URL, schema=schema, max_connections=4)
+        opened.append(store)
+        return store
+
+    try:
+        yield pg_factory
+    finally:
+        for store in opened:
+            store.close()
+        _drop_schema(schema)
+
+
+@pytest.fixture
+def store(store_factory: StoreFactory) -> Store:
+    return store_factory()
+
+
+class ThreadedServer:
+    """A registry server on its own event loop thread, so tests can use the blocking
+    client (which would otherwise block the loop the server runs on)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+        async def start() -> AioServiceServer:
+            server = build(settings)
+            await server.start()
+            return server
+
+        self.server = asyncio.run_coroutine_threadsafe(start(), self._loop).result(30)
+        self.address = self.server.address
+        wait_serving_sync(self.address)
+
+    def call(self, fn: Callable[[], object]) -> object:
+        """Runs `fn` on the server's loop (for objects bound to it, like the watch hub)."""
+
+        async def run() -> object:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self._loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace=grace), self._loop).result(90)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., ThreadedServer]]:
+    servers: list[ThreadedServer] = []
+
+    def start(**overrides: object) -> ThreadedServer:
+        settings = Settings(
+            data_dir=tmp_path / "data",
+            tracing_enabled=False,
+            log_json=False,
+            log_level="WARNING",
+            **overrides,
+        )
+        server = ThreadedServer(settings)
+        servers.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture
+def registry(server_factory: Callable[..., ThreadedServer]) -> ThreadedServer:
+    return server_factory()
