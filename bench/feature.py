@@ -69,12 +69,10 @@ def definitions(source: Path) -> str:
 class Service:
     """`modelplane serve feature` in a subprocess, learning its ports from stdout."""
 
-    def __init__(self, store: str, data_dir: Path, prefix: str, tracing: bool = True) -> None:
-        env = dict(
-            os.environ,
-            MODELPLANE_FEATURE_REDIS_KEY_PREFIX=prefix,
-            MODELPLANE_FEATURE_TRACING_ENABLED=str(tracing).lower(),
-        )
+    def __init__(self, store: str, data_dir: Path, prefix: str, tracing: str = "auto") -> None:
+        env = dict(os.environ, MODELPLANE_FEATURE_REDIS_KEY_PREFIX=prefix)
+        if tracing != "auto":  # auto: the service's default (spans only when exported)
+            env["MODELPLANE_FEATURE_TRACING_ENABLED"] = str(tracing == "on").lower()
         command = [
             sys.executable, "-m", "modelplane.cli.main", "serve", "feature",
             "--port", "0", "--metrics-port", "0", "--data-dir", str(data_dir),
@@ -186,7 +184,7 @@ def source_parquet(path: Path, rows: int) -> None:
 
 def bench_store(store: str, work: Path, args: argparse.Namespace) -> dict[str, float]:
     prefix = f"modelplane-bench:{uuid.uuid4().hex[:8]}:"
-    service = Service(store, work / store, prefix, tracing=args.tracing == "on")
+    service = Service(store, work / store, prefix, tracing=args.tracing)
     figures: dict[str, float] = {}
     try:
         with grpc.insecure_channel(service.address) as channel:
@@ -270,7 +268,10 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument(
-        "--tracing", choices=["on", "off"], default="on", help="the service's OpenTelemetry spans"
+        "--tracing",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="the service's OpenTelemetry spans (auto: only when exported)",
     )
     args = parser.parse_args()
     if args.quick:

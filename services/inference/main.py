@@ -123,7 +123,7 @@ class InferenceServer(SyncServiceServer):
 def build(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime) -> InferenceServer:
     registry = new_registry()
     tracer = None
-    if settings.tracing_enabled and settings.otlp_endpoint:
+    if settings.spans_enabled and settings.otlp_endpoint:
         # One span per request, opened by the batcher with its batch id, instead of the
         # kernel's per-RPC interceptor; only when spans are exported: creating them costs
         # ~100 µs of CPU per request (measured), more than the batcher itself, and the

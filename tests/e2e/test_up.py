@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 
 import grpc
 import pytest
@@ -58,11 +57,11 @@ def test_up_serves_all_four_and_stops_cleanly_on_ctrl_c(tmp_path):
             if len(words) >= 3 and words[0] in EXPECTED_SERVICES and words[1] == "grpc":
                 addresses[words[0]] = words[2]
             if line.rstrip().endswith("<<'PY'"):
-                snippet = []
-            elif line.strip() == "PY":
-                break
+                snippet = [line]
             elif snippet is not None:
                 snippet.append(line)
+                if line.rstrip("\n") == "PY":
+                    break
         assert snippet, "up prints a call that works"
         assert set(addresses) == set(EXPECTED_SERVICES), addresses
 
@@ -76,11 +75,11 @@ def test_up_serves_all_four_and_stops_cleanly_on_ctrl_c(tmp_path):
             assert status == health_pb2.HealthCheckResponse.SERVING, name
             assert EXPECTED_SERVICES[name] in _listed_services(address), name
 
-        # The call `make run` prints works, as printed, against the demo model it generated.
-        # It runs in a process of its own: tritonclient registers Triton's own descriptors
-        # for the `inference` package, which clash with ours in one protobuf pool.
+        # The call `make run` prints works, pasted as printed into a shell, against the demo
+        # model it generated. It runs in a process of its own anyway: tritonclient registers
+        # Triton's descriptors for the `inference` package, which clash with ours in one pool.
         call = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent("".join(snippet))],
+            ["bash", "-c", "".join(snippet)],
             capture_output=True,
             text=True,
             timeout=60,

@@ -139,16 +139,17 @@ def _stop_all(children: list[Child], grace: float = 15.0) -> bool:
 
 def _usage(children: list[Child]) -> str:
     inference = next(c.address for c in children if c.name == "inference")
+    # Unindented so it can be pasted as is (a heredoc's end marker must start its line).
     return f"""
-Try it (tritonclient is installed in .venv):
+Try it (paste into a shell):
 
-  .venv/bin/python - <<'PY'
-  import numpy as np, tritonclient.grpc as tc
-  client = tc.InferenceServerClient("{inference}")
-  x = tc.InferInput("input", [1, 64], "FP32")
-  x.set_data_from_numpy(np.random.rand(1, 64).astype(np.float32))
-  print(client.infer("{DEMO_MODEL_NAME}", [x]).as_numpy("output"))
-  PY
+{sys.executable} - <<'PY'
+import numpy as np, tritonclient.grpc as tc
+client = tc.InferenceServerClient("{inference}")
+x = tc.InferInput("input", [1, 64], "FP32")
+x.set_data_from_numpy(np.random.rand(1, 64).astype(np.float32))
+print(client.infer("{DEMO_MODEL_NAME}", [x]).as_numpy("output"))
+PY
 
 Every service lists its API through reflection, e.g.  grpcurl -plaintext {inference} list
 Press Ctrl-C to stop."""

@@ -136,7 +136,7 @@ class AioServiceServer(_ServiceServerBase):
     async def start(self) -> int:
         """Binds, starts serving and marks every service SERVING; returns the port."""
         interceptors: list[grpc.aio.ServerInterceptor] = []
-        if self.settings.tracing_enabled:
+        if self.settings.spans_enabled:
             interceptors.append(aio_tracing_interceptor(self.name, self.settings.otlp_endpoint))
         interceptors.append(AioErrorInterceptor())
         server = grpc.aio.server(interceptors=interceptors, options=grpc_options(self.settings))
@@ -208,7 +208,7 @@ class SyncServiceServer(_ServiceServerBase):
 
     def start(self) -> int:
         interceptors: list[grpc.ServerInterceptor] = []
-        if self.settings.tracing_enabled:
+        if self.settings.spans_enabled:
             interceptors.append(sync_tracing_interceptor(self.name, self.settings.otlp_endpoint))
         interceptors.append(SyncErrorInterceptor())
         interceptors.extend(self._extra_interceptors)
