@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 import grpc
@@ -51,3 +52,13 @@ def running_sync(server: SyncServiceServer) -> Iterator[str]:
         yield server.address
     finally:
         server.stop(grace=1.0)
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 20.0) -> None:
+    """Polls a condition the server has no RPC to report (e.g. a file it writes);
+    raises TimeoutError when it is still false after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(0.01)  # ok-sleep: polling interval; nothing to wait on instead

@@ -40,7 +40,7 @@ async def _aio_call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     answer = _answer(request.decode())
     if isinstance(answer, float):
         print("in-flight", flush=True)
-        await asyncio.sleep(answer)
+        await asyncio.sleep(answer)  # ok-sleep: the slow call the shutdown test drains
         return b"slept"
     return answer
 
@@ -48,7 +48,7 @@ async def _aio_call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
 def _sync_call(request: bytes, context: grpc.ServicerContext) -> bytes:
     answer = _answer(request.decode())
     if isinstance(answer, float):
-        time.sleep(answer)
+        time.sleep(answer)  # ok-sleep: a deliberately slow call
         return b"slept"
     return answer
 

@@ -81,7 +81,7 @@ class RowSumServicer(pb_grpc.GRPCInferenceServiceServicer):
             while time.thread_time() - started < self.behaviour.burn_cpu_s:
                 pass
         if self.behaviour.delay_s:
-            time.sleep(self.behaviour.delay_s)
+            time.sleep(self.behaviour.delay_s)  # ok-sleep: simulated model latency
         with self._lock:
             self.rows += rows
         out = values.sum(axis=1, keepdims=True, dtype=np.float32)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,18 +17,9 @@ from modelplane.client.registry import RegistryClient
 from modelplane.examples.models import mlp
 from modelplane.registry.v1 import registry_pb2 as pb
 from tests.integration.registry.process import start_registry, stop
-from tests.support import wait_serving_sync
+from tests.support import wait_serving_sync, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def _wait_for(condition: object, timeout: float = 20.0) -> None:
-    """Polls a filesystem condition the server has no RPC to report."""
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        time.sleep(0.01)
 
 
 def test_kill_mid_upload_leaves_no_version(tmp_path: Path) -> None:
@@ -59,7 +49,7 @@ def test_kill_mid_upload_leaves_no_version(tmp_path: Path) -> None:
 
             uploader = threading.Thread(target=upload)
             uploader.start()
-            _wait_for(lambda: any(p.stat().st_size > 0 for p in upload_dir.iterdir()))
+            wait_until(lambda: any(p.stat().st_size > 0 for p in upload_dir.iterdir()))
             os.kill(process.pid, signal.SIGKILL)
             process.wait(10)
             release.set()

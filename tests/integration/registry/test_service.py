@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +19,7 @@ from modelplane.examples.models import mlp
 from modelplane.registry.v1 import registry_pb2 as pb
 from tests.integration.registry.conftest import POSTGRES_URL, ThreadedServer
 from tests.integration.registry.large_onnx import write_large_onnx
+from tests.support import wait_until
 
 
 @pytest.fixture
@@ -308,9 +308,7 @@ def test_uploads_beyond_the_limit_are_refused_at_once(
             assert first_chunk_sent.wait(30)
             # The first upload is in flight (its bytes were sent); wait until the server
             # counts it, via the leftover temporary file it writes into.
-            deadline = time.monotonic() + 20
-            while not _leftovers(server) and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: _leftovers(server))
             code, details = _code(
                 lambda: client.upload_file(model_file, pb.UploadMetadata(model="fraud"))
             )
