@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -52,6 +54,24 @@ def running_sync(server: SyncServiceServer) -> Iterator[str]:
         yield server.address
     finally:
         server.stop(grace=1.0)
+
+
+@contextmanager
+def running_aio_in_thread(server: AioServiceServer) -> Iterator[str]:
+    """Runs an aio service server on its own event loop in a background thread, for tests
+    that drive it with blocking clients and threads; yields its address."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="test-server-loop", daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(server.start(), loop).result(120)
+        wait_serving_sync(server.address)
+        yield server.address
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(grace=1.0), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 20.0) -> None:

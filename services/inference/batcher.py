@@ -1,24 +1,38 @@
-"""The dynamic batcher: one bounded queue per model version, one worker thread per runtime
-instance.
+"""The dynamic batcher: one bounded row queue per model version on the event loop, one
+thread per runtime instance.
 
-Handler threads submit a `PendingRequest` and block on it; an idle worker takes what is
-queued at once (a lone request at low load runs without any added delay), so requests
-that arrive while every instance is busy form the next batch. Only a worker that found
-work already waiting when it finished a batch - the sign of load - holds a short batch
-back, up to `max_queue_delay_s` after its oldest request arrived, for more rows.
+Why the queue lives on the event loop: handlers are coroutines, so a request waiting for
+its batch costs an asyncio future, not a blocked thread. Handing a batch to an instance
+thread and its result back are two thread switches per *batch*; the thread-per-request
+server this replaced paid about ten context switches (GIL handoffs between handler
+threads) per *request*, which was most of its CPU (measured, see the inference issue).
 
-Batches count rows, not requests: a request of 5 rows takes 5 slots, in the queue bound
-and in the batch. Requests whose inputs differ in a variable non-batch dimension carry
-different `shape_key`s and never share a batch. A request whose deadline passed, whose
-caller cancelled or whose handler gave up is dropped before it runs. When a batch fails
-in the runtime, each of its requests is retried alone so one bad request fails alone.
-Pure Python and threads: ONNX Runtime releases the GIL while it computes.
+- An idle instance takes what is queued at once: a lone request at low load runs
+  without any added delay, and requests that arrive while every instance is busy form
+  the next batch.
+- Only an instance that came free with work already waiting - the sign of load - holds a
+  short batch back, up to `max_queue_delay_s` after its oldest request arrived, until a
+  preferred batch size can be formed; a batch then takes up to the largest preferred
+  size. (The event loop's timers have millisecond granularity, so a sub-millisecond
+  delay can last up to a millisecond when nothing else wakes the loop.)
+- Batches count rows, not requests: a request of 5 rows takes 5 slots, in the queue
+  bound and in the batch. Requests whose inputs differ in a variable non-batch
+  dimension carry different `shape_key`s and never share a batch.
+- A request whose deadline passed or whose caller went away is dropped before it runs.
+  When a batch fails in the runtime, each of its requests is retried alone so one bad
+  request fails alone.
+
+Everything but `_Instance._run` runs on the event loop thread, so the queue needs no
+lock; ONNX Runtime releases the GIL while it computes, so instances run in parallel.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -63,27 +77,35 @@ class BatchingPolicy:
 
     @property
     def target_rows(self) -> int:
+        """The most rows a batch formed from several requests takes."""
         limit = max(self.max_batch_size, 1)
         if self.preferred_batch_sizes:
             return min(max(self.preferred_batch_sizes), limit)
         return limit
 
+    @property
+    def enough_rows(self) -> int:
+        """Rows that make a batch worth running at once, as in Triton: any preferred
+        size that can be formed (the smallest), else a full batch. Holding out for the
+        largest preferred size instead would stall closed-loop clients fewer than it."""
+        limit = max(self.max_batch_size, 1)
+        if self.preferred_batch_sizes:
+            return min(min(self.preferred_batch_sizes), limit)
+        return limit
+
 
 class PendingRequest:
-    """One request travelling through the batcher; the submitting thread waits on it."""
+    """One request travelling through the batcher; its caller awaits `future`."""
 
     __slots__ = (
-        "_callback",
-        "_done",
-        "abandoned",
         "batch_id",
         "batch_rows",
         "deadline",
         "enqueued_ns",
         "error",
         "finished_ns",
+        "future",
         "inputs",
-        "is_active",
         "outputs",
         "received_ns",
         "rows",
@@ -98,16 +120,13 @@ class PendingRequest:
         rows: int,
         shape_key: Hashable = None,
         deadline: float | None = None,
-        is_active: Callable[[], bool] | None = None,
         received_ns: int = 0,
-        callback: Callable[[PendingRequest], None] | None = None,
         tag: object = None,
     ) -> None:
         self.inputs = inputs
         self.rows = rows
         self.shape_key = shape_key
         self.deadline = deadline  # time.monotonic() value
-        self.is_active = is_active
         self.received_ns = received_ns or time.perf_counter_ns()
         self.enqueued_ns = 0
         self.started_ns = 0
@@ -116,31 +135,12 @@ class PendingRequest:
         self.batch_rows = 0
         self.outputs: dict[str, np.ndarray] | None = None
         self.error: BaseException | None = None
-        self.abandoned = False
-        self.tag = tag  # opaque to the batcher (e.g. the proto request, for the stream)
-        self._callback = callback
-        self._done = threading.Lock()
-        self._done.acquire()
+        self.future: asyncio.Future[dict[str, np.ndarray]] | None = None
+        self.tag = tag  # opaque to the batcher (the caller's trace context)
 
-    def _finish(self) -> None:
-        self.finished_ns = time.perf_counter_ns()
-        self._done.release()
-        if self._callback is not None:
-            self._callback(self)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Blocks until a worker finished the request; False on timeout."""
-        acquired = self._done.acquire(timeout=-1 if timeout is None else max(timeout, 0.0))
-        if acquired:
-            self._done.release()  # later waiters (and tests) see it done too
-        return acquired
-
-    def result(self) -> dict[str, np.ndarray]:
-        """The request's outputs, or the error it failed with."""
-        if self.error is not None:
-            raise self.error
-        assert self.outputs is not None
-        return self.outputs
+    @property
+    def done(self) -> bool:
+        return self.future is not None and self.future.done()
 
 
 class BatchObserver(Protocol):
@@ -186,8 +186,54 @@ class ExecutionFailed(InvalidArgument):
     """The runtime rejected a well-formed request's values when it ran alone."""
 
 
+@dataclass(slots=True)
+class _Timing:
+    input_ns: int = 0
+    infer_ns: int = 0
+    output_ns: int = 0
+
+
+class _Instance:
+    """One runtime instance and the thread that runs its batches."""
+
+    def __init__(self, batcher: DynamicBatcher, runner: Runner, index: int) -> None:
+        self._batcher = batcher
+        self._runner = runner
+        self._inbox: queue.SimpleQueue[list[PendingRequest] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._run, name=f"batcher-{batcher.name}-{index}", daemon=True
+        )
+        self._thread.start()
+
+    def start(self, batch: list[PendingRequest]) -> None:
+        self._inbox.put(batch)
+
+    def stop(self) -> None:
+        self._inbox.put(None)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        batcher = self._batcher
+        while (batch := self._inbox.get()) is not None:
+            timing = _Timing()
+            try:
+                _execute(batch, self._runner, timing, batcher.name)
+            except BaseException as exc:  # never strand a caller, whatever happened
+                log.exception("batch execution crashed", extra={"model": batcher.name})
+                for request in batch:
+                    if request.outputs is None and request.error is None:
+                        request.error = exc
+            batcher._post(self, batch, timing)
+
+
 class DynamicBatcher:
-    """A bounded row queue in front of `len(runners)` runtime instances."""
+    """A bounded row queue in front of `len(runners)` runtime instances.
+
+    `submit`, `infer`, `withdraw` and `close` must be called on the event loop that
+    serves the model; the first `submit` binds the batcher to that loop.
+    """
 
     def __init__(
         self,
@@ -203,27 +249,12 @@ class DynamicBatcher:
         self._observer: BatchObserver = observer or NullObserver()
         self._queue: deque[PendingRequest] = deque()
         self._queued_rows = 0
-        self._lock = threading.Lock()
-        # Workers wait on one condition, observers of the queue on another, so a
-        # submit always wakes a worker (notify() wakes a single waiter).
-        self._cond = threading.Condition(self._lock)
-        self._changed = threading.Condition(self._lock)
-        # A worker filling a batch sleeps until the batch is full or its delay ends,
-        # not once per arriving request: under the GIL every wake-up costs CPU.
-        self._fill = threading.Condition(self._lock)
-        self._idle = 0
-        self._filling = 0
-        self._fill_rows = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._instances = [_Instance(self, runner, i) for i, runner in enumerate(runners)]
+        self._idle = list(self._instances)
+        self._hold: asyncio.TimerHandle | None = None
         self._closing = False
-        self._workers = [
-            threading.Thread(
-                target=self._work, args=(runner,), name=f"batcher-{name}-{i}", daemon=True
-            )
-            for i, runner in enumerate(runners)
-        ]
-        self._alive = len(self._workers)
-        for worker in self._workers:
-            worker.start()
+        self._drained: asyncio.Event | None = None
 
     @property
     def queued_rows(self) -> int:
@@ -231,181 +262,192 @@ class DynamicBatcher:
 
     @property
     def instances(self) -> int:
-        return len(self._workers)
+        return len(self._instances)
 
-    def submit(self, request: PendingRequest) -> None:
-        """Queues a request, or raises Overloaded at once when its rows do not fit."""
-        with self._cond:
-            if self._alive == 0:
-                raise Unloading(f"model '{self.name}' is unloading; retry")
-            if self._queued_rows + request.rows > self.policy.max_queue_rows:
-                raise Overloaded(
-                    f"Exceeds maximum queue size: model '{self.name}' has "
-                    f"{self._queued_rows} of {self.policy.max_queue_rows} rows queued"
-                )
-            request.enqueued_ns = time.perf_counter_ns()
-            self._queue.append(request)
-            self._queued_rows += request.rows
-            if self._idle:
-                self._cond.notify()
-            elif self._filling and self._queued_rows >= self._fill_rows:
-                self._fill.notify()
-            if self._changed._waiters:  # type: ignore[attr-defined]
-                self._changed.notify_all()
+    @property
+    def busy_instances(self) -> int:
+        return len(self._instances) - len(self._idle)
 
-    def infer(self, request: PendingRequest, timeout: float | None = None) -> dict[str, np.ndarray]:
-        """Submits and waits; a request still queued when `timeout` passes is withdrawn."""
-        self.submit(request)
-        if not request.wait(timeout):
-            self.withdraw(request, "expired")
-            if not request.wait(0):
-                raise DeadlineExceeded(
-                    f"deadline passed while model '{self.name}' was busy; not executed"
-                )
-        return request.result()
+    def submit(self, request: PendingRequest) -> asyncio.Future[dict[str, np.ndarray]]:
+        """Queues a request and returns the future of its outputs; raises Overloaded at
+        once when its rows do not fit, Unloading when the batcher is closing."""
+        if self._closing:
+            raise Unloading(f"model '{self.name}' is unloading; retry")
+        if self._queued_rows + request.rows > self.policy.max_queue_rows:
+            raise Overloaded(
+                f"Exceeds maximum queue size: model '{self.name}' has "
+                f"{self._queued_rows} of {self.policy.max_queue_rows} rows queued"
+            )
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        request.future = loop.create_future()
+        request.enqueued_ns = time.perf_counter_ns()
+        self._queue.append(request)
+        self._queued_rows += request.rows
+        if self._hold is not None:
+            # An instance is holding a short batch back: go as soon as it is big enough.
+            if self._queued_rows >= self.policy.enough_rows:
+                self._release_hold()
+        elif self._idle:
+            self._dispatch(under_load=False)
+        return request.future
 
-    def withdraw(self, request: PendingRequest, reason: str) -> None:
-        """Gives up on a request: removed if still queued; otherwise its result is ignored."""
-        with self._cond:
-            request.abandoned = True
-            try:
-                self._queue.remove(request)
-            except ValueError:
-                return
-            self._queued_rows -= request.rows
-            self._changed.notify_all()
-        self._drop(request, reason)
-
-    def wait_until_queued(self, rows: int, timeout: float, exactly: bool = False) -> bool:
-        """Blocks until at least (or exactly) `rows` rows are queued (drains and tests)."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._queued_rows < rows or (exactly and self._queued_rows != rows):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._changed.wait(remaining)
-            return True
-
-    def close(self, timeout: float | None = None) -> None:
-        """Stops taking requests; queued ones still run; returns when workers exited."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-            self._fill.notify_all()
-        for worker in self._workers:
-            worker.join(timeout)
-
-    # --- worker side -----------------------------------------------------------------
-
-    def _work(self, runner: Runner) -> None:
+    async def infer(self, request: PendingRequest) -> dict[str, np.ndarray]:
+        """Submits and waits. A caller cancelled while waiting (the client went away or
+        its deadline passed) withdraws the request, so a queued one never runs."""
+        future = self.submit(request)
         try:
-            while True:
-                batch = self._next_batch()
-                if batch is None:
-                    return
-                try:
-                    self._execute(batch, runner)
-                except BaseException as exc:  # never lose a waiter, whatever happened
-                    log.exception("batch execution crashed", extra={"model": self.name})
-                    for request in batch:
-                        if request.finished_ns == 0:
-                            if request.outputs is None and request.error is None:
-                                request.error = exc
-                            request._finish()
-        finally:
-            with self._cond:
-                self._alive -= 1
-                orphans = list(self._queue) if self._alive == 0 else []
-                if orphans:
-                    self._queue.clear()
-                    self._queued_rows = 0
-            for request in orphans:
-                request.error = Unavailable(f"model '{self.name}' was unloaded; retry")
-                request._finish()
+            return await future
+        except asyncio.CancelledError:
+            self.withdraw(request)
+            raise
 
-    def _next_batch(self) -> list[PendingRequest] | None:
+    def withdraw(self, request: PendingRequest, reason: str | None = None) -> None:
+        """Gives up on a request: removed if still queued; otherwise its result is ignored."""
+        if request.future is not None and not request.future.done():
+            request.future.cancel()
+        try:
+            self._queue.remove(request)
+        except ValueError:
+            return
+        self._queued_rows -= request.rows
+        self._drop(request, reason or _stale(request, time.monotonic()) or "cancelled")
+        self._check_drained()
+
+    async def close(self) -> None:
+        """Stops taking requests; queued ones still run; returns when instances stopped."""
+        self._closing = True
+        if self._hold is not None:
+            self._release_hold()
+        if self._queue or len(self._idle) < len(self._instances):
+            if self._drained is None:
+                self._drained = asyncio.Event()
+            await self._drained.wait()
+        for instance in self._instances:
+            instance.stop()
+        await asyncio.to_thread(self._join)
+
+    def close_now(self) -> None:
+        """Stops the instance threads of a batcher that never served (a failed load)."""
+        self._closing = True
+        for instance in self._instances:
+            instance.stop()
+        self._join()
+
+    def _join(self) -> None:
+        for instance in self._instances:
+            instance.join()
+
+    # --- forming batches (event loop) -------------------------------------------------
+
+    def _dispatch(self, under_load: bool) -> None:
         policy = self.policy
-        with self._cond:
-            idle_wait = False
-            while True:
-                while not self._queue:
-                    if self._closing:
-                        return None
-                    idle_wait = True
-                    self._idle += 1
-                    self._cond.wait()
-                    self._idle -= 1
-                batch, rows, dropped = self._take([], 0)
-                if batch:
-                    break
-                self._finish_dropped(dropped)
-            # Requests were already waiting when this instance came free: under load a
-            # short batch may wait for more rows, bounded by its oldest request's delay.
+        while self._idle and self._queue:
             if (
-                policy.enabled
-                and not idle_wait
+                under_load
+                and policy.enabled
                 and policy.max_queue_delay_s > 0
-                and rows < policy.target_rows
+                and not self._closing
+                and self._queued_rows < policy.enough_rows
             ):
-                deadline_ns = batch[0].enqueued_ns + int(policy.max_queue_delay_s * 1e9)
-                self._filling += 1
-                try:
-                    while rows < policy.target_rows and not self._closing:
-                        remaining = (deadline_ns - time.perf_counter_ns()) / 1e9
-                        if remaining <= 0:
-                            break
-                        self._fill_rows = policy.target_rows - rows
-                        self._fill.wait(remaining)
-                        batch, rows, more_dropped = self._take(batch, rows)
-                        dropped += more_dropped
-                finally:
-                    self._filling -= 1
-        self._finish_dropped(dropped)
-        return batch
+                # Requests were already waiting when an instance came free: a short
+                # batch may wait for more rows, bounded by its oldest request's delay.
+                if self._hold is not None:
+                    return  # already holding; the timer or a full batch releases it
+                wait_s = (
+                    self._queue[0].enqueued_ns + policy.max_queue_delay_s * 1e9
+                ) / 1e9 - time.perf_counter_ns() / 1e9
+                if wait_s > 0:
+                    assert self._loop is not None
+                    self._hold = self._loop.call_later(wait_s, self._release_hold)
+                    return
+            batch = self._take()
+            if batch:
+                self._idle.pop().start(batch)
+        self._check_drained()
 
-    def _take(
-        self, batch: list[PendingRequest], rows: int
-    ) -> tuple[list[PendingRequest], int, list[tuple[PendingRequest, str]]]:
-        """Moves compatible requests from the queue into `batch` (lock held)."""
-        queue = self._queue
-        policy = self.policy
-        dropped: list[tuple[PendingRequest, str]] = []
-        cap = policy.target_rows if policy.enabled else 0
-        key = batch[0].shape_key if batch else None
+    def _release_hold(self) -> None:
+        if self._hold is not None:
+            self._hold.cancel()
+            self._hold = None
+        self._dispatch(under_load=False)
+
+    def _take(self) -> list[PendingRequest]:
+        """Moves the next batch of compatible requests out of the queue."""
+        queue_ = self._queue
+        cap = self.policy.target_rows if self.policy.enabled else 0
         now = time.monotonic()
+        batch: list[PendingRequest] = []
         skipped: list[PendingRequest] = []
-        while queue:
-            request = queue[0]
+        rows = 0
+        key: Hashable = None
+        while queue_:
+            request = queue_[0]
             reason = _stale(request, now)
             if reason is not None:
-                queue.popleft()
+                queue_.popleft()
                 self._queued_rows -= request.rows
-                dropped.append((request, reason))
+                self._drop(request, reason)
                 continue
             if batch:
                 if rows + request.rows > cap:
                     break
                 if request.shape_key != key:
                     # Incompatible shapes wait for a later batch; look past them.
-                    skipped.append(queue.popleft())
+                    skipped.append(queue_.popleft())
                     continue
-            queue.popleft()
+            queue_.popleft()
             self._queued_rows -= request.rows
             batch.append(request)
             rows += request.rows
             key = request.shape_key
-            if not policy.enabled:
+            if not cap:
                 break
         if skipped:
-            queue.extendleft(reversed(skipped))
-        if self._changed._waiters:  # type: ignore[attr-defined]
-            self._changed.notify_all()
-        return batch, rows, dropped
+            queue_.extendleft(reversed(skipped))
+        return batch
 
-    def _finish_dropped(self, dropped: list[tuple[PendingRequest, str]]) -> None:
-        for request, reason in dropped:
-            self._drop(request, reason)
+    # --- finishing batches ---------------------------------------------------------------
+
+    def _post(self, instance: _Instance, batch: list[PendingRequest], timing: _Timing) -> None:
+        """Called on an instance thread: hands the finished batch back to the loop."""
+        assert self._loop is not None
+        # RuntimeError: the loop is closed, so nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._finished, instance, batch, timing)
+
+    def _finished(self, instance: _Instance, batch: list[PendingRequest], timing: _Timing) -> None:
+        self._idle.append(instance)
+        # Start the next batch before answering this one: the instance works meanwhile.
+        if self._queue:
+            self._dispatch(under_load=True)
+        try:
+            if batch[0].batch_id == batch[-1].batch_id and batch[0].error is None:
+                self._observer.batch_done(
+                    batch, batch[0].batch_rows, timing.input_ns, timing.infer_ns, timing.output_ns
+                )
+            else:  # the batch failed and its requests ran alone: report each run
+                for request in batch:
+                    if request.error is None:
+                        self._observer.batch_done(
+                            [request], request.rows, 0, request.finished_ns - request.started_ns, 0
+                        )
+            for request in batch:
+                if request.error is not None:
+                    self._observer.request_failed(request, "execution")
+        except Exception:
+            log.exception("batch observer failed", extra={"model": self.name})
+        for request in batch:
+            future = request.future
+            if future is None or future.done():
+                continue  # withdrawn while it ran
+            if request.error is not None:
+                future.set_exception(request.error)
+            else:
+                assert request.outputs is not None
+                future.set_result(request.outputs)
+        self._check_drained()
 
     def _drop(self, request: PendingRequest, reason: str) -> None:
         if reason == "cancelled":
@@ -414,76 +456,90 @@ class DynamicBatcher:
             request.error = DeadlineExceeded(
                 f"deadline passed while queued for model '{self.name}'; not executed"
             )
-        self._observer.request_dropped(request, reason)
-        request._finish()
-
-    def _execute(self, batch: list[PendingRequest], runner: Runner) -> None:
-        batch_id = next(_batch_ids)
-        start = time.perf_counter_ns()
-        rows = 0
-        for request in batch:
-            request.started_ns = start
-            request.batch_id = batch_id
-            rows += request.rows
-        for request in batch:
-            request.batch_rows = rows
-        if len(batch) == 1:
-            feeds = batch[0].inputs
-        else:
-            feeds = {
-                name: np.concatenate([request.inputs[name] for request in batch])
-                for name in batch[0].inputs
-            }
-        assembled = time.perf_counter_ns()
+        request.finished_ns = time.perf_counter_ns()
         try:
-            outputs = runner(feeds)
-        except Exception as exc:
-            if len(batch) > 1:
-                # One bad request must not fail its neighbours: run each alone.
-                for request in batch:
-                    self._execute([request], runner)
-                return
-            self._fail(batch[0], exc)
-            return
-        computed = time.perf_counter_ns()
-        if len(batch) == 1:
-            batch[0].outputs = outputs
-        else:
-            offset = 0
-            for request in batch:
-                end = offset + request.rows
-                request.outputs = {name: value[offset:end] for name, value in outputs.items()}
-                offset = end
-        done = time.perf_counter_ns()
-        self._observer.batch_done(
-            batch, rows, assembled - start, computed - assembled, done - computed
-        )
-        for request in batch:
-            request._finish()
+            self._observer.request_dropped(request, reason)
+        except Exception:
+            log.exception("batch observer failed", extra={"model": self.name})
+        future = request.future
+        if future is not None and not future.done():
+            future.set_exception(request.error)
 
-    def _fail(self, request: PendingRequest, exc: Exception) -> None:
-        if isinstance(exc, ModelplaneError):
-            request.error = exc
-        else:
-            log.warning(
-                "model execution failed for one request",
-                extra={"model": self.name, "error": str(exc)[:500]},
-            )
-            request.error = ExecutionFailed(
-                f"model '{self.name}' could not run this request's input values: "
-                f"{_runtime_message(exc)}"
-            )
-        self._observer.request_failed(request, "execution")
-        request._finish()
+    def _check_drained(self) -> None:
+        if (
+            self._drained is not None
+            and not self._queue
+            and len(self._idle) == len(self._instances)
+        ):
+            self._drained.set()
+
+
+def _execute(batch: list[PendingRequest], runner: Runner, timing: _Timing, name: str) -> None:
+    """Runs a batch on an instance thread: stack, run, split; on failure each alone."""
+    batch_id = next(_batch_ids)
+    start = time.perf_counter_ns()
+    rows = 0
+    for request in batch:
+        request.started_ns = start
+        request.batch_id = batch_id
+        rows += request.rows
+    for request in batch:
+        request.batch_rows = rows
+    if len(batch) == 1:
+        feeds = batch[0].inputs
+    else:
+        feeds = {
+            name: np.concatenate([request.inputs[name] for request in batch])
+            for name in batch[0].inputs
+        }
+    assembled = time.perf_counter_ns()
+    try:
+        outputs = runner(feeds)
+    except Exception as exc:
+        if len(batch) > 1:
+            # One bad request must not fail its neighbours: run each alone.
+            for request in batch:
+                _execute([request], runner, timing, name)
+            return
+        batch[0].error = _execution_error(exc, name)
+        batch[0].finished_ns = time.perf_counter_ns()
+        return
+    computed = time.perf_counter_ns()
+    if len(batch) == 1:
+        batch[0].outputs = outputs
+    else:
+        offset = 0
+        for request in batch:
+            end = offset + request.rows
+            request.outputs = {key: value[offset:end] for key, value in outputs.items()}
+            offset = end
+    done = time.perf_counter_ns()
+    for request in batch:
+        request.finished_ns = done
+    timing.input_ns = assembled - start
+    timing.infer_ns = computed - assembled
+    timing.output_ns = done - computed
+
+
+def _execution_error(exc: Exception, name: str) -> ModelplaneError:
+    if isinstance(exc, ModelplaneError):
+        return exc
+    log.warning(
+        "model execution failed for one request",
+        extra={"model": name, "error": str(exc)[:500]},
+    )
+    return ExecutionFailed(
+        f"model '{name}' could not run this request's input values: {_runtime_message(exc)}"
+    )
 
 
 def _stale(request: PendingRequest, now: float) -> str | None:
-    if request.abandoned:
-        return "expired"
+    future = request.future
+    if future is not None and future.cancelled():
+        expired = request.deadline is not None and now >= request.deadline
+        return "expired" if expired else "cancelled"
     if request.deadline is not None and now >= request.deadline:
         return "expired"
-    if request.is_active is not None and not request.is_active():
-        return "cancelled"
     return None
 
 

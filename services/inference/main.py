@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import os
-import threading
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +14,7 @@ from pydantic_settings import SettingsConfigDict
 
 from inference import grpc_service_pb2, grpc_service_pb2_grpc
 from modelplane.kernel.metrics import new_registry
-from modelplane.kernel.server import SyncServiceServer
+from modelplane.kernel.server import AioServiceServer
 from modelplane.kernel.settings import ServiceSettings
 from modelplane.kernel.telemetry import tracer_provider
 from modelplane.services.inference.model_config import Defaults
@@ -66,9 +66,6 @@ class Settings(ServiceSettings):
         description="ONNX Runtime intra-op threads per model, split across its instances; "
         "0 means the number of CPUs.",
     )
-    handler_threads: int = Field(
-        128, gt=0, description="gRPC handler threads (each waits on one request in flight)."
-    )
     gc_threshold: int = Field(
         20000,
         ge=0,
@@ -108,12 +105,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--execution-provider", choices=["auto", "cpu", "cuda"], help="default provider"
     )
     parser.add_argument("--thread-budget", type=int, help="intra-op threads per model")
-    parser.add_argument("--handler-threads", type=int, help="gRPC handler threads")
 
 
-class InferenceServer(SyncServiceServer):
-    """The kernel's synchronous server (cheaper per request than grpc.aio, see
-    DESIGN.md) holding the model repository it serves."""
+class InferenceServer(AioServiceServer):
+    """The kernel's grpc.aio server holding the model repository it serves.
+
+    Measured against the synchronous server (64 concurrent clients, light MLP): with a
+    thread per request, every request waiting for its batch is a blocked thread, and the
+    GIL handoffs between those threads cost ~10 context switches per request, about half
+    of the server's CPU. On the event loop a waiting request is a future, and a batch
+    costs two thread switches whatever its size (see batcher.py)."""
 
     def __init__(self, repository: ModelRepository, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -145,7 +146,7 @@ def build(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime) -> 
         tracer,
         runtime_factory,
     )
-    ready = threading.Event()
+    ready = asyncio.Event()
     servicer = InferenceServicer(repository, ready.is_set, trace_requests=tracer is not None)
 
     def add_servicers(server: object) -> None:
@@ -154,9 +155,12 @@ def build(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime) -> 
             repository.load_all()
         else:
             for name in settings.load_model:
-                repository.load(name)
+                repository.load_at_start(name)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         ready.set()
+
+    async def not_ready() -> None:
+        ready.clear()
 
     return InferenceServer(
         repository,
@@ -164,8 +168,7 @@ def build(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime) -> 
         "inference",
         [SERVICE_NAME],
         add_servicers,
-        max_workers=settings.handler_threads,
-        on_stop=[ready.clear, repository.close],
+        on_stop=[not_ready, repository.close],
         registry=registry,
     )
 
@@ -173,9 +176,9 @@ def build(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime) -> 
 def tune_gc(threshold: int) -> None:
     """At thousands of requests a second, Python's default of a young-generation
     collection every 700 allocations cost more server CPU than the model itself
-    (measured: ~410 → ~220 µs/request for the light MLP, 64 concurrent clients). The
-    request path breaks the one cycle it makes (request ↔ call context), so rarer
-    collections cost no memory; freezing moves startup objects out of every scan."""
+    (measured: ~410 → ~220 µs/request for the light MLP with 64 concurrent clients, on
+    the earlier thread-per-request server). Requests make few reference cycles, so rarer
+    collections cost little memory; freezing moves startup objects out of every scan."""
     if threshold > 0:
         gc.freeze()
         gc.set_threshold(threshold, 20, 20)
@@ -184,4 +187,4 @@ def tune_gc(threshold: int) -> None:
 def run(settings: Settings) -> None:
     """Serves until SIGTERM/SIGINT."""
     tune_gc(settings.gc_threshold)
-    build(settings).serve_until_signal()
+    asyncio.run(build(settings).serve_until_signal())

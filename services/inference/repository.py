@@ -1,17 +1,18 @@
 """The model repository: `<root>/<model>/<version>/model.onnx` (+ `<model>/config.pbtxt`),
 loaded into runtime instances behind one dynamic batcher per version.
 
-Lookups read an immutable snapshot (a dict replaced on every load/unload), so the hot
-path takes no lock and a load or unload of one model never touches another's batcher.
+Lookups read an immutable snapshot (a dict replaced on every load/unload, on the event
+loop), so the hot path takes no lock and a load or unload of one model never touches
+another's batcher.
 A reload builds and warms the new versions before swapping them in; the old ones drain
 their queues before they close, so no accepted request is lost.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +119,9 @@ class ModelRepository:
         self._factory = runtime_factory
         self._models: dict[str, ModelEntry] = {}
         self._failures: dict[str, str] = {}
-        self._load_lock = threading.Lock()
+        # Loads and unloads run on the event loop; two loads of one model at once would
+        # race to install, so they take turns (serving never waits on this).
+        self._load_serially = asyncio.Lock()
 
     # --- hot path -------------------------------------------------------------------
 
@@ -154,65 +157,45 @@ class ModelRepository:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _valid_name(p.name))
 
     def load_all(self) -> None:
-        """Loads every model in the repository; one model's failure does not stop others."""
+        """Loads every model at start (before serving, so blocking is fine); one model's
+        failure does not stop others."""
         if not self.root.is_dir():
             log.warning("model repository %s does not exist; serving no models", self.root)
         for name in self.model_names():
             try:
-                self.load(name)
+                self.load_at_start(name)
             except Exception as exc:
                 log.error("model %s failed to load: %s", name, exc, extra={"model": name})
 
-    def load(self, name: str) -> None:
-        """Loads (or reloads) a model: new versions are warmed up before they serve."""
-        if not _valid_name(name):
-            raise InvalidArgument(f"'{name}' is not a valid model name")
-        model_dir = self.root / name
-        if not model_dir.is_dir():
-            raise NotFound(f"model '{name}' not found in repository {self.root}")
-        with self._load_lock:
-            try:
-                built = self._build(name, model_dir)
-            except Exception as exc:
-                self._failures[name] = str(getattr(exc, "message", exc))
-                raise
-            self._failures.pop(name, None)
-            latest = built[max(built, key=int)]
-            models = dict(self._models)
-            old = models.get(name)
-            models[name] = ModelEntry(built, latest)
-            self._models = models
+    def load_at_start(self, name: str) -> None:
+        """Loads a model before the server serves: nothing can be replaced yet."""
+        old = self._install(name, self._build_checked(name))
+        assert old is None, "load_at_start() is for a repository that serves nothing yet"
+
+    async def load(self, name: str) -> None:
+        """Loads (or reloads) a model while serving: new versions are built and warmed up
+        in a thread, so other models keep serving, then swapped in; the old ones finish
+        what they had queued."""
+        async with self._load_serially:
+            built = await asyncio.to_thread(self._build_checked, name)
+            old = self._install(name, built)
         if old is not None:
             # Series of versions that stay loaded belong to the new instances now.
-            self._retire(old.versions.values(), keep_series=set(built))
-        log.info(
-            "model %s loaded",
-            name,
-            extra={
-                "model": name,
-                "versions": list(built),
-                "provider": latest.provider,
-                "instances": latest.batcher.instances,
-                "max_batch_size": latest.max_batch_size,
-                "batching": latest.batcher.policy.enabled,
-            },
-        )
+            await self._retire(old.versions.values(), keep_series=set(built))
 
-    def unload(self, name: str) -> None:
+    async def unload(self, name: str) -> None:
         """Stops routing to a model; its queued and running requests still finish."""
-        with self._load_lock:
-            models = dict(self._models)
-            old = models.pop(name, None)
-            if old is None:
-                raise NotFound(f"model '{name}' is not loaded")
-            self._models = models
-        self._retire(old.versions.values())
+        models = dict(self._models)
+        old = models.pop(name, None)
+        if old is None:
+            raise NotFound(f"model '{name}' is not loaded")
+        self._models = models
+        await self._retire(old.versions.values())
         log.info("model %s unloaded", name, extra={"model": name})
 
-    def close(self) -> None:
-        with self._load_lock:
-            old, self._models = self._models, {}
-        self._retire(v for entry in old.values() for v in entry.versions.values())
+    async def close(self) -> None:
+        old, self._models = self._models, {}
+        await self._retire(v for entry in old.values() for v in entry.versions.values())
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         entries: list[IndexEntry] = []
@@ -230,11 +213,46 @@ class ModelRepository:
 
     # --- building ------------------------------------------------------------------
 
-    def _retire(
+    def _build_checked(self, name: str) -> dict[str, ModelVersion]:
+        if not _valid_name(name):
+            raise InvalidArgument(f"'{name}' is not a valid model name")
+        model_dir = self.root / name
+        if not model_dir.is_dir():
+            raise NotFound(f"model '{name}' not found in repository {self.root}")
+        try:
+            built = self._build(name, model_dir)
+        except Exception as exc:
+            self._failures[name] = str(getattr(exc, "message", exc))
+            raise
+        self._failures.pop(name, None)
+        return built
+
+    def _install(self, name: str, built: dict[str, ModelVersion]) -> ModelEntry | None:
+        """Swaps a model's new versions in (one dict assignment); returns the old entry."""
+        latest = built[max(built, key=int)]
+        models = dict(self._models)
+        old = models.get(name)
+        models[name] = ModelEntry(built, latest)
+        self._models = models
+        log.info(
+            "model %s loaded",
+            name,
+            extra={
+                "model": name,
+                "versions": list(built),
+                "provider": latest.provider,
+                "instances": latest.batcher.instances,
+                "max_batch_size": latest.max_batch_size,
+                "batching": latest.batcher.policy.enabled,
+            },
+        )
+        return old
+
+    async def _retire(
         self, versions: Iterable[ModelVersion], keep_series: frozenset[str] | set[str] = frozenset()
     ) -> None:
         for version in versions:
-            version.batcher.close()
+            await version.batcher.close()
             if version.version not in keep_series:
                 self._metrics.forget(version.name, version.version, version.provider)
 
@@ -258,7 +276,7 @@ class ModelRepository:
                 built[str(number)] = self._build_version(name, str(number), path, plan, providers)
         except BaseException:
             for version in built.values():
-                version.batcher.close()
+                version.batcher.close_now()
             raise
         return built
 

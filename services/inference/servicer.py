@@ -1,14 +1,13 @@
-"""GRPCInferenceService (KServe v2) on a synchronous grpc.server: proto → repository /
-batcher → proto. Handler threads block on their request while a batcher worker runs it.
+"""GRPCInferenceService (KServe v2) on grpc.aio: proto → repository / batcher → proto.
+A request waiting for its batch is a suspended coroutine, not a blocked thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from opentelemetry import trace
@@ -19,12 +18,12 @@ from inference import grpc_service_pb2_grpc as pb_grpc
 from modelplane import __version__
 from modelplane.kernel.errors import InvalidArgument, ModelplaneError, Overloaded, status_for
 from modelplane.services.inference import codec
-from modelplane.services.inference.batcher import DynamicBatcher, PendingRequest, Unloading
+from modelplane.services.inference.batcher import PendingRequest, Unloading
 from modelplane.services.inference.repository import ModelRepository, ModelVersion
 from modelplane.services.inference.stats import StatsSnapshot
 
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "schedule_policy"]
-# A sync server reports "no deadline" as a deadline centuries away.
+# grpc may report "no deadline" as a deadline centuries away.
 _NO_DEADLINE_S = 1e8
 
 
@@ -41,18 +40,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # --- health and metadata ------------------------------------------------------
 
-    def ServerLive(
-        self, request: pb.ServerLiveRequest, context: grpc.ServicerContext
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    def ServerReady(
-        self, request: pb.ServerReadyRequest, context: grpc.ServicerContext
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._is_ready())
 
-    def ModelReady(
-        self, request: pb.ModelReadyRequest, context: grpc.ServicerContext
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
         try:
             self._repository.get(request.name, request.version)
@@ -60,15 +59,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
-    def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
             name="modelplane", version=__version__, extensions=EXTENSIONS
         )
 
-    def ModelMetadata(
-        self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         model = self._repository.get(request.name, request.version)
         versions = sorted((v.version for v in self._repository.versions(request.name)), key=int)
@@ -95,14 +94,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             ],
         )
 
-    def ModelConfig(
-        self, request: pb.ModelConfigRequest, context: grpc.ServicerContext
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
         model = self._repository.get(request.name, request.version)
         return pb.ModelConfigResponse(config=model.config)
 
-    def ModelStatistics(
-        self, request: pb.ModelStatisticsRequest, context: grpc.ServicerContext
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
         if request.name:
             if request.version:
@@ -117,8 +116,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # --- repository ---------------------------------------------------------------
 
-    def RepositoryIndex(
-        self, request: pb.RepositoryIndexRequest, context: grpc.ServicerContext
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
         _check_repository_name(request.repository_name)
         return pb.RepositoryIndexResponse(
@@ -130,8 +129,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             ]
         )
 
-    def RepositoryModelLoad(
-        self, request: pb.RepositoryModelLoadRequest, context: grpc.ServicerContext
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
         _check_repository_name(request.repository_name)
         if request.parameters:
@@ -139,14 +138,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 "load parameters (config or file overrides) are not supported; edit the "
                 "model's config.pbtxt in the repository"
             )
-        self._repository.load(request.model_name)
+        await self._repository.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
-    def RepositoryModelUnload(
-        self, request: pb.RepositoryModelUnloadRequest, context: grpc.ServicerContext
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
         _check_repository_name(request.repository_name)
-        self._repository.unload(request.model_name)
+        await self._repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     # --- inference ------------------------------------------------------------------
@@ -155,9 +154,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self,
         request: pb.ModelInferRequest,
         model: ModelVersion,
-        context: grpc.ServicerContext,
+        context: grpc.aio.ServicerContext,
         received: int,
-        callback: Callable[[PendingRequest], None] | None = None,
     ) -> PendingRequest:
         try:
             feeds, rows, key = codec.decode_inputs(request, model)
@@ -165,23 +163,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model.stats.request_failed(None, "invalid")
             raise
         remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining < _NO_DEADLINE_S else None
+        deadline = (
+            time.monotonic() + remaining
+            if remaining is not None and remaining < _NO_DEADLINE_S
+            else None
+        )
         parent = None
         if self._trace:
             parent = trace.get_current_span(
-                extract(dict(context.invocation_metadata()))
+                extract(dict(context.invocation_metadata() or ()))
             ).get_span_context()
             parent = parent if parent.is_valid else None
-        return PendingRequest(
-            feeds,
-            rows,
-            key,
-            deadline=deadline,
-            is_active=context.is_active,
-            received_ns=received,
-            callback=callback,
-            tag=parent,
-        )
+        return PendingRequest(feeds, rows, key, deadline=deadline, received_ns=received, tag=parent)
 
     def _submit(
         self, request: pb.ModelInferRequest, model: ModelVersion, pending: PendingRequest
@@ -198,98 +191,89 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model.batcher.submit(pending)
         return model
 
-    def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.ServicerContext
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         received = time.perf_counter_ns()
         model = self._repository.get(request.model_name, request.model_version)
         pending = self._pending(request, model, context, received)
         model = self._submit(request, model, pending)
-        batcher = model.batcher
-        # A cancelled call frees its queue slot at once instead of when a batch forms.
-        context.add_callback(functools.partial(_on_call_end, batcher, pending))
-        if not pending.wait(
-            None if pending.deadline is None else pending.deadline - time.monotonic()
-        ):
-            batcher.withdraw(pending, "expired")
-            pending.wait()
-        pending.is_active = None  # drops the request ↔ call context cycle for the GC
-        return codec.encode_response(request, model, pending.result())
+        assert pending.future is not None
+        try:
+            outputs = await pending.future
+        except asyncio.CancelledError:
+            # grpc cancels the handler when the client goes away or its deadline passes:
+            # a request still queued is withdrawn and never runs.
+            model.batcher.withdraw(pending)
+            raise
+        return codec.encode_response(request, model, outputs)
 
-    def ModelStreamInfer(
-        self, request_iterator: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.ModelStreamInferResponse]:
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[pb.ModelInferRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests of one stream are batched like any others, so responses come back in
         completion order; clients match them by `id`. A failed request yields a response
         with `error_message`; the stream itself stays open."""
-        done: queue.SimpleQueue[tuple[pb.ModelInferRequest, ModelVersion | None, object]] = (
-            queue.SimpleQueue()
+        done: asyncio.Queue[tuple[pb.ModelInferRequest, ModelVersion | None, object]] = (
+            asyncio.Queue()
         )
-        submitted: list[int] = []
+        in_flight: dict[PendingRequest, ModelVersion] = {}
 
-        def read() -> None:
-            count = 0
+        def finished(
+            request: pb.ModelInferRequest, model: ModelVersion, pending: PendingRequest, _: object
+        ) -> None:
+            in_flight.pop(pending, None)
+            done.put_nowait((request, model, pending))
+
+        async def read() -> None:
             try:
-                for request in request_iterator:
+                async for request in request_iterator:
                     received = time.perf_counter_ns()
                     model: ModelVersion | None = None
                     try:
                         model = self._repository.get(request.model_name, request.model_version)
-                        pending = self._pending(
-                            request,
-                            model,
-                            context,
-                            received,
-                            callback=functools.partial(_deliver, done, request, model),
+                        pending = self._pending(request, model, context, received)
+                        model = self._submit(request, model, pending)
+                        assert pending.future is not None
+                        in_flight[pending] = model
+                        pending.future.add_done_callback(
+                            functools.partial(finished, request, model, pending)
                         )
-                        self._submit(request, model, pending)
-                        count += 1
                     except Exception as exc:
-                        done.put((request, model, exc))
-            except Exception:  # the client went away mid-stream
-                pass
+                        done.put_nowait((request, model, exc))
             finally:
-                submitted.append(count)
-                done.put((pb.ModelInferRequest(), None, _END))
+                done.put_nowait((pb.ModelInferRequest(), None, _END))
 
-        threading.Thread(target=read, name="stream-reader", daemon=True).start()
-        finished = 0
+        reader = asyncio.ensure_future(read())
         ended = False
-        while not (ended and finished == submitted[0]):
-            request, model, outcome = done.get()
-            if outcome is _END:
-                ended = True
-                continue
-            if isinstance(outcome, PendingRequest):
-                finished += 1
-                try:
-                    assert model is not None
-                    response = codec.encode_response(request, model, outcome.result())
-                except Exception as exc:
-                    yield _stream_error(request, exc)
+        try:
+            while not (ended and not in_flight and done.empty()):
+                request, model, outcome = await done.get()
+                if outcome is _END:
+                    ended = True
+                    if reader.done() and not reader.cancelled() and reader.exception():
+                        return  # the client went away mid-stream
                     continue
-                yield pb.ModelStreamInferResponse(infer_response=response)
-            else:
-                assert isinstance(outcome, BaseException)
-                yield _stream_error(request, outcome)
+                if isinstance(outcome, PendingRequest):
+                    try:
+                        assert model is not None and outcome.future is not None
+                        response = codec.encode_response(request, model, outcome.future.result())
+                    except (Exception, asyncio.CancelledError) as exc:
+                        yield _stream_error(request, exc)
+                        continue
+                    yield pb.ModelStreamInferResponse(infer_response=response)
+                else:
+                    assert isinstance(outcome, BaseException)
+                    yield _stream_error(request, outcome)
+        finally:
+            reader.cancel()
+            for pending, model in list(in_flight.items()):
+                model.batcher.withdraw(pending)
 
 
 _END = object()
-
-
-def _on_call_end(batcher: DynamicBatcher, pending: PendingRequest) -> None:
-    if pending.outputs is None and pending.error is None:
-        expired = pending.deadline is not None and time.monotonic() >= pending.deadline
-        batcher.withdraw(pending, "expired" if expired else "cancelled")
-
-
-def _deliver(
-    done: queue.SimpleQueue[tuple[pb.ModelInferRequest, ModelVersion | None, object]],
-    request: pb.ModelInferRequest,
-    model: ModelVersion,
-    pending: PendingRequest,
-) -> None:
-    done.put((request, model, pending))
 
 
 def _stream_error(request: pb.ModelInferRequest, exc: BaseException) -> pb.ModelStreamInferResponse:

@@ -53,6 +53,11 @@ def _wrap_aio_stream(behavior: Callable[..., Any], method: str) -> Callable[...,
 class AioErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps exceptions raised by grpc.aio handlers to status codes."""
 
+    def __init__(self) -> None:
+        # Wrapping a handler allocates; the services' handlers never change, so each
+        # method's wrapped handler is built once (keyed by the handler it wraps).
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Any],
@@ -62,6 +67,15 @@ class AioErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    @staticmethod
+    def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_aio_unary(handler.unary_unary, method),

@@ -7,9 +7,10 @@ interceptors and a Prometheus /metrics endpoint, and shuts down gracefully:
 health flips to NOT_SERVING first, new calls are refused, in-flight calls get
 the grace period to finish.
 
-`AioServiceServer` (grpc.aio) suits the I/O-bound services and streaming RPCs;
-`SyncServiceServer` (grpc.server with a thread pool) costs less CPU per request
-and is what a hot unary path like ModelInfer wants.
+`AioServiceServer` (grpc.aio) suits the I/O-bound services, streaming RPCs and
+handlers that wait on other work (the inference service's batcher: a waiting request is
+a future, not a blocked thread). `SyncServiceServer` (grpc.server with a thread pool)
+costs a little less CPU per request for short handlers that never wait.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from modelplane.services.inference.main import InferenceServer, Settings, build
 from modelplane.services.inference.repository import Runtime, ort_runtime
 from modelplane.services.inference.runtime import ProviderChoice
 from tests.integration.inference import models
-from tests.support import running_sync
+from tests.support import running_aio_in_thread
 
 WAIT = 20.0
 
@@ -95,7 +95,7 @@ def serving(
     )  # type: ignore[arg-type]
     server = build(config, gate.factory if gate else ort_runtime)
     assert isinstance(server, InferenceServer)
-    with running_sync(server) as address, grpc.insecure_channel(address) as channel:
+    with running_aio_in_thread(server) as address, grpc.insecure_channel(address) as channel:
         yield server, pb_grpc.GRPCInferenceServiceStub(channel)
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from inference import grpc_service_pb2 as pb
 from tests.integration.inference.conftest import WAIT, Gate, fp32_request, output, serving
+from tests.support import wait_until
 
 
 def reference(repository, model: str, x: np.ndarray) -> np.ndarray:
@@ -50,7 +51,7 @@ def test_64_concurrent_requests_are_batched_and_match_onnx_runtime(repository):
             stub.ModelInfer.future(fp32_request("light", x, f"r{i}"), timeout=WAIT)
             for i, x in enumerate(rows[1:], start=1)
         ]
-        assert batcher.wait_until_queued(63, WAIT)
+        wait_until(lambda: batcher.queued_rows >= 63, WAIT)
         gate.open()
         responses = [first.result(), *(f.result() for f in rest)]
         stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="light")).model_stats[0]
@@ -74,7 +75,7 @@ def test_a_full_queue_rejects_at_once_with_unavailable(repository):
     with serving(repository, gate) as (server, stub):
         first = hold_instance(server, stub, gate, "light", fp32_request("light", x[:1]))
         queued = [stub.ModelInfer.future(fp32_request("light", x), timeout=WAIT) for _ in range(2)]
-        assert server.repository.get("light").batcher.wait_until_queued(4, WAIT)
+        wait_until(lambda: server.repository.get("light").batcher.queued_rows >= 4, WAIT)
         with pytest.raises(grpc.RpcError) as rejected:
             stub.ModelInfer(fp32_request("light", x[:1]), timeout=WAIT)
         assert rejected.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -96,11 +97,13 @@ def test_expired_and_cancelled_requests_are_not_executed(repository):
         with pytest.raises(grpc.RpcError) as expired:
             stub.ModelInfer(index_request(1), timeout=0.2)
         assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The server drops it when grpc cancels its handler at the deadline.
+        wait_until(lambda: batcher.queued_rows == 0, WAIT)
         cancelled = stub.ModelInfer.future(index_request(2), timeout=WAIT)
-        assert batcher.wait_until_queued(1, WAIT, exactly=True)
+        wait_until(lambda: batcher.queued_rows == 1, WAIT)
         cancelled.cancel()
         # Both left the queue before the instance came free.
-        assert batcher.wait_until_queued(0, WAIT, exactly=True)
+        wait_until(lambda: batcher.queued_rows == 0, WAIT)
         gate.open()
         assert output(first.result()).tolist() == [[10.0]]
         after = stub.ModelInfer(index_request(2), timeout=WAIT)
@@ -124,7 +127,7 @@ def test_a_bad_request_in_a_batch_fails_alone(repository):
         good1 = stub.ModelInfer.future(index_request(1), timeout=WAIT)
         bad = stub.ModelInfer.future(index_request(7), timeout=WAIT)  # out of the table
         good2 = stub.ModelInfer.future(index_request(2, 0), timeout=WAIT)
-        assert server.repository.get("lookup").batcher.wait_until_queued(4, WAIT)
+        wait_until(lambda: server.repository.get("lookup").batcher.queued_rows >= 4, WAIT)
         # A malformed request is refused before it reaches the queue.
         malformed = index_request(1)
         malformed.inputs[0].datatype = "INT32"
@@ -161,7 +164,7 @@ def test_variable_dims_are_batched_only_with_equal_shapes(repository):
             stub.ModelInfer.future(request(length, value), timeout=WAIT)
             for length, value in [(3, 1.0), (5, 1.0), (3, 2.0), (5, 2.0)]
         ]
-        assert server.repository.get("row_sum").batcher.wait_until_queued(4, WAIT)
+        wait_until(lambda: server.repository.get("row_sum").batcher.queued_rows >= 4, WAIT)
         gate.open()
         sums = [output(f.result()).item() for f in [first, *futures]]
     assert sums == [2.0, 3.0, 5.0, 6.0, 10.0]
@@ -211,7 +214,7 @@ def test_unload_finishes_queued_requests_then_the_model_is_gone(repository):
     with serving(repository, gate) as (server, stub):
         first = hold_instance(server, stub, gate, "lookup", index_request(0))
         queued = stub.ModelInfer.future(index_request(1), timeout=WAIT)
-        assert server.repository.get("lookup").batcher.wait_until_queued(1, WAIT)
+        wait_until(lambda: server.repository.get("lookup").batcher.queued_rows >= 1, WAIT)
         unload = stub.RepositoryModelUnload.future(
             pb.RepositoryModelUnloadRequest(model_name="lookup"), timeout=WAIT
         )
@@ -246,3 +249,17 @@ def test_stream_answers_each_request_and_reports_errors_per_response(repository)
     np.testing.assert_allclose(output(by_id["a"].infer_response), expected[:1], rtol=1e-5)
     np.testing.assert_allclose(output(by_id["b"].infer_response), expected[1:], rtol=1e-5)
     assert not by_id["a"].error_message
+
+
+def test_a_stream_that_goes_away_withdraws_its_queued_requests(repository):
+    gate = Gate()
+    with serving(repository, gate) as (server, stub):
+        batcher = server.repository.get("lookup").batcher
+        first = hold_instance(server, stub, gate, "lookup", index_request(0))
+        stream = stub.ModelStreamInfer(iter([index_request(1), index_request(2)]), timeout=WAIT)
+        wait_until(lambda: batcher.queued_rows == 2, WAIT)
+        stream.cancel()
+        wait_until(lambda: batcher.queued_rows == 0, WAIT)
+        gate.open()
+        assert output(first.result()).tolist() == [[10.0]]
+    assert gate.rows == [1]  # only the held request ran
