@@ -261,11 +261,11 @@ def value_statuses(
     instant. Online and offline both call this, so they agree by construction.
     """
     statuses = np.full(found.shape, _PRESENT, dtype=np.uint8)
+    # copyto broadcasts `where` itself (event times over features), in C.
     if max_age_us > 0:
-        stale = (as_of_us - event_us) > max_age_us
-        statuses[np.broadcast_to(stale, statuses.shape)] = _STALE
-    statuses[null] = _NULL
-    statuses[~found] = _NOT_FOUND
+        np.copyto(statuses, _STALE, where=(as_of_us - event_us) > max_age_us)
+    np.copyto(statuses, _NULL, where=null)
+    np.copyto(statuses, _NOT_FOUND, where=~found)
     return statuses
 
 

@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from modelplane.feature.v1 import feature_pb2, feature_pb2_grpc
+from modelplane.kernel.gc_tuning import tune_gc
 from modelplane.kernel.metrics import new_registry
 from modelplane.kernel.server import SyncServiceServer
 from modelplane.kernel.settings import ServiceSettings
@@ -58,6 +59,12 @@ class Settings(ServiceSettings):
     )
     max_workers: int = Field(
         32, ge=1, description="gRPC handler threads (calls in flight beyond 4x are refused)."
+    )
+    gc_threshold: int = Field(
+        20000,
+        ge=0,
+        description="Python GC young-generation threshold for `serve` (0 keeps Python's 700); "
+        "see modelplane.kernel.gc_tuning.",
     )
 
     @field_validator("online_store")
@@ -135,4 +142,6 @@ def build(settings: Settings) -> SyncServiceServer:
 
 def run(settings: Settings) -> None:
     """Serves until SIGTERM/SIGINT."""
-    build(settings).serve_until_signal()
+    server = build(settings)
+    tune_gc(settings.gc_threshold)  # after build: what it made lives as long as the process
+    server.serve_until_signal()

@@ -87,10 +87,13 @@ def _ref_field(ref: str) -> bytes:
 
 
 @functools.lru_cache(maxsize=4096)
-def _column_prefixes(value_type: ValueType, count: int) -> tuple[bytes, bytes, bytes]:
-    """Everything but the data of a numeric column of `count` values: the `values`
-    sub-message header, the statuses header and the event times header. Constant for
-    a given type and entity count, so computed once."""
+def _numeric_column_frame(
+    ref: str, value_type: ValueType, count: int
+) -> tuple[bytes, bytes, bytes, int]:
+    """Everything but the data of a numeric `OnlineFeatureColumn` of `count` values:
+    the column's own tag and length, its ref, the `values` sub-message header (up to
+    its data), the statuses header and the event times header; and the value width.
+    Constant for a given ref, type and entity count, so a read only adds the data."""
     number, dtype = _NUMERIC[value_type]
     size = count * dtype.itemsize
     data_header = _TAG[number] + _varint(size) if count else b""
@@ -98,44 +101,44 @@ def _column_prefixes(value_type: ValueType, count: int) -> tuple[bytes, bytes, b
     values = _TAG[2] + _varint(values_body) + _TYPE_FIELD[value_type] + data_header
     statuses = _TAG[3] + _varint(count) if count else b""
     times = _TAG[4] + _varint(count * 8) if count else b""
-    return values, statuses, times
-
-
-def feature_column_bytes(result: FeatureResult) -> bytes:
-    """A serialized `OnlineFeatureColumn`, with its field-3 tag and length, ready to be
-    concatenated into a response. Status numbers (1..4) are one-byte varints, so the
-    packed statuses are the uint8 array itself; int64 and double columns are their
-    little-endian bytes, sliced from bytes made once for the whole block."""
-    block, j = result.block, result.index
-    count = block.count
-    all_values, all_statuses, all_times = block.raw()
-    statuses = all_statuses[j * count : (j + 1) * count]
-    times = all_times[j * count * 8 : (j + 1) * count * 8]
-    numeric = _NUMERIC.get(block.value_type)
-    if numeric is not None:
-        width = numeric[1].itemsize
-        values_header, statuses_header, times_header = _column_prefixes(block.value_type, count)
-        parts: tuple[bytes, ...] = (
-            _ref_field(result.ref),
-            values_header, all_values[j * count * width : (j + 1) * count * width],
-            statuses_header, statuses, times_header, times,
-        )  # fmt: skip
-    else:
-        parts = (
-            _ref_field(result.ref),
-            _field(2, values_bytes(result.column)),
-            _packed(3, statuses),
-            _packed(4, times),
-        )
-    body = b"".join(parts)
-    return _TAG[3] + _varint(len(body)) + body
+    ref_field = _ref_field(ref)
+    body = len(ref_field) + len(values) + size + len(statuses) + count + len(times) + count * 8
+    head = _TAG[3] + _varint(body) + ref_field + values
+    return head, statuses, times, dtype.itemsize
 
 
 def online_response(
     count: int, as_of_us: int, results: Iterable[FeatureResult]
 ) -> pb.GetOnlineFeaturesResponse:
+    """Each feature is a serialized `OnlineFeatureColumn` (field 3) and the response
+    is one join of their pieces, merged in C. Status numbers (1..4) are one-byte
+    varints, so the packed statuses are the uint8 array itself; int64 and double
+    columns are their little-endian bytes, sliced from bytes made once per block."""
+    parts: list[bytes] = []
+    for result in results:
+        block, j = result.block, result.index
+        n = block.count
+        all_values, all_statuses, all_times = block.raw()
+        statuses = all_statuses[j * n : (j + 1) * n]
+        times = all_times[j * n * 8 : (j + 1) * n * 8]
+        if block.value_type.numeric:
+            head, statuses_header, times_header, width = _numeric_column_frame(
+                result.ref, block.value_type, n
+            )
+            values = all_values[j * n * width : (j + 1) * n * width]
+            parts += (head, values, statuses_header, statuses, times_header, times)
+        else:
+            body = b"".join(
+                (
+                    _ref_field(result.ref),
+                    _field(2, values_bytes(result.column)),
+                    _packed(3, statuses),
+                    _packed(4, times),
+                )
+            )
+            parts += (_TAG[3], _varint(len(body)), body)
     response = pb.GetOnlineFeaturesResponse(entity_count=count, as_of_unix_us=as_of_us)
-    response.MergeFromString(b"".join([feature_column_bytes(r) for r in results]))
+    response.MergeFromString(b"".join(parts))
     return response
 
 

@@ -138,10 +138,6 @@ class PendingRequest:
         self.future: asyncio.Future[dict[str, np.ndarray]] | None = None
         self.tag = tag  # opaque to the batcher (the caller's trace context)
 
-    @property
-    def done(self) -> bool:
-        return self.future is not None and self.future.done()
-
 
 class BatchObserver(Protocol):
     """Receives what the batcher did, for statistics, metrics and traces."""
@@ -263,10 +259,6 @@ class DynamicBatcher:
     @property
     def instances(self) -> int:
         return len(self._instances)
-
-    @property
-    def busy_instances(self) -> int:
-        return len(self._instances) - len(self._idle)
 
     def submit(self, request: PendingRequest) -> asyncio.Future[dict[str, np.ndarray]]:
         """Queues a request and returns the future of its outputs; raises Overloaded at

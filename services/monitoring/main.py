@@ -50,4 +50,4 @@ def build(settings: Settings) -> AioServiceServer:
 
 def run(settings: Settings) -> None:
     """Serves until SIGTERM/SIGINT."""
-    asyncio.run(build(settings).serve_until_signal())
+    build(settings).run()

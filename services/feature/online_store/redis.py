@@ -4,12 +4,18 @@ The hash holds `_ts` (the row's event time in microseconds, decimal) and one fie
 per feature (an encoded cell). Writes go through a Lua script so the
 compare-event-time-then-set is atomic on the server; a multi-entity read runs one
 HMGET per entity inside a Lua script, a single command and round trip. Socket
-timeouts are bounded and retries off, so a Redis that is down fails a call in
-well under a second instead of hanging it.
+timeouts are bounded and retries off (but for the one below), so a Redis that is
+down fails a call in well under a second instead of hanging it.
+
+A one-entity read, the common online call, goes over a connection owned by the
+calling thread, straight to send and parse: redis-py's pooled command path (pool
+lock, retry wrapper, observability hooks) made the same HMGET cost ~65 µs of
+client CPU instead of ~40 (measured on loopback).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -85,6 +91,9 @@ class RedisOnlineStore:
         )
         self._write_script = self._client.register_script(_WRITE_SCRIPT)
         self._read_script = self._client.register_script(_READ_SCRIPT)
+        self._local = threading.local()
+        self._readers: list[redis.connection.AbstractConnection] = []
+        self._readers_lock = threading.Lock()
 
     @contextmanager
     def _unavailable_on_failure(self) -> Iterator[None]:
@@ -131,12 +140,44 @@ class RedisOnlineStore:
                 written += sum(int(n) for n in pipe.execute())
         return WriteOutcome(written=written, ignored=len(keys) - written)
 
+    def _reader(self) -> redis.connection.AbstractConnection:
+        """This thread's own connection (same settings as the pool's); it connects on
+        first use and again after a failure. One per handler thread, so at most
+        `max_workers` of them beside the pool's bound."""
+        conn: redis.connection.AbstractConnection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            pool = self._client.connection_pool
+            conn = pool.connection_class(**pool.connection_kwargs)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def _hmget(self, key: str, fields: list[str]) -> list[bytes | None]:
+        conn = self._reader()
+        # A socket kept since an earlier call may have been closed by Redis meanwhile
+        # (restart, client timeout): HMGET is a read, so it is retried once on a new
+        # socket, as redis-py's pool does when it hands out a connection. A socket
+        # that fails on a fresh connect is not retried: Redis is down, fail fast.
+        retry = conn.is_connected
+        while True:
+            try:
+                conn.send_command("HMGET", key, *fields)
+                reply: list[bytes | None] = conn.read_response()
+                return reply
+            except BaseException as exc:
+                # A reply may still be on its way: the socket must not serve another call.
+                conn.disconnect()
+                if not (retry and isinstance(exc, redis.ConnectionError)):
+                    raise
+                retry = False
+
     def read_rows(self, view: str, features: Sequence[str], keys: Sequence[str]) -> RowsRead:
         fields = [TS_FIELD, *features]
         replies: list[list[bytes | None]]
         with self._unavailable_on_failure():
             if len(keys) == 1:
-                replies = [self._client.hmget(self._key(view, keys[0]), fields)]  # type: ignore[list-item]
+                replies = [self._hmget(self._key(view, keys[0]), fields)]
             else:
                 replies = self._read_script(keys=[self._key(view, k) for k in keys], args=fields)
         columns = list(zip(*replies, strict=True)) if replies else [()] * len(fields)
@@ -153,4 +194,8 @@ class RedisOnlineStore:
         return deleted
 
     def close(self) -> None:
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.disconnect()
+            self._readers.clear()
         self._client.close()

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import redis
 
+from modelplane.kernel.errors import Unavailable
 from modelplane.services.feature.online_store import OnlineStore
+from modelplane.services.feature.online_store.redis import RedisOnlineStore
+from tests.integration.feature.servers import REDIS_URL
 
 VIEW = "stats"
 FEATURES = ["a", "b"]
@@ -31,6 +35,19 @@ def test_rows_read_back_in_the_order_asked_with_absent_keys_not_found(store):
     assert list(rows.cells[0]) == [cell(2), None, cell(1)]
     # An explicit null (b"") stays distinct from an absent value (None).
     assert list(rows.cells[1]) == [b"", None, cell(10)]
+
+
+def test_a_one_entity_read_agrees_with_the_same_entity_read_among_others(store):
+    # One-entity reads take their own path in each store (the common online call).
+    store.write_rows(VIEW, FEATURES, ["1"], [100], [[cell(1)], [b""]])
+    for key in ["1", "missing"]:
+        alone = store.read_rows(VIEW, FEATURES, [key])
+        among = store.read_rows(VIEW, FEATURES, [key, "other"])
+        assert alone.found.tolist() == among.found.tolist()[:1]
+        assert alone.found.dtype == among.found.dtype
+        assert alone.event_us.tolist() == among.event_us.tolist()[:1]
+        assert alone.event_us.dtype == among.event_us.dtype
+        assert [list(c) for c in alone.cells] == [list(c)[:1] for c in among.cells]
 
 
 def test_an_older_row_never_overwrites_a_newer_one(store):
@@ -112,3 +129,32 @@ def test_concurrent_writers_converge_on_the_newest_row(store):
     rows = store.read_rows(VIEW, FEATURES, ["hot"])
     assert rows.event_us.tolist() == [400]
     assert [list(c) for c in rows.cells] == [[cell(400)], [cell(-400)]]
+
+
+@pytest.mark.parametrize("store_kind", ["redis"], indirect=True)
+def test_a_redis_read_whose_connection_was_dropped_reconnects(online_store):
+    assert isinstance(online_store, RedisOnlineStore)
+    online_store.write_rows(VIEW, FEATURES, ["1"], [100], [[cell(1)], [cell(2)]])
+    assert online_store.read_rows(VIEW, FEATURES, ["1"]).found.tolist() == [True]
+    # Kill exactly this thread's read connection (other clients of Redis are left alone),
+    # as a Redis restart or client timeout would.
+    connection = online_store._reader()
+    connection.send_command("CLIENT", "ID")
+    client_id = connection.read_response()
+    admin = redis.Redis.from_url(REDIS_URL)
+    try:
+        assert admin.client_kill_filter(_id=client_id) == 1
+    finally:
+        admin.close()
+    assert online_store.read_rows(VIEW, FEATURES, ["1"]).event_us.tolist() == [100]
+
+
+def test_a_redis_that_is_down_fails_a_one_entity_read_as_unavailable():
+    store = RedisOnlineStore("redis://127.0.0.1:1/0", connect_timeout_s=0.5)
+    try:
+        with pytest.raises(Unavailable):
+            store.read_rows(VIEW, FEATURES, ["1"])
+        with pytest.raises(Unavailable):  # and again: no socket is left half-open
+            store.read_rows(VIEW, FEATURES, ["1"])
+    finally:
+        store.close()
