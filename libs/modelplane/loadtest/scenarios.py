@@ -42,6 +42,10 @@ from modelplane.loadtest.stats import percentile
 from modelplane.loadtest.sweep import fetch_metadata, sweep
 
 MAX_BATCH = 64
+# One intra-op thread per instance: for these MLPs, waking ONNX Runtime's pool threads
+# for every operator costs more server CPU than the parallelism saves (measured at 64
+# concurrent clients, batched and unbatched alike).
+INTRA_OP_THREADS = 1
 STARTUP_TIMEOUT_S = 120.0
 
 
@@ -77,10 +81,7 @@ def model_config(spec: ModelSpec) -> mc.ModelConfig:
             mc.ModelInstanceGroup(count=spec.instances, kind=mc.ModelInstanceGroup.KIND_CPU)
         ],
     )
-    # One intra-op thread per instance: for these MLPs, waking ONNX Runtime's pool
-    # threads for every operator costs more server CPU than the parallelism saves
-    # (measured at 64 concurrent clients, batched and unbatched alike).
-    config.parameters["intra_op_thread_count"].string_value = "1"
+    config.parameters["intra_op_thread_count"].string_value = str(INTRA_OP_THREADS)
     if spec.batching:
         config.dynamic_batching.CopyFrom(
             mc.ModelDynamicBatching(
@@ -307,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"   {kind}: batched = dynamic_batching {{ preferred_batch_size: "
                 f"{list(spec.preferred)} max_queue_delay_microseconds: "
                 f"{spec.max_queue_delay_us} }}, unbatched = none; "
-                f"instance_group {{ count: {spec.instances} kind: KIND_CPU }}"
+                f"instance_group {{ count: {spec.instances} kind: KIND_CPU }}, "
+                f"intra_op_thread_count {INTRA_OP_THREADS}"
             )
         sweep_levels = [LevelPlan(concurrency=c) for c in (1, 8, 64)]
         results: dict[str, list[LevelResult]] = {}
