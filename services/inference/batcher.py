@@ -286,11 +286,17 @@ class DynamicBatcher:
         return request.future
 
     async def infer(self, request: PendingRequest) -> dict[str, np.ndarray]:
-        """Submits and waits. A caller cancelled while waiting (the client went away or
-        its deadline passed) withdraws the request, so a queued one never runs."""
-        future = self.submit(request)
+        """Submits and waits for the outputs."""
+        self.submit(request)
+        return await self.outputs(request)
+
+    async def outputs(self, request: PendingRequest) -> dict[str, np.ndarray]:
+        """Waits for a submitted request. A caller cancelled while waiting (grpc cancels
+        the handler when the client goes away or its deadline passes) withdraws the
+        request, so a queued one never runs."""
+        assert request.future is not None, "submit() the request first"
         try:
-            return await future
+            return await request.future
         except asyncio.CancelledError:
             self.withdraw(request)
             raise

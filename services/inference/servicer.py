@@ -198,14 +198,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self._repository.get(request.model_name, request.model_version)
         pending = self._pending(request, model, context, received)
         model = self._submit(request, model, pending)
-        assert pending.future is not None
-        try:
-            outputs = await pending.future
-        except asyncio.CancelledError:
-            # grpc cancels the handler when the client goes away or its deadline passes:
-            # a request still queued is withdrawn and never runs.
-            model.batcher.withdraw(pending)
-            raise
+        outputs = await model.batcher.outputs(pending)
         return codec.encode_response(request, model, outputs)
 
     async def ModelStreamInfer(
