@@ -9,7 +9,8 @@ All work is vectorised with numpy/pyarrow; nothing loops per row in Python.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,29 +77,56 @@ def read_source(
     end_us: int | None = None,
 ) -> SourceRows:
     """Rows of the view's source with start_us <= event time < end_us, file order kept."""
+    with _readable(view):
+        scanner = _scanner(view, entity, features, start_us, end_us)
+        return _in_range(view, scanner.to_table(), start_us, end_us)
+
+
+def scan_source(
+    view: FeatureView,
+    entity: Entity,
+    features: Sequence[Feature],
+    start_us: int | None = None,
+    end_us: int | None = None,
+    batch_rows: int = 262_144,
+) -> Iterator[SourceRows]:
+    """`read_source` in slices of at most `batch_rows` rows, in file order, so a large
+    source never has to fit in memory at once."""
+    with _readable(view):
+        scanner = _scanner(view, entity, features, start_us, end_us, batch_rows)
+        # Arrow's scanner yields batches in file order (its unordered scan is a
+        # separate call), which keeps "a later file row wins a tie" true across slices.
+        for batch in scanner.to_batches():
+            if batch.num_rows:
+                yield _in_range(view, pa.Table.from_batches([batch]), start_us, end_us)
+
+
+@contextmanager
+def _readable(view: FeatureView) -> Iterator[None]:
     if view.source is None:
         raise FailedPrecondition(f"feature view {view.name!r} has no source")
-    path = Path(view.source.path)
-    if not path.exists():
-        raise FailedPrecondition(f"source of feature view {view.name!r} not found: {path}")
+    if not Path(view.source.path).exists():
+        raise FailedPrecondition(
+            f"source of feature view {view.name!r} not found: {view.source.path}"
+        )
     try:
-        return _read_source(view, entity, features, path, start_us, end_us)
+        yield
     except (pa.ArrowInvalid, OSError) as exc:
         raise FailedPrecondition(
             f"source of feature view {view.name!r} cannot be read: {exc}"
         ) from None
 
 
-def _read_source(
+def _scanner(
     view: FeatureView,
     entity: Entity,
     features: Sequence[Feature],
-    path: Path,
     start_us: int | None,
     end_us: int | None,
-) -> SourceRows:
+    batch_rows: int = 131_072,
+) -> ds.Scanner:
     assert view.source is not None
-    dataset = ds.dataset(path, format="parquet")
+    dataset = ds.dataset(Path(view.source.path), format="parquet")
     columns = [k.name for k in entity.join_keys] + [view.source.timestamp_field]
     columns += [f.name for f in features]
     missing = [c for c in columns if c not in dataset.schema.names]
@@ -107,10 +135,18 @@ def _read_source(
             f"source of feature view {view.name!r} lacks columns: {', '.join(missing)}"
         )
     field = view.source.timestamp_field
-    table = dataset.to_table(
+    return dataset.scanner(
         columns=list(dict.fromkeys(columns)),
         filter=_time_filter(dataset.schema.field(field), start_us, end_us),
+        batch_size=batch_rows,
     )
+
+
+def _in_range(
+    view: FeatureView, table: pa.Table, start_us: int | None, end_us: int | None
+) -> SourceRows:
+    assert view.source is not None
+    field = view.source.timestamp_field
     event_us = timestamps_us(table[field], f"{view.name} source {field}")
     # The scan filter prunes row groups; this mask is exact whatever the column type.
     if start_us is not None or end_us is not None:
