@@ -52,7 +52,7 @@ class Materializer:
         store: OnlineStore,
         watermarks: WatermarkStore,
         clock_us: Callable[[], int] = now_us,
-        slice_rows: int = 262_144,
+        slice_rows: int = offline.SLICE_ROWS,
     ) -> None:
         self._registry = registry
         self._slice_rows = slice_rows

@@ -69,6 +69,11 @@ def timestamps_us(column: pa.ChunkedArray | pa.Array, where: str) -> np.ndarray:
     return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
+# Rows per slice a scan reads at a time: bounds memory, large enough that per-slice work
+# (key codes, the newest row per key) stays negligible.
+SLICE_ROWS = 262_144
+
+
 def read_source(
     view: FeatureView,
     entity: Entity,
@@ -78,7 +83,7 @@ def read_source(
 ) -> SourceRows:
     """Rows of the view's source with start_us <= event time < end_us, file order kept."""
     with _readable(view):
-        scanner = _scanner(view, entity, features, start_us, end_us)
+        scanner = _scanner(view, entity, features, start_us, end_us, SLICE_ROWS)
         return _in_range(view, scanner.to_table(), start_us, end_us)
 
 
@@ -88,7 +93,7 @@ def scan_source(
     features: Sequence[Feature],
     start_us: int | None = None,
     end_us: int | None = None,
-    batch_rows: int = 262_144,
+    batch_rows: int = SLICE_ROWS,
 ) -> Iterator[SourceRows]:
     """`read_source` in slices of at most `batch_rows` rows, in file order, so a large
     source never has to fit in memory at once."""
@@ -123,7 +128,7 @@ def _scanner(
     features: Sequence[Feature],
     start_us: int | None,
     end_us: int | None,
-    batch_rows: int = 131_072,
+    batch_rows: int,
 ) -> ds.Scanner:
     assert view.source is not None
     dataset = ds.dataset(Path(view.source.path), format="parquet")

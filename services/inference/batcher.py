@@ -207,8 +207,8 @@ class _Instance:
     def stop(self) -> None:
         self._inbox.put(None)
 
-    def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+    def join(self) -> None:
+        self._thread.join()
 
     def _run(self) -> None:
         batcher = self._batcher

@@ -23,8 +23,6 @@ from modelplane.services.inference.repository import ModelRepository, ModelVersi
 from modelplane.services.inference.stats import StatsSnapshot
 
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "schedule_policy"]
-# grpc may report "no deadline" as a deadline centuries away.
-_NO_DEADLINE_S = 1e8
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -162,12 +160,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except InvalidArgument:
             model.stats.request_failed(None, "invalid")
             raise
-        remaining = context.time_remaining()
-        deadline = (
-            time.monotonic() + remaining
-            if remaining is not None and remaining < _NO_DEADLINE_S
-            else None
-        )
+        remaining = context.time_remaining()  # None: the call has no deadline
+        deadline = None if remaining is None else time.monotonic() + remaining
         parent = None
         if self._trace:
             parent = trace.get_current_span(
