@@ -6,6 +6,8 @@ loads 100k entities of one view with 10 double features over gRPC, then measures
   - GetOnlineFeatures, 1 entity x 10 features, sequential: p50 / p99
   - GetOnlineFeatures, 100 entities x 10 features, sequential: p50 / p99
   - GetBundleTensor, 1 entity x 10 features, sequential: p50 / p99
+  - the floor under those: the same server answering grpc.health.v1 Check (no work),
+    sequential: p50 / p99 - what gRPC alone costs on the machine at hand
   - 16 concurrent callers, 1 entity per call: requests/s and server CPU per request
     (process_cpu_seconds_total from the service's /metrics, before and after)
   - Materialize: 1M Parquet rows x 10 features (1M distinct entities) into the store.
@@ -33,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelplane.feature.v1 import feature_pb2 as pb
 from modelplane.feature.v1 import feature_pb2_grpc as pb_grpc
@@ -221,6 +224,10 @@ def bench_store(store: str, work: Path, args: argparse.Namespace) -> dict[str, f
             )
             figures["tensor 1 entity p50 ms"], figures["tensor 1 entity p99 ms"] = latencies(
                 stub.GetBundleTensor, tensors, args.calls // 2
+            )
+            check = health_pb2_grpc.HealthStub(channel).Check
+            figures["floor: health p50 ms"], figures["floor: health p99 ms"] = latencies(
+                check, [health_pb2.HealthCheckRequest()], args.calls
             )
         cpu_before, started = service.cpu_seconds(), time.perf_counter()
         done = asyncio.run(closed_loop(service.address, one, 16, args.seconds))

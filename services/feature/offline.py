@@ -3,7 +3,9 @@
 A training row gets, for each feature, the latest source row of its entity whose
 event time is at or before the row's timestamp (never after: no future leakage),
 and its status comes from `domain.value_statuses`, the function online reads use.
-All work is vectorised with numpy/pyarrow; nothing loops per row in Python.
+Sources are streamed in slices (materialization and training sets alike), so a source
+never has to fit in memory. All work is vectorised with numpy/pyarrow; nothing loops
+per row in Python.
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ def timestamps_us(column: pa.ChunkedArray | pa.Array, where: str) -> np.ndarray:
 # Rows per slice a scan reads at a time: bounds memory, large enough that per-slice work
 # (key codes, the newest row per key) stays negligible.
 SLICE_ROWS = 262_144
+# Training sets match every entity row against each slice (a sort of entity rows plus
+# slice), so they read larger slices: 2M source rows x 200k entity rows took 0.9 s in
+# one pass, 2.1 s in 256k-row slices, 1.3 s in 1M-row slices (10 double features).
+TRAINING_SLICE_ROWS = 1_048_576
 
 
 def read_source(
@@ -177,7 +183,7 @@ def _time_filter(field: pa.Field, start_us: int | None, end_us: int | None) -> d
     """A scan filter on a timestamp column, compared in the column's own type so
     Parquet statistics can skip row groups; None for other column types. Bounds are
     rounded down and inclusive, so it never drops a row in range (the exact mask in
-    `read_source` drops the few extra)."""
+    `_in_range` drops the few extra)."""
     if not pa.types.is_timestamp(field.type) or (start_us is None and end_us is None):
         return None
 
@@ -299,8 +305,14 @@ def training_set(
     refs: Sequence[str],
     timestamp_column: str = "event_timestamp",
     include_statuses: bool = False,
+    slice_rows: int = TRAINING_SLICE_ROWS,
 ) -> pa.Table:
-    """The entity rows with every feature's value as of each row's timestamp."""
+    """The entity rows with every feature's value as of each row's timestamp.
+
+    Each view's source is streamed in slices of at most `slice_rows` rows, keeping only
+    the best row so far per entity row: memory is O(entity rows x features + one slice),
+    however large the source.
+    """
     resolved = catalog.resolve(refs)
     if timestamp_column not in entities.column_names:
         raise InvalidArgument(f"the entity dataframe has no column {timestamp_column!r}")
@@ -314,25 +326,17 @@ def training_set(
     joined: dict[str, list[tuple[str, pa.Array]]] = {}
     for view, features in by_view.values():
         entity = catalog.entity(view.entity)
-        # Rows after the last entity timestamp can never match: skip them early.
-        source = read_source(view, entity, features, end_us=horizon)
-        left, right = key_codes(entity, entities, source.table)
-        match = as_of_match(left, as_of, right, source.event_us)
-        found = match >= 0
-        safe = np.where(found, match, 0)
-        event_us = np.where(found, source.event_us[safe] if len(source.event_us) else 0, 0)
-        for feature in features:
+        # Checks the entity dataframe's join keys even when no slice arrives to do it.
+        key_codes(entity, entities)
+        found, event_us, values = _as_of_rows(
+            view, entity, features, entities, as_of, horizon, slice_rows
+        )
+        for feature, column in zip(features, values, strict=True):
             name = f"{view.name}__{feature.name}"
-            column = declared(source.table[feature.name], feature, f"source column {name}")
-            if len(source.event_us):
-                values = column.take(pa.array(safe)).combine_chunks()
-                null = np.asarray(values.is_null().to_numpy(zero_copy_only=False))
-            else:
-                values = pa.nulls(len(safe), type=column.type)
-                null = np.ones(len(safe), dtype=bool)
+            null = np.asarray(column.is_null().to_numpy(zero_copy_only=False))
             statuses = value_statuses(found, null & found, event_us, as_of, view.max_age_us)
             present = pa.array(statuses == Status.PRESENT)
-            cells = [(name, pc.if_else(present, values, pa.scalar(None, type=values.type)))]
+            cells = [(name, pc.if_else(present, column, pa.scalar(None, type=column.type)))]
             if include_statuses:
                 names = np.array(["UNSPECIFIED", *STATUS_NAMES.values()], dtype=object)
                 cells.append((f"{name}__status", pa.array(names[statuses], type=pa.string())))
@@ -342,6 +346,52 @@ def training_set(
         for name, array in joined.pop(str(ref), []):
             output = output.append_column(name, array)
     return output
+
+
+def _as_of_rows(
+    view: FeatureView,
+    entity: Entity,
+    features: Sequence[Feature],
+    entities: pa.Table,
+    as_of: np.ndarray,
+    horizon: int,
+    slice_rows: int,
+) -> tuple[np.ndarray, np.ndarray, list[pa.Array]]:
+    """Per entity row: whether a source row is in force at its instant, that row's event
+    time (0 if none) and, per feature, its value (null if none), all from one streamed
+    pass over the source."""
+    found = np.zeros(len(as_of), dtype=bool)
+    event_us = np.zeros(len(as_of), dtype=np.int64)
+    values = [pa.nulls(len(as_of), type=_ARROW_TYPES[f.type]) for f in features]
+    if not len(as_of):
+        return found, event_us, values  # no instant asked about: nothing to read
+    # Rows after the last entity timestamp can never match: skip them early.
+    for source in scan_source(view, entity, features, end_us=horizon, batch_rows=slice_rows):
+        left, right = key_codes(entity, entities, source.table)
+        match = as_of_match(left, as_of, right, source.event_us)
+        # Cast every slice, matched or not, so a bad source column fails the same way
+        # whichever entity rows are asked about.
+        columns = [
+            declared(source.table[f.name], f, f"source column {view.name}__{f.name}")
+            for f in features
+        ]
+        hit = match >= 0
+        if not hit.any():
+            continue
+        safe = np.where(hit, match, 0)
+        candidate_us = source.event_us[safe]
+        # A later slice holds later file rows, so it wins a tie (>=), as a later row does
+        # within a slice (`as_of_match`) and in materialization.
+        replace = hit & (~found | (candidate_us >= event_us))
+        found |= replace
+        event_us = np.where(replace, candidate_us, event_us)
+        mask, taken = pa.array(replace), pa.array(safe)
+        # A null source value replaces too: the row in force says NULL, not "no row".
+        values = [
+            pc.if_else(mask, column.take(taken).combine_chunks(), best)
+            for column, best in zip(columns, values, strict=True)
+        ]
+    return found, event_us, values
 
 
 def to_parquet_bytes(table: pa.Table) -> bytes:

@@ -8,6 +8,9 @@ Prints the three target figures of the inference issue with PASS/MISS (never ass
      alternation, three rounds each, median).
   2. c=64, heavy model: throughput on/off >= 1.8x, p99 on < off, server CPU <= 350 µs/req.
   3. c=64, light model: >= 3000 req/s and server CPU <= 300 µs/req.
+Beside them, the transport floor: the same server stack with a ModelInfer that does no
+work (loadtest/floor.py), loaded the same way, so the CPU figures can be read against
+what gRPC alone costs on the machine at hand.
 
 The machine is shared (2 cores; the generator runs beside the server), so throughput
 moves from run to run; server CPU per request is the steadier figure.
@@ -143,14 +146,26 @@ def _pump(stream: object, lines: queue.Queue[str | None]) -> None:
     lines.put(None)
 
 
-@contextmanager
-def serving(repository: Path, log: Path) -> Iterator[Served]:
-    """The real service as a subprocess; its ports come from the JSON line it prints."""
-    command = [
+def inference_command(repository: Path) -> list[str]:
+    """The real service, as `modelplane serve inference` starts it."""
+    return [
         sys.executable, "-m", "modelplane.cli.main", "serve", "inference",
         "--model-repository", str(repository), "--port", "0", "--metrics-port", "0",
         "--log-level", "WARNING",
     ]  # fmt: skip
+
+
+def floor_command(features: int, outputs: int) -> list[str]:
+    """The same server stack with a ModelInfer that does no work (loadtest/floor.py)."""
+    return [
+        sys.executable, "-m", "modelplane.loadtest.floor", "--port", "0",
+        "--metrics-port", "0", "--inputs", str(features), "--outputs", str(outputs),
+    ]  # fmt: skip
+
+
+@contextmanager
+def serving(command: Sequence[str], log: Path) -> Iterator[Served]:
+    """A server as a subprocess; its ports come from the JSON line it prints."""
     with log.open("w") as stderr:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
         try:
@@ -263,7 +278,9 @@ def interleaved_c1_p50(
     return percentile(p50["light_batched"], 50), percentile(p50["light_unbatched"], 50)
 
 
-def print_targets(results: dict[str, list[LevelResult]], c1_p50: tuple[float, float]) -> None:
+def print_targets(
+    results: dict[str, list[LevelResult]], c1_p50: tuple[float, float], floor: LevelResult
+) -> None:
     on1_p50, off1_p50 = c1_p50
     heavy_on = _level(results["heavy_batched"], "c=64")
     heavy_off = _level(results["heavy_unbatched"], "c=64")
@@ -271,6 +288,13 @@ def print_targets(results: dict[str, list[LevelResult]], c1_p50: tuple[float, fl
 
     def us(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.0f} µs"
+
+    floor_cpu = floor.server_cpu_us_per_request
+
+    def above_floor(value: float | None) -> str:
+        if value is None or floor_cpu is None:
+            return ""
+        return f"; {value - floor_cpu:+.0f} µs over this machine's floor"
 
     p50_ratio = on1_p50 / off1_p50
     speedup = heavy_on.throughput_rps / max(heavy_off.throughput_rps, 1e-9)
@@ -294,7 +318,7 @@ def print_targets(results: dict[str, list[LevelResult]], c1_p50: tuple[float, fl
     )
     print(
         f"   heavy c=64 server CPU/request (batching on): {us(heavy_cpu)} (target <= 350 µs)  "
-        f"{_verdict(heavy_cpu is not None and heavy_cpu <= 350)}"
+        f"{_verdict(heavy_cpu is not None and heavy_cpu <= 350)}{above_floor(heavy_cpu)}"
     )
     print(
         f"3. light c=64 throughput (batching on): {light64.throughput_rps:.0f} req/s "
@@ -302,10 +326,15 @@ def print_targets(results: dict[str, list[LevelResult]], c1_p50: tuple[float, fl
     )
     print(
         f"   light c=64 server CPU/request: {us(light_cpu)} (target <= 300 µs)  "
-        f"{_verdict(light_cpu is not None and light_cpu <= 300)}; "
+        f"{_verdict(light_cpu is not None and light_cpu <= 300)}{above_floor(light_cpu)}; "
         f"server {light64.server_cpu_cores or 0:.2f} cores, "
         f"generator {light64.client_cpu_cores:.2f} "
         f"cores ({us(light64.client_cpu_us_per_request)}/req)"
+    )
+    print(
+        f"   floor: a ModelInfer doing no work on the same server stack, c=64: "
+        f"{us(floor_cpu)} server CPU/request, {floor.throughput_rps:.0f} req/s "
+        "(the issue's orientation on its machine: ~370 µs grpc.aio, ~210 µs sync)"
     )
 
 
@@ -345,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         sweep_levels = [LevelPlan(concurrency=c) for c in (1, 8, 64)]
         results: dict[str, list[LevelResult]] = {}
-        with serving(root, Path(tmp) / "server.log") as served:
+        with serving(inference_command(root), Path(tmp) / "server.log") as served:
             for spec in specs:
                 results[spec.name] = run_model(served, spec.name, sweep_levels, args)
             run_model(
@@ -356,7 +385,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 title="light_batched, open loop (Poisson arrivals, latency from scheduled send)",
             )
             c1_p50 = interleaved_c1_p50(served, args)
-        print_targets(results, c1_p50)
+        with serving(floor_command(LIGHT_MLP[0], LIGHT_MLP[-1]), Path(tmp) / "floor.log") as floor:
+            (floor_level,) = run_model(
+                floor,
+                "floor",
+                [LevelPlan(concurrency=64)],
+                args,
+                title="transport floor: the same server stack, ModelInfer does no work "
+                "(light model's request and response sizes)",
+            )
+        print_targets(results, c1_p50, floor_level)
     # Other work on the machine takes CPU from both server and generator: say how much.
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     print(

@@ -1,12 +1,19 @@
-"""The bench's plumbing against the real inference service: started as a process
-the way `make bench` starts it, its ports read from its JSON line, loaded, stopped."""
+"""The bench's plumbing against the real inference service and the transport-floor
+server: started as processes the way `make bench` starts them, their ports read from
+their JSON line, loaded, stopped."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from modelplane.loadtest import LevelPlan, SweepConfig, build_payload, run_sweep
-from modelplane.loadtest.scenarios import ModelSpec, serving, write_repository
+from modelplane.loadtest.scenarios import (
+    ModelSpec,
+    floor_command,
+    inference_command,
+    serving,
+    write_repository,
+)
 from modelplane.loadtest.sweep import fetch_metadata
 
 SPECS = [
@@ -17,7 +24,7 @@ SPECS = [
 
 def test_load_the_real_service_in_its_own_process(tmp_path: Path) -> None:
     write_repository(tmp_path / "models", SPECS)
-    with serving(tmp_path / "models", tmp_path / "server.log") as served:
+    with serving(inference_command(tmp_path / "models"), tmp_path / "server.log") as served:
         for spec in SPECS:
             metadata = fetch_metadata(served.address, spec.name, timeout_s=30)
             assert [tuple(t.shape) for t in metadata.inputs] == [(-1, 8)]
@@ -34,3 +41,22 @@ def test_load_the_real_service_in_its_own_process(tmp_path: Path) -> None:
             assert [(r.ok, r.errors) for r in results] == [(60, {})] * 3
             assert all(r.rows_per_s == r.throughput_rps * 3 for r in results)
             assert all(r.server_cpu_s is not None and r.server_cpu_s > 0 for r in results)
+
+
+def test_load_the_transport_floor_server(tmp_path: Path) -> None:
+    with serving(floor_command(features=8, outputs=3), tmp_path / "floor.log") as served:
+        metadata = fetch_metadata(served.address, "floor", timeout_s=30)
+        assert [(t.name, t.datatype, tuple(t.shape)) for t in metadata.inputs] == [
+            ("input", "FP32", (-1, 8))
+        ]
+        config = SweepConfig(
+            target=served.address,
+            levels=[LevelPlan(concurrency=8)],
+            duration_s=None,
+            requests=50,
+            warmup_s=0.0,
+            metrics_url=served.metrics_url,
+        )
+        (result,) = run_sweep(config, build_payload(metadata, batch_rows=1))
+        assert (result.ok, result.errors) == (50, {})
+        assert result.server_cpu_s is not None and result.server_cpu_s > 0
