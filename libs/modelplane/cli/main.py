@@ -7,6 +7,10 @@ import importlib
 import sys
 
 from modelplane import __version__
+from modelplane.kernel import grpc_defaults
+
+# Before any command module imports grpc, which reads these settings only then.
+grpc_defaults.apply()
 
 # Each module adds its commands with `register(subparsers)`.
 COMMAND_MODULES = (

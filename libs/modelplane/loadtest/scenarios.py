@@ -40,6 +40,7 @@ from google.protobuf import text_format
 
 from inference import model_config_pb2 as mc
 from modelplane.examples.models import HEAVY_MLP, LIGHT_MLP, mlp, write_model
+from modelplane.kernel import grpc_defaults
 from modelplane.loadtest import LevelPlan, LevelResult, SweepConfig, build_payload
 from modelplane.loadtest.report import Report, format_table, write_report
 from modelplane.loadtest.stats import percentile
@@ -167,7 +168,14 @@ def floor_command(features: int, outputs: int) -> list[str]:
 def serving(command: Sequence[str], log: Path) -> Iterator[Served]:
     """A server as a subprocess; its ports come from the JSON line it prints."""
     with log.open("w") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        # The gRPC settings `modelplane serve` applies, for the floor server too.
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=grpc_defaults.environment(),
+        )
         try:
             lines: queue.Queue[str | None] = queue.Queue()
             threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
