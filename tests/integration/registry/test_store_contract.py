@@ -209,9 +209,9 @@ def test_concurrent_promoters_one_wins(store_factory: StoreFactory) -> None:
 def test_alias_history_and_time_travel(store: Store) -> None:
     _with_versions(store)
     store.set_alias("fraud", "production", 1, 0, "launch", "carol")
-    time.sleep(0.002)  # distinct microsecond timestamps, not a readiness wait
+    time.sleep(0.002)  # ok-sleep: distinct microsecond timestamps, not a readiness wait
     between = datetime.now(UTC)
-    time.sleep(0.002)
+    time.sleep(0.002)  # ok-sleep: as above
     store.set_alias("fraud", "production", 3, 1, "hotfix", "dave")
     store.set_alias("fraud", "canary", 2, 0, "", "erin")
     history = store.alias_history("fraud", "production")

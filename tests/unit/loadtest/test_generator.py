@@ -46,7 +46,7 @@ async def test_users_use_every_channel() -> None:
     def channel(name: str):  # type: ignore[no-untyped-def]
         async def infer(message: bytes, timeout: float) -> bytes:
             used.append(name)
-            await asyncio.sleep(0)  # a real call always suspends
+            await asyncio.sleep(0)  # ok-sleep: a real call always suspends
             return b""
 
         return infer
@@ -63,7 +63,7 @@ async def test_open_loop_latency_counts_from_the_scheduled_time() -> None:
         nonlocal calls
         calls += 1
         if calls == 50:
-            time.sleep(stall_s)  # the whole process stalls, as a GC pause would
+            time.sleep(stall_s)  # ok-sleep: the whole process stalls, as a GC pause would
         return b""
 
     rate = 1000.0
