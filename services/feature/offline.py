@@ -80,19 +80,6 @@ SLICE_ROWS = 262_144
 TRAINING_SLICE_ROWS = 1_048_576
 
 
-def read_source(
-    view: FeatureView,
-    entity: Entity,
-    features: Sequence[Feature],
-    start_us: int | None = None,
-    end_us: int | None = None,
-) -> SourceRows:
-    """Rows of the view's source with start_us <= event time < end_us, file order kept."""
-    with _readable(view):
-        scanner = _scanner(view, entity, features, start_us, end_us, SLICE_ROWS)
-        return _in_range(view, scanner.to_table(), start_us, end_us)
-
-
 def scan_source(
     view: FeatureView,
     entity: Entity,
@@ -101,8 +88,9 @@ def scan_source(
     end_us: int | None = None,
     batch_rows: int = SLICE_ROWS,
 ) -> Iterator[SourceRows]:
-    """`read_source` in slices of at most `batch_rows` rows, in file order, so a large
-    source never has to fit in memory at once."""
+    """Rows of the view's source with start_us <= event time < end_us, in slices of at
+    most `batch_rows` rows and in file order, so a large source never has to fit in
+    memory at once."""
     with _readable(view):
         scanner = _scanner(view, entity, features, start_us, end_us, batch_rows)
         # Arrow's scanner yields batches in file order (its unordered scan is a

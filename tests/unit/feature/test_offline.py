@@ -54,7 +54,7 @@ def test_key_codes_agree_across_tables_for_composite_keys():
 
 def test_source_ranges_are_exact_for_every_timestamp_unit(tmp_path):
     from modelplane.services.feature.domain import Feature, FeatureView, ParquetSource
-    from modelplane.services.feature.offline import read_source
+    from modelplane.services.feature.offline import scan_source
 
     entity = Entity("e", (JoinKey("id", ValueType.INT64),))
     micros = [999_999, 1_000_000, 1_500_000, 1_999_999, 2_000_000, 2_500_000]
@@ -72,11 +72,12 @@ def test_source_ranges_are_exact_for_every_timestamp_unit(tmp_path):
         view = FeatureView(
             "v", "e", (Feature("x", ValueType.DOUBLE),), source=ParquetSource(str(path), "ts")
         )
-        rows = read_source(view, entity, view.features, start_us=1_000_000, end_us=2_000_000)
+        slices = scan_source(view, entity, view.features, start_us=1_000_000, end_us=2_000_000)
+        ids = [i for rows in slices for i in rows.table["id"].to_pylist()]
         stored = {"s": lambda m: m // 1_000_000 * 1_000_000, "ms": lambda m: m // 1_000 * 1_000}
         expected = [
             i
             for i, m in enumerate(micros)
             if 1_000_000 <= stored.get(unit, lambda m: m)(m) < 2_000_000
         ]
-        assert rows.table["id"].to_pylist() == expected, unit
+        assert ids == expected, unit
