@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from modelplane.feature.v1 import feature_pb2, feature_pb2_grpc
-from modelplane.kernel.gc_tuning import tune_gc
+from modelplane.kernel.gc_tuning import SERVING_THRESHOLD, tune_gc
 from modelplane.kernel.metrics import new_registry
 from modelplane.kernel.server import SyncServiceServer
 from modelplane.kernel.settings import ServiceSettings
@@ -61,7 +61,7 @@ class Settings(ServiceSettings):
         32, ge=1, description="gRPC handler threads (calls in flight beyond 4x are refused)."
     )
     gc_threshold: int = Field(
-        20000,
+        SERVING_THRESHOLD,
         ge=0,
         description="Python GC young-generation threshold for `serve` (0 keeps Python's 700); "
         "see modelplane.kernel.gc_tuning.",

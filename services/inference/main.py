@@ -12,7 +12,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from inference import grpc_service_pb2, grpc_service_pb2_grpc
-from modelplane.kernel.gc_tuning import tune_gc
+from modelplane.kernel.gc_tuning import SERVING_THRESHOLD, tune_gc
 from modelplane.kernel.metrics import new_registry
 from modelplane.kernel.server import AioServiceServer
 from modelplane.kernel.settings import ServiceSettings
@@ -67,7 +67,7 @@ class Settings(ServiceSettings):
         "0 means the number of CPUs.",
     )
     gc_threshold: int = Field(
-        20000,
+        SERVING_THRESHOLD,
         ge=0,
         description="Python GC young-generation threshold for `serve` (0 keeps Python's 700); "
         "see modelplane.kernel.gc_tuning.",

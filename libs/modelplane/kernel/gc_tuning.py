@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gc
 
+# The serving processes' young-generation threshold (their `gc_threshold` default).
+SERVING_THRESHOLD = 20_000
+
 
 def tune_gc(threshold: int) -> None:
     """Freezes what startup built and makes young collections rare.

@@ -19,14 +19,12 @@ import grpc
 
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
-from modelplane.kernel.gc_tuning import tune_gc
+from modelplane.kernel.gc_tuning import SERVING_THRESHOLD, tune_gc
 from modelplane.kernel.server import AioServiceServer
 from modelplane.kernel.settings import ServiceSettings
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 MODEL = "floor"
-# The inference service's default young-generation threshold (its `gc_threshold`).
-GC_THRESHOLD = 20_000
 
 
 class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -97,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         {"port": args.port, "metrics_port": args.metrics_port, "log_level": "WARNING"}
     )
     server = build(settings, args.inputs, args.outputs)
-    tune_gc(GC_THRESHOLD)  # after build, as `modelplane serve` does
+    tune_gc(SERVING_THRESHOLD)  # after build, as `modelplane serve` does
     server.run()
 
 

@@ -42,6 +42,7 @@ from inference import model_config_pb2 as mc
 from modelplane.examples.models import HEAVY_MLP, LIGHT_MLP, mlp, write_model
 from modelplane.kernel import grpc_defaults
 from modelplane.loadtest import LevelPlan, LevelResult, SweepConfig, build_payload
+from modelplane.loadtest import floor as floor_server
 from modelplane.loadtest.report import Report, format_table, write_report
 from modelplane.loadtest.stats import percentile
 from modelplane.loadtest.sweep import fetch_metadata, sweep
@@ -164,7 +165,7 @@ def inference_command(repository: Path) -> list[str]:
 def floor_command(features: int, outputs: int) -> list[str]:
     """The same server stack with a ModelInfer that does no work (loadtest/floor.py)."""
     return [
-        sys.executable, "-m", "modelplane.loadtest.floor", "--port", "0",
+        sys.executable, "-m", floor_server.__name__, "--port", "0",
         "--metrics-port", "0", "--inputs", str(features), "--outputs", str(outputs),
     ]  # fmt: skip
 
@@ -401,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with serving(floor_command(LIGHT_MLP[0], LIGHT_MLP[-1]), Path(tmp) / "floor.log") as floor:
             (floor_level,) = run_model(
                 floor,
-                "floor",
+                floor_server.MODEL,
                 [LevelPlan(concurrency=64)],
                 args,
                 title="transport floor: the same server stack, ModelInfer does no work "
