@@ -11,10 +11,15 @@ threads) per *request*, which was most of its CPU (measured, see the inference i
   without any added delay, and requests that arrive while every instance is busy form
   the next batch.
 - Only an instance that came free with work already waiting - the sign of load - holds a
-  short batch back, up to `max_queue_delay_s` after its oldest request arrived, until a
-  preferred batch size can be formed; a batch then takes up to the largest preferred
-  size. (The event loop's timers have millisecond granularity, so a sub-millisecond
-  delay can last up to a millisecond when nothing else wakes the loop.)
+  short batch back, until a preferred batch size can be formed or its oldest request has
+  waited `max_queue_delay_s`; a batch then takes up to the largest preferred size.
+  A hold also ends early once every caller is waiting on it: when as many rows are
+  queued and running as the callers lately had in flight at most (with 8 closed-loop
+  clients, when all 8 are here), since no more can be on their way. A long delay thus
+  costs little at moderate load and buys full batches at high load, where each request
+  a batch adds saves per-batch work on the instance thread and the event loop. (The
+  event loop's timers have millisecond granularity, so a sub-millisecond delay can last
+  up to a millisecond when nothing else wakes the loop.)
 - Batches count rows, not requests: a request of 5 rows takes 5 slots, in the queue
   bound and in the batch. Requests whose inputs differ in a variable non-batch
   dimension carry different `shape_key`s and never share a batch.
@@ -74,6 +79,9 @@ class BatchingPolicy:
     """Under load, how long past its oldest request's arrival a short batch may wait."""
     max_queue_rows: int = 1024
     """Rows waiting at most; beyond it requests are rejected at once."""
+    peak_window_s: float = 0.5
+    """How long the most rows in flight at once is remembered (for two windows), so a
+    hold adapts within a second when fewer callers remain."""
 
     @property
     def target_rows(self) -> int:
@@ -249,6 +257,13 @@ class DynamicBatcher:
         self._instances = [_Instance(self, runner, i) for i, runner in enumerate(runners)]
         self._idle = list(self._instances)
         self._hold: asyncio.TimerHandle | None = None
+        self._running_rows = 0
+        # The most rows queued and running at once lately, in this window and the last:
+        # how many rows the callers keep in flight. A held batch that reaches it has
+        # every caller waiting on it.
+        self._peak_rows = 0
+        self._last_peak_rows = 0
+        self._peak_window_end = 0.0
         self._closing = False
         self._drained: asyncio.Event | None = None
 
@@ -277,12 +292,16 @@ class DynamicBatcher:
         request.enqueued_ns = time.perf_counter_ns()
         self._queue.append(request)
         self._queued_rows += request.rows
+        in_flight = self._queued_rows + self._running_rows
         if self._hold is not None:
-            # An instance is holding a short batch back: go as soon as it is big enough.
-            if self._queued_rows >= self.policy.enough_rows:
+            # An instance is holding a short batch back: go as soon as it is big enough,
+            # or once as many rows are here as the callers lately had in flight at most
+            # (no more can be on their way).
+            if self._queued_rows >= self.policy.enough_rows or in_flight >= self._peak():
                 self._release_hold()
         elif self._idle:
             self._dispatch(under_load=False)
+        self._note_in_flight(in_flight)
         return request.future
 
     async def infer(self, request: PendingRequest) -> dict[str, np.ndarray]:
@@ -348,9 +367,11 @@ class DynamicBatcher:
                 and policy.max_queue_delay_s > 0
                 and not self._closing
                 and self._queued_rows < policy.enough_rows
+                and self._queued_rows + self._running_rows < self._peak()
             ):
-                # Requests were already waiting when an instance came free: a short
-                # batch may wait for more rows, bounded by its oldest request's delay.
+                # Requests were already waiting when an instance came free, and more
+                # may be on their way: a short batch may wait for them, bounded by its
+                # oldest request's delay.
                 if self._hold is not None:
                     return  # already holding; the timer or a full batch releases it
                 wait_s = (
@@ -362,8 +383,23 @@ class DynamicBatcher:
                     return
             batch = self._take()
             if batch:
+                self._running_rows += sum(request.rows for request in batch)
                 self._idle.pop().start(batch)
         self._check_drained()
+
+    def _note_in_flight(self, rows: int) -> None:
+        now = time.monotonic()
+        if now >= self._peak_window_end:
+            # A new window; the last one is remembered only if it just ended.
+            recent = now < self._peak_window_end + self.policy.peak_window_s
+            self._last_peak_rows = self._peak_rows if recent else 0
+            self._peak_rows = 0
+            self._peak_window_end = now + self.policy.peak_window_s
+        self._peak_rows = max(self._peak_rows, rows)
+
+    def _peak(self) -> int:
+        """The most rows the callers lately had in flight at once."""
+        return max(self._peak_rows, self._last_peak_rows)
 
     def _release_hold(self) -> None:
         if self._hold is not None:
@@ -417,6 +453,7 @@ class DynamicBatcher:
 
     def _finished(self, instance: _Instance, batch: list[PendingRequest], timing: _Timing) -> None:
         self._idle.append(instance)
+        self._running_rows -= sum(request.rows for request in batch)
         # Start the next batch before answering this one: the instance works meanwhile.
         if self._queue:
             self._dispatch(under_load=True)

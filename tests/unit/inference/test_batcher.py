@@ -41,6 +41,12 @@ class GatedRunner:
     def open(self) -> None:
         self._gate.set()
 
+    def rearm(self) -> None:
+        """The next call blocks again until `open()`."""
+        self._gate.clear()
+        self.entered.clear()
+        self._first = True
+
     async def wait_entered(self) -> None:
         assert await asyncio.to_thread(self.entered.wait, WAIT)
 
@@ -218,19 +224,78 @@ async def test_with_batching_off_every_request_runs_alone():
 async def test_under_load_a_short_batch_waits_for_its_preferred_size():
     policy = BatchingPolicy(max_batch_size=8, preferred_batch_sizes=(4,), max_queue_delay_s=3600)
     batcher, runner, first = await start_busy(policy)
+    early = [request(float(v)) for v in range(1, 6)]  # 6 rows in flight at the peak
+    for pending in early:
+        batcher.submit(pending)
+    runner.open()
+    await settle(first, *early[:4])
+    # The instance came free with one request waiting and fewer than the peak in
+    # flight: it holds it until three more make a preferred batch.
+    await asyncio.sleep(0)  # ok-sleep: one loop turn; a wrongly started batch would run
+    late = [request(6.0), request(7.0)]
+    for pending in late:
+        batcher.submit(pending)
+    await asyncio.sleep(0)  # ok-sleep: one loop turn, as above
+    assert batcher.queued_rows == 3
+    last = request(8.0)
+    batcher.submit(last)
+    await settle(early[4], *late, last)
+    assert runner.batches == [1, 4, 4]
+    await batcher.close()
+
+
+async def test_a_held_batch_goes_once_every_caller_is_waiting_on_it():
+    policy = BatchingPolicy(max_batch_size=8, preferred_batch_sizes=(8,), max_queue_delay_s=3600)
+    batcher, runner, first = await start_busy(policy)
+    early = [request(1.0), request(2.0)]  # 3 rows in flight at the peak
+    for pending in early:
+        batcher.submit(pending)
+    runner.open()
+    await result(first)
+    await asyncio.sleep(0)  # ok-sleep: one loop turn; the two are held for more
+    assert batcher.queued_rows == 2
+    # The caller whose request just finished sends its next one: now all three callers
+    # are waiting, no more rows can come, and the batch goes short of its size.
+    again = request(3.0)
+    batcher.submit(again)
+    await settle(*early, again)
+    assert runner.batches == [1, 3]
+    await batcher.close()
+
+
+async def test_a_hold_forgets_callers_that_have_gone():
+    window = 0.05
+    policy = BatchingPolicy(
+        max_batch_size=8,
+        preferred_batch_sizes=(8,),
+        max_queue_delay_s=3600,
+        peak_window_s=window,
+    )
+    # Three callers: a held batch goes when the third is back.
+    batcher, runner, first = await start_busy(policy)
     early = [request(1.0), request(2.0)]
     for pending in early:
         batcher.submit(pending)
     runner.open()
     await result(first)
-    # The instance came free with two requests waiting: it holds them for two more.
-    await asyncio.sleep(0)  # ok-sleep: one loop turn; a wrongly started batch would run
-    assert batcher.queued_rows == 2
-    late = [request(3.0), request(4.0)]
-    for pending in late:
-        batcher.submit(pending)
-    await settle(*early, *late)
-    assert runner.batches == [1, 4]
+    again = request(3.0)
+    batcher.submit(again)
+    await settle(*early, again)
+    # One caller leaves. Once two windows have passed, the batcher expects two callers,
+    # not three, and no longer waits (an hour) for the one that left.
+    await asyncio.sleep(3 * window)  # ok-sleep: let the remembered peak expire
+    runner.rearm()
+    running = request(4.0)
+    batcher.submit(running)
+    await runner.wait_entered()
+    waiting = request(5.0)
+    batcher.submit(waiting)
+    runner.open()
+    await result(running)
+    back = request(6.0)
+    batcher.submit(back)
+    await settle(waiting, back)
+    assert runner.batches == [1, 3, 1, 2]
     await batcher.close()
 
 
