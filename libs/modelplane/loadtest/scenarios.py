@@ -73,12 +73,12 @@ def model_specs() -> list[ModelSpec]:
     # thread and back). Measured at c=64, light / heavy server CPU per request: 2 / 1 ms
     # with [16, 32, 64] gave batches of ~5 / ~14 rows and 322 / 412 µs; 5 ms / 10 ms
     # with the preferred sizes below give batches of ~10 / ~28 and 212-276 / 296-372 µs
-    # over three `make bench` runs (light with 10 ms and [32, 64]: 238-262 µs).
+    # over four bench runs (light with 10 ms and [32, 64]: 238-262 µs).
     # The batcher ends a hold once every caller is waiting on it, so a long delay does
-    # not stall c=8 (light: ~2,100 req/s before, 2,550-3,100 after), and an idle
+    # not stall c=8 (light: ~2,100 req/s before, 2,650-3,200 after), and an idle
     # instance still takes a lone request at once (c=1 unchanged). The price is paid by
     # open-loop traffic, whose short batches wait out the delay (light at 1,000 req/s:
-    # p50 3.3 ms before, 4.2-4.9 ms after). The light model's 5 ms rather than 10 ms
+    # p50 3.3 ms before, 2.1-4.9 ms after). The light model's 5 ms rather than 10 ms
     # keeps that price at 4.5-5.9 ms p50 instead of ~9 ms at 2,000 req/s.
     for kind, layers, preferred, delay in (
         ("light", LIGHT_MLP, (16, 32, 64), 5_000),
