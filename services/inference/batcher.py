@@ -263,7 +263,7 @@ class DynamicBatcher:
         # every caller waiting on it.
         self._peak_rows = 0
         self._last_peak_rows = 0
-        self._peak_window_end = 0.0
+        self._peak_window_end_ns = 0
         self._closing = False
         self._drained: asyncio.Event | None = None
 
@@ -301,7 +301,7 @@ class DynamicBatcher:
                 self._release_hold()
         elif self._idle:
             self._dispatch(under_load=False)
-        self._note_in_flight(in_flight)
+        self._note_in_flight(in_flight, request.enqueued_ns)
         return request.future
 
     async def infer(self, request: PendingRequest) -> dict[str, np.ndarray]:
@@ -387,14 +387,15 @@ class DynamicBatcher:
                 self._idle.pop().start(batch)
         self._check_drained()
 
-    def _note_in_flight(self, rows: int) -> None:
-        now = time.monotonic()
-        if now >= self._peak_window_end:
+    def _note_in_flight(self, rows: int, now_ns: int) -> None:
+        """Counts `rows` in flight at `now_ns` (the submit's perf_counter_ns)."""
+        window_ns = int(self.policy.peak_window_s * 1e9)
+        if now_ns >= self._peak_window_end_ns:
             # A new window; the last one is remembered only if it just ended.
-            recent = now < self._peak_window_end + self.policy.peak_window_s
+            recent = now_ns < self._peak_window_end_ns + window_ns
             self._last_peak_rows = self._peak_rows if recent else 0
             self._peak_rows = 0
-            self._peak_window_end = now + self.policy.peak_window_s
+            self._peak_window_end_ns = now_ns + window_ns
         self._peak_rows = max(self._peak_rows, rows)
 
     def _peak(self) -> int:
