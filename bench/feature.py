@@ -2,7 +2,8 @@
 write and materialization throughput.
 
 Starts `modelplane serve feature` as a subprocess per store (port 0, metrics port 0),
-loads 100k entities of one view with 10 double features over gRPC, then measures:
+pinned to one CPU as the README recommends deploying it (`--cpus`), loads 100k entities
+of one view with 10 double features over gRPC, then measures:
   - GetOnlineFeatures, 1 entity x 10 features, sequential: p50 / p99
   - GetOnlineFeatures, 100 entities x 10 features, sequential: p50 / p99
   - GetBundleTensor, 1 entity x 10 features, sequential: p50 / p99
@@ -11,6 +12,10 @@ loads 100k entities of one view with 10 double features over gRPC, then measures
   - 16 concurrent callers, 1 entity per call: requests/s and server CPU per request
     (process_cpu_seconds_total from the service's /metrics, before and after)
   - Materialize: 1M Parquet rows x 10 features (1M distinct entities) into the store.
+Then it restarts the service on the same data without pinning and measures the 1-entity
+latency and the concurrency-16 figures again: what placement by the OS costs.
+The bench's own channels use the `modelplane` command's gRPC settings
+(`modelplane.kernel.grpc_defaults`), as the CLI and the services' clients do.
 Usage: .venv/bin/python bench/feature.py [--stores sqlite,redis] [--quick]
 """
 
@@ -30,15 +35,21 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import redis
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from modelplane.feature.v1 import feature_pb2 as pb
-from modelplane.feature.v1 import feature_pb2_grpc as pb_grpc
+from modelplane.kernel import grpc_defaults
+
+# Before grpc is imported: it reads these settings only then.
+grpc_defaults.apply()
+
+import grpc  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+
+from modelplane.feature.v1 import feature_pb2 as pb  # noqa: E402
+from modelplane.feature.v1 import feature_pb2_grpc as pb_grpc  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -72,7 +83,9 @@ def definitions(source: Path) -> str:
 class Service:
     """`modelplane serve feature` in a subprocess, learning its ports from stdout."""
 
-    def __init__(self, store: str, data_dir: Path, prefix: str, tracing: str = "auto") -> None:
+    def __init__(
+        self, store: str, data_dir: Path, prefix: str, tracing: str = "auto", cpus: str = ""
+    ) -> None:
         env = dict(os.environ, MODELPLANE_FEATURE_REDIS_KEY_PREFIX=prefix)
         if tracing != "auto":  # auto: the service's default (spans only when exported)
             env["MODELPLANE_FEATURE_TRACING_ENABLED"] = str(tracing == "on").lower()
@@ -82,6 +95,8 @@ class Service:
             "--log-level", "WARNING",
             "--online-store", "sqlite" if store == "sqlite" else REDIS_URL,
         ]  # fmt: skip
+        if cpus:
+            command += ["--cpus", cpus]
         self.process = subprocess.Popen(
             command, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
         )
@@ -185,66 +200,96 @@ def source_parquet(path: Path, rows: int) -> None:
     pq.write_table(pa.table(columns), path)
 
 
+def concurrency_16(service: Service, requests: list, seconds: float) -> tuple[float, float]:
+    """Requests/s and server CPU µs per request, 16 callers, 1 entity per call."""
+    cpu_before, started = service.cpu_seconds(), time.perf_counter()
+    done = asyncio.run(closed_loop(service.address, requests, 16, seconds))
+    elapsed = time.perf_counter() - started
+    cpu = service.cpu_seconds() - cpu_before
+    return done / elapsed, cpu / done * 1e6
+
+
+def materialize(service: Service, everything: bool) -> tuple[float, float]:
+    """Rows read and rows/s. `everything`: the whole source again, not only what is
+    new since the last run (the default, incremental)."""
+    request = pb.MaterializeRequest()
+    if everything:
+        request.start_time.FromMicroseconds(1)
+    with grpc.insecure_channel(service.address) as channel:
+        stub = pb_grpc.FeatureServiceStub(channel)
+        started = time.perf_counter()
+        result = stub.Materialize(request, timeout=600).views[0]
+        elapsed = time.perf_counter() - started
+    return result.rows_read, result.rows_read / elapsed
+
+
 def bench_store(store: str, work: Path, args: argparse.Namespace) -> dict[str, float]:
     prefix = f"modelplane-bench:{uuid.uuid4().hex[:8]}:"
-    service = Service(store, work / store, prefix, tracing=args.tracing)
     figures: dict[str, float] = {}
+    rng = np.random.default_rng(3)
+    one = [
+        pb.GetOnlineFeaturesRequest(entity_keys=keys(rng.integers(0, args.entities, 1)),
+                                    features=REFS)
+        for _ in range(2_000)
+    ]  # fmt: skip
+    hundred = [
+        pb.GetOnlineFeaturesRequest(
+            entity_keys=keys(rng.choice(args.entities, 100, replace=False)), features=REFS
+        )
+        for _ in range(500)
+    ]
+    tensors = [pb.GetBundleTensorRequest(bundle="model", entity_keys=r.entity_keys) for r in one]
     try:
-        with grpc.insecure_channel(service.address) as channel:
-            stub = pb_grpc.FeatureServiceStub(channel)
-            stub.ApplyDefinitions(
-                pb.ApplyDefinitionsRequest(yaml=definitions(work / "source.parquet")), timeout=30
-            )
-            figures["write rows/s"] = load(stub, args.entities)
-            rng = np.random.default_rng(3)
-            one = [
-                pb.GetOnlineFeaturesRequest(entity_keys=keys(rng.integers(0, args.entities, 1)),
-                                            features=REFS)
-                for _ in range(2_000)
-            ]  # fmt: skip
-            hundred = [
-                pb.GetOnlineFeaturesRequest(
-                    entity_keys=keys(rng.choice(args.entities, 100, replace=False)),
-                    features=REFS,
+        service = Service(store, work / store, prefix, args.tracing, args.service_cpus)
+        try:
+            with grpc.insecure_channel(service.address) as channel:
+                stub = pb_grpc.FeatureServiceStub(channel)
+                stub.ApplyDefinitions(
+                    pb.ApplyDefinitionsRequest(yaml=definitions(work / "source.parquet")),
+                    timeout=30,
                 )
-                for _ in range(500)
-            ]
-            tensors = [
-                pb.GetBundleTensorRequest(bundle="model", entity_keys=r.entity_keys) for r in one
-            ]
-            response = stub.GetOnlineFeatures(hundred[0])
-            assert all(s == pb.FEATURE_STATUS_PRESENT for c in response.columns for s in c.statuses)
+                figures["write rows/s"] = load(stub, args.entities)
+                response = stub.GetOnlineFeatures(hundred[0])
+                statuses = [s for c in response.columns for s in c.statuses]
+                assert all(s == pb.FEATURE_STATUS_PRESENT for s in statuses)
 
-            read = stub.GetOnlineFeatures
-            figures["1 entity p50 ms"], figures["1 entity p99 ms"] = latencies(
-                read, one, args.calls
+                read = stub.GetOnlineFeatures
+                figures["1 entity p50 ms"], figures["1 entity p99 ms"] = latencies(
+                    read, one, args.calls
+                )
+                figures["100 entities p50 ms"], figures["100 entities p99 ms"] = latencies(
+                    read, hundred, args.calls // 2
+                )
+                figures["tensor 1 entity p50 ms"], figures["tensor 1 entity p99 ms"] = latencies(
+                    stub.GetBundleTensor, tensors, args.calls // 2
+                )
+                check = health_pb2_grpc.HealthStub(channel).Check
+                figures["floor: health p50 ms"], figures["floor: health p99 ms"] = latencies(
+                    check, [health_pb2.HealthCheckRequest()], args.calls
+                )
+            figures["c16 req/s"], figures["c16 server CPU us/req"] = concurrency_16(
+                service, one, args.seconds
             )
-            figures["100 entities p50 ms"], figures["100 entities p99 ms"] = latencies(
-                read, hundred, args.calls // 2
+            figures["materialize rows"], figures["materialize rows/s"] = materialize(
+                service, everything=False
             )
-            figures["tensor 1 entity p50 ms"], figures["tensor 1 entity p99 ms"] = latencies(
-                stub.GetBundleTensor, tensors, args.calls // 2
-            )
-            check = health_pb2_grpc.HealthStub(channel).Check
-            figures["floor: health p50 ms"], figures["floor: health p99 ms"] = latencies(
-                check, [health_pb2.HealthCheckRequest()], args.calls
-            )
-        cpu_before, started = service.cpu_seconds(), time.perf_counter()
-        done = asyncio.run(closed_loop(service.address, one, 16, args.seconds))
-        elapsed = time.perf_counter() - started
-        cpu = service.cpu_seconds() - cpu_before
-        figures["c16 req/s"] = done / elapsed
-        figures["c16 server CPU us/req"] = cpu / done * 1e6
-
-        with grpc.insecure_channel(service.address) as channel:
-            stub = pb_grpc.FeatureServiceStub(channel)
-            started = time.perf_counter()
-            result = stub.Materialize(pb.MaterializeRequest(), timeout=600).views[0]
-            elapsed = time.perf_counter() - started
-            figures["materialize rows"] = result.rows_read
-            figures["materialize rows/s"] = result.rows_read / elapsed
+        finally:
+            service.stop()
+        if not args.service_cpus:
+            return figures
+        # The same service and data, placed by the OS.
+        service = Service(store, work / store, prefix, args.tracing)
+        try:
+            with grpc.insecure_channel(service.address) as channel:
+                read = pb_grpc.FeatureServiceStub(channel).GetOnlineFeatures
+                p50, p99 = latencies(read, one, args.calls)
+            figures["unpinned: 1 entity p50 ms"], figures["unpinned: 1 entity p99 ms"] = p50, p99
+            rate, cpu = concurrency_16(service, one, args.seconds)
+            figures["unpinned: c16 req/s"], figures["unpinned: c16 CPU us/req"] = rate, cpu
+            figures["unpinned: materialize rows/s"] = materialize(service, everything=True)[1]
+        finally:
+            service.stop()
     finally:
-        service.stop()
         if store == "redis":
             client = redis.Redis.from_url(REDIS_URL)
             for batch in _batches(client.scan_iter(match=f"{prefix}*", count=10_000), 10_000):
@@ -273,6 +318,12 @@ def main() -> None:
     parser.add_argument(
         "--materialize-rows", type=int, default=1_000_000, help="Parquet rows to materialize"
     )
+    parser.add_argument(
+        "--service-cpus",
+        default=str(max(os.sched_getaffinity(0))),
+        help="CPUs the service is pinned to (`--cpus`; default: the highest one this "
+        "process may use); empty: no pinning and no unpinned rerun",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument(
         "--tracing",
@@ -291,13 +342,15 @@ def main() -> None:
             results[store] = bench_store(store, work, args)
             print(f"{store}: {json.dumps(results[store])}", file=sys.stderr, flush=True)
     names = list(next(iter(results.values())))
+    pinned = f"the service pinned to CPU {args.service_cpus}" if args.service_cpus else "unpinned"
     print(
         f"feature service: {args.entities} entities, 1 view x 10 double features, gRPC, "
-        f"tracing {args.tracing}"
+        f"tracing {args.tracing}, {pinned}; client GRPC_EXPERIMENTS="
+        f"{os.environ.get('GRPC_EXPERIMENTS', '')}"
     )
-    print(f"{'figure':<26}" + "".join(f"{s:>14}" for s in results))
+    print(f"{'figure':<30}" + "".join(f"{s:>14}" for s in results))
     for name in names:
-        print(f"{name:<26}" + "".join(f"{results[s][name]:>14,.2f}" for s in results))
+        print(f"{name:<30}" + "".join(f"{results[s][name]:>14,.2f}" for s in results))
 
 
 if __name__ == "__main__":

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 from modelplane.cli.services import SERVICES, service_main
-
-COMMON_FLAGS = ("host", "port", "metrics_port", "data_dir", "log_level")
+from modelplane.kernel.cpu_affinity import pin_process
 
 
 def register(commands: Any) -> None:
@@ -27,6 +27,9 @@ def register(commands: Any) -> None:
         sub.add_argument("--metrics-port", type=int, help="Prometheus /metrics port")
         sub.add_argument("--data-dir", type=Path, help="directory for embedded state")
         sub.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+        sub.add_argument(
+            "--cpus", help="CPUs to run on, as a Linux CPU list such as 1 or 0-3 (default: any)"
+        )
         if hasattr(module, "add_arguments"):
             module.add_arguments(sub)
         sub.set_defaults(handler=run_service, service_module=module)
@@ -43,5 +46,12 @@ def settings_from_args(module: Any, args: argparse.Namespace) -> Any:
 
 def run_service(args: argparse.Namespace) -> int:
     module = args.service_module
-    module.run(settings_from_args(module, args))
+    try:  # pydantic's ValidationError is a ValueError: it names the bad setting
+        settings = settings_from_args(module, args)
+        # Before the service builds anything: the threads it starts inherit the CPUs.
+        pin_process(settings.cpu_set)
+    except ValueError as exc:
+        print(f"modelplane serve {args.service}: {exc}", file=sys.stderr)
+        return 2
+    module.run(settings)
     return 0

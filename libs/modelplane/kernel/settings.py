@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from modelplane.kernel.cpu_affinity import parse_cpu_list
 
 # Triton's default: the largest message gRPC can frame.
 MAX_MESSAGE_BYTES = 2**31 - 1
@@ -46,6 +48,22 @@ class ServiceSettings(BaseSettings):
     otlp_endpoint: str | None = Field(
         None, description="OTLP/gRPC collector address for spans; unset exports nothing."
     )
+    cpus: str = Field(
+        "",
+        description="CPUs the process runs on, as a Linux CPU list ('1', '0-3'); empty leaves "
+        "placement to the OS. One CPU per process suits a Python server: "
+        "see modelplane.kernel.cpu_affinity.",
+    )
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpu_list(cls, value: str) -> str:
+        parse_cpu_list(value)  # a ValueError here is a settings error naming the field
+        return value
+
+    @property
+    def cpu_set(self) -> frozenset[int]:
+        return parse_cpu_list(self.cpus)
 
     @property
     def spans_enabled(self) -> bool:

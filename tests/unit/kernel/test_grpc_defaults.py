@@ -10,7 +10,7 @@ from modelplane.kernel import grpc_defaults
 
 
 def test_defaults_are_added_and_an_explicit_value_wins() -> None:
-    assert grpc_defaults.environment({})["GRPC_EXPERIMENTS"] == grpc_defaults.SERVER_EXPERIMENTS
+    assert grpc_defaults.environment({})["GRPC_EXPERIMENTS"] == grpc_defaults.EXPERIMENTS
     assert grpc_defaults.environment({"GRPC_EXPERIMENTS": "x"})["GRPC_EXPERIMENTS"] == "x"
     # An empty value is how an operator keeps grpc's own defaults.
     assert grpc_defaults.environment({"GRPC_EXPERIMENTS": ""})["GRPC_EXPERIMENTS"] == ""
@@ -25,4 +25,4 @@ def test_the_command_applies_them_before_grpc_is_imported() -> None:
     out = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
     ).stdout.split()
-    assert out == ["False", grpc_defaults.SERVER_EXPERIMENTS]
+    assert out == ["False", grpc_defaults.EXPERIMENTS]
