@@ -269,6 +269,19 @@ def value_statuses(
     return statuses
 
 
+def value_status(found: bool, null: bool, event_us: int, as_of_us: int, max_age_us: int) -> int:
+    """`value_statuses` for one value, without arrays: the one-entity online read's
+    rule. The same precedence (NOT_FOUND over NULL over STALE); a test holds the two
+    equal over every combination."""
+    if not found:
+        return _NOT_FOUND
+    if null:
+        return _NULL
+    if max_age_us > 0 and as_of_us - event_us > max_age_us:
+        return _STALE
+    return _PRESENT
+
+
 # Entity keys are stored as one string per entity; composite keys join their parts
 # with a separator that cannot occur in an int and is rejected in string keys.
 KEY_SEPARATOR = "\x1f"

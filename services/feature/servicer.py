@@ -7,6 +7,7 @@ hand-off to another thread.
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import grpc
@@ -151,9 +152,14 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
     def GetOnlineFeatures(
         self, request: pb.GetOnlineFeaturesRequest, context: grpc.ServicerContext
     ) -> pb.GetOnlineFeaturesResponse:
-        result = self._online.read(
-            wire.key_columns(request.entity_keys), request.features, request.bundle
-        )
+        key_columns = wire.key_columns(request.entity_keys)
+        single = self._online.read_single(key_columns, request.features, request.bundle)
+        if single is not None:
+            self._entities_per_read.observe(1)
+            for status, count in collections.Counter(single.statuses).items():
+                self._served[status].inc(count)
+            return wire.single_entity_response(single)
+        result = self._online.read(key_columns, request.features, request.bundle)
         self._entities_per_read.observe(result.count)
         # Counted per value read (a feature asked for twice is read once).
         blocks = {id(f.block): f.block for f in result.features}

@@ -25,7 +25,7 @@ from modelplane.services.feature.domain import (
     FeatureView,
     ValueType,
 )
-from modelplane.services.feature.online import FeatureResult
+from modelplane.services.feature.online import FeatureResult, SingleEntityRead
 
 _LENGTH_DELIMITED = 2
 # Block bytes (numpy's native order) are sliced into packed fields without conversion.
@@ -140,6 +140,28 @@ def online_response(
     response = pb.GetOnlineFeaturesResponse(entity_count=count, as_of_unix_us=as_of_us)
     response.MergeFromString(b"".join(parts))
     return response
+
+
+def single_entity_response(read: SingleEntityRead) -> pb.GetOnlineFeaturesResponse:
+    """The bytes `online_response` writes for one entity, from values already in
+    wire form: a value's little-endian bytes, its status byte, its event time."""
+    parts: list[bytes] = []
+    for ref, value_type, value, status, event_us in read.features:
+        head, statuses_header, times_header, _ = _numeric_column_frame(ref, value_type, 1)
+        parts += (
+            head,
+            value,
+            statuses_header,
+            _STATUS_BYTE[status],
+            times_header,
+            event_us.to_bytes(8, "little", signed=True),
+        )
+    response = pb.GetOnlineFeaturesResponse(entity_count=1, as_of_unix_us=read.as_of_us)
+    response.MergeFromString(b"".join(parts))
+    return response
+
+
+_STATUS_BYTE = [bytes((n,)) for n in range(256)]
 
 
 def tensor_payload(values: np.ndarray, statuses: np.ndarray) -> bytes:

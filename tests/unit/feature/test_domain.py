@@ -18,6 +18,7 @@ from modelplane.services.feature.domain import (
     Status,
     ValueType,
     entity_keys,
+    value_status,
     value_statuses,
 )
 
@@ -62,6 +63,28 @@ def test_statuses_follow_found_null_and_max_age_in_that_order():
     # Offline passes one instant per row.
     per_row = value_statuses(found[:2], null[:2], event[:2], np.array([120, 200]), 50)
     assert per_row.tolist() == [Status.PRESENT, Status.STALE]
+
+
+def test_the_one_value_rule_is_the_array_rule():
+    """The one-entity online read uses `value_status`; every combination of found,
+    null and age (fresh, exactly max age, older) and max age (none, some) agrees."""
+    cases = [
+        (found, null, event, max_age)
+        for found in (True, False)
+        for null in (True, False)
+        for event in (150, 100, 99, 0)
+        for max_age in (0, 50)
+    ]
+    found, null, event, max_age = (np.array(c) for c in zip(*cases, strict=True))
+    for age_limit in (0, 50):
+        chosen = max_age == age_limit
+        arrays = value_statuses(found[chosen], null[chosen], event[chosen], 150, age_limit)
+        ones = [
+            value_status(bool(f), bool(n), int(e), 150, age_limit)
+            for f, n, e in zip(found[chosen], null[chosen], event[chosen], strict=True)
+        ]
+        assert arrays.tolist() == ones
+    assert {value_status(f, n, e, 150, m) for f, n, e, m in cases} == set(map(int, Status))
 
 
 @pytest.mark.parametrize(
