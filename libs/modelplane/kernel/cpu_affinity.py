@@ -3,12 +3,13 @@
 A Python gRPC server runs its Python work one thread at a time (the GIL), yet by
 default its threads (the synchronous server's poller and handler threads, the aio
 server's event loop and gRPC core's threads) are spread over every CPU. Each hand-off
-between two of them then wakes another CPU and moves the GIL across: on the 2-vCPU
+between two of them then wakes another CPU and moves the GIL across. On the 2-vCPU
 VMs this project is measured on, the feature service pinned to one CPU answered a
-1-entity read in 0.55 ms instead of 0.78 (p50) and, with 16 callers, served 3,200
-requests/s at ~300 µs of CPU each instead of 1,500 at ~650 (alternated runs; `make
-bench` prints both). Scale out with more processes, one per CPU, rather than more CPUs
-per process.
+1-entity read in p50 0.43 ms instead of 0.58-0.61 and, with 16 callers, served ~5,000
+requests/s at ~200 µs of CPU each instead of ~2,000 at ~510 (`make bench` prints both).
+Scale such a service out with more processes, one per CPU, rather than more CPUs per
+process. A service whose heavy work runs outside the GIL (the inference service's ONNX
+Runtime threads) may still want several CPUs: measure before pinning it to one.
 """
 
 from __future__ import annotations
