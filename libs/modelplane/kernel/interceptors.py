@@ -50,13 +50,29 @@ def _wrap_aio_stream(behavior: Callable[..., Any], method: str) -> Callable[...,
     return _wrap_aio_unary(behavior, method)
 
 
+class _WrappedHandlers:
+    """Each method's wrapped handler, built once: wrapping allocates, and the services'
+    handlers never change (an entry is keyed by the handler it wraps). Handler threads
+    of the synchronous server may race to fill an entry; either result is the same."""
+
+    def __init__(self, wrap: Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler]):
+        self._wrap = wrap
+        self._by_method: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def get(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        cached = self._by_method.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._by_method[method] = (handler, wrapped)
+        return wrapped
+
+
 class AioErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps exceptions raised by grpc.aio handlers to status codes."""
 
     def __init__(self) -> None:
-        # Wrapping a handler allocates; the services' handlers never change, so each
-        # method's wrapped handler is built once (keyed by the handler it wraps).
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._handlers = _WrappedHandlers(self._wrap)
 
     async def intercept_service(
         self,
@@ -66,13 +82,7 @@ class AioErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return self._handlers.get(handler, handler_call_details.method)
 
     @staticmethod
     def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
@@ -132,6 +142,9 @@ def _wrap_sync_stream(behavior: Callable[..., Any], method: str) -> Callable[...
 class SyncErrorInterceptor(grpc.ServerInterceptor):
     """Maps exceptions raised by synchronous grpc.server handlers to status codes."""
 
+    def __init__(self) -> None:
+        self._handlers = _WrappedHandlers(self._wrap)
+
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
@@ -140,7 +153,10 @@ class SyncErrorInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
+        return self._handlers.get(handler, handler_call_details.method)
+
+    @staticmethod
+    def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_sync_unary(handler.unary_unary, method),

@@ -380,9 +380,16 @@ def test_metrics_count_values_by_status(store_kind, tmp_path):
         stub.GetOnlineFeatures(
             pb.GetOnlineFeaturesRequest(entity_keys=customers(1, 2), features=FEATURES)
         )
+        # One entity of numbers only: the read path without arrays counts the same way
+        # (a feature named twice is one value read).
+        numbers = ["customer_stats:trips", "customer_stats:trips", "customer_stats:orders"]
+        for customer in (1, 3):
+            stub.GetOnlineFeatures(
+                pb.GetOnlineFeaturesRequest(entity_keys=customers(customer), features=numbers)
+            )
         url = f"http://127.0.0.1:{server.metrics_port}/metrics"
         text = urllib.request.urlopen(url, timeout=5).read().decode()
-    assert 'modelplane_feature_values_served_total{status="PRESENT"} 4.0' in text
-    assert 'modelplane_feature_values_served_total{status="NOT_FOUND"} 4.0' in text
-    assert "modelplane_feature_entities_per_read_count 1.0" in text
+    assert 'modelplane_feature_values_served_total{status="PRESENT"} 6.0' in text
+    assert 'modelplane_feature_values_served_total{status="NOT_FOUND"} 6.0' in text
+    assert "modelplane_feature_entities_per_read_count 3.0" in text
     assert "process_cpu_seconds_total" in text
