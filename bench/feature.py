@@ -13,7 +13,8 @@ of one view with 10 double features over gRPC, then measures:
     (process_cpu_seconds_total from the service's /metrics, before and after)
   - Materialize: 1M Parquet rows x 10 features (1M distinct entities) into the store.
 Then it restarts the service on the same data without pinning and measures the 1-entity
-latency and the concurrency-16 figures again: what placement by the OS costs.
+latency, the concurrency-16 figures and materialization (of the whole source again)
+once more: what placement by the OS costs.
 The bench's own channels use the `modelplane` command's gRPC settings
 (`modelplane.kernel.grpc_defaults`), as the CLI and the services' clients do.
 Usage: .venv/bin/python bench/feature.py [--stores sqlite,redis] [--quick]
@@ -249,9 +250,10 @@ def bench_store(store: str, work: Path, args: argparse.Namespace) -> dict[str, f
                     timeout=30,
                 )
                 figures["write rows/s"] = load(stub, args.entities)
-                response = stub.GetOnlineFeatures(hundred[0])
-                statuses = [s for c in response.columns for s in c.statuses]
-                assert all(s == pb.FEATURE_STATUS_PRESENT for s in statuses)
+                for request in (one[0], hundred[0]):  # real values are read, not misses
+                    response = stub.GetOnlineFeatures(request)
+                    statuses = [s for c in response.columns for s in c.statuses]
+                    assert all(s == pb.FEATURE_STATUS_PRESENT for s in statuses)
 
                 read = stub.GetOnlineFeatures
                 figures["1 entity p50 ms"], figures["1 entity p99 ms"] = latencies(
