@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +25,7 @@ from modelplane.services.feature.domain import (
     value_status,
     value_statuses,
 )
-from modelplane.services.feature.online_store import OnlineStore, WriteOutcome
+from modelplane.services.feature.online_store import OnlineStore, RowsRead, WriteOutcome
 
 KeyColumns = Mapping[str, np.ndarray | list]
 
@@ -222,20 +222,27 @@ class OnlineFeatures:
         self._plans[key] = plan
         return plan
 
+    def _rows_of_views(
+        self, plan: _ReadPlan, key_columns: KeyColumns
+    ) -> Iterator[tuple[_ViewRead, RowsRead]]:
+        """Each view's stored rows for the request's entities (keys made once per entity)."""
+        keys_by_entity: dict[str, list[str]] = {}
+        for read in plan.views:
+            view = read.view
+            keys = keys_by_entity.get(view.entity)
+            if keys is None:
+                keys = entity_keys(plan.catalog.entity(view.entity), key_columns)
+                keys_by_entity[view.entity] = keys
+            yield read, self._store.read_rows(view.name, read.names, keys)
+
     def read(self, key_columns: KeyColumns, refs: Sequence[str], bundle: str = "") -> OnlineResult:
         plan = self._plan(refs, bundle)
         catalog = plan.catalog
         count = entity_count(key_columns)
         as_of = self._clock_us()
-        keys_by_entity: dict[str, list[str]] = {}
         per_view: list[list[FeatureResult]] = []
-        for read in plan.views:
+        for read, rows in self._rows_of_views(plan, key_columns):
             view = read.view
-            keys = keys_by_entity.get(view.entity)
-            if keys is None:
-                keys = entity_keys(catalog.entity(view.entity), key_columns)
-                keys_by_entity[view.entity] = keys
-            rows = self._store.read_rows(view.name, read.names, keys)
             results: list[FeatureResult] = [None] * len(read.names)  # type: ignore[list-item]
             for value_type, indices in read.groups:
                 if value_type is ValueType.STRING:
@@ -271,18 +278,11 @@ class OnlineFeatures:
         plan = self._plan(refs, bundle)
         if not plan.numeric or entity_count(key_columns) != 1:
             return None
-        catalog = plan.catalog
         as_of = self._clock_us()
-        keys_by_entity: dict[str, list[str]] = {}
         per_view: list[list[tuple[str, ValueType, bytes, int, int]]] = []
         statuses: list[int] = []
-        for read in plan.views:
+        for read, rows in self._rows_of_views(plan, key_columns):
             view = read.view
-            keys = keys_by_entity.get(view.entity)
-            if keys is None:
-                keys = entity_keys(catalog.entity(view.entity), key_columns)
-                keys_by_entity[view.entity] = keys
-            rows = self._store.read_rows(view.name, read.names, keys)
             event_us = int(rows.event_us[0])
             features = []
             for ref, value_type, cells in zip(read.refs, read.types, rows.cells, strict=True):
