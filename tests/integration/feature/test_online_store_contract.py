@@ -132,10 +132,11 @@ def test_concurrent_writers_converge_on_the_newest_row(store):
 
 
 @pytest.mark.parametrize("store_kind", ["redis"], indirect=True)
-def test_a_redis_read_whose_connection_was_dropped_reconnects(online_store):
+@pytest.mark.parametrize("keys", [["1"], ["1", "2", "3"]])
+def test_a_redis_read_whose_connection_was_dropped_reconnects(online_store, keys):
     assert isinstance(online_store, RedisOnlineStore)
     online_store.write_rows(VIEW, FEATURES, ["1"], [100], [[cell(1)], [cell(2)]])
-    assert online_store.read_rows(VIEW, FEATURES, ["1"]).found.tolist() == [True]
+    assert online_store.read_rows(VIEW, FEATURES, keys).found.tolist()[0] is True
     # Kill exactly this thread's read connection (other clients of Redis are left alone),
     # as a Redis restart or client timeout would.
     connection = online_store._reader()
@@ -146,15 +147,35 @@ def test_a_redis_read_whose_connection_was_dropped_reconnects(online_store):
         assert admin.client_kill_filter(_id=client_id) == 1
     finally:
         admin.close()
-    assert online_store.read_rows(VIEW, FEATURES, ["1"]).event_us.tolist() == [100]
+    assert online_store.read_rows(VIEW, FEATURES, keys).event_us.tolist()[0] == 100
 
 
-def test_a_redis_that_is_down_fails_a_one_entity_read_as_unavailable():
+@pytest.mark.parametrize("store_kind", ["redis"], indirect=True)
+def test_a_failed_pipelined_redis_read_leaves_no_reply_for_the_next_read(online_store):
+    """The replies after a failing one are still on the socket when the read raises; a
+    later read on that socket would take them for its own and return another entity's
+    values. The failed read must drop the socket instead."""
+    assert isinstance(online_store, RedisOnlineStore)
+    online_store.write_rows(VIEW, FEATURES, ["1", "2"], [100, 200], [[cell(1), cell(2)]] * 2)
+    admin = redis.Redis.from_url(REDIS_URL)
+    try:
+        admin.set(online_store._key(VIEW, "broken"), "not a hash")  # HMGET fails: WRONGTYPE
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            online_store.read_rows(VIEW, FEATURES, ["1", "broken", "2"])
+    finally:
+        admin.close()
+    rows = online_store.read_rows(VIEW, FEATURES, ["2", "1"])
+    assert rows.event_us.tolist() == [200, 100]
+    assert [list(c) for c in rows.cells] == [[cell(2), cell(1)], [cell(2), cell(1)]]
+
+
+@pytest.mark.parametrize("keys", [["1"], ["1", "2", "3"]])
+def test_a_redis_that_is_down_fails_a_read_as_unavailable(keys):
     store = RedisOnlineStore("redis://127.0.0.1:1/0", connect_timeout_s=0.5)
     try:
         with pytest.raises(Unavailable):
-            store.read_rows(VIEW, FEATURES, ["1"])
+            store.read_rows(VIEW, FEATURES, keys)
         with pytest.raises(Unavailable):  # and again: no socket is left half-open
-            store.read_rows(VIEW, FEATURES, ["1"])
+            store.read_rows(VIEW, FEATURES, keys)
     finally:
         store.close()
