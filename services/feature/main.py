@@ -14,6 +14,7 @@ from modelplane.kernel.gc_tuning import SERVING_THRESHOLD, tune_gc
 from modelplane.kernel.metrics import new_registry
 from modelplane.kernel.server import SyncServiceServer
 from modelplane.kernel.settings import ServiceSettings
+from modelplane.kernel.state_lock import StateLock
 from modelplane.services.feature.definition_store import SqliteDefinitionStore
 from modelplane.services.feature.definitions import DefinitionRegistry, definitions_from_yaml
 from modelplane.services.feature.domain import FeatureView
@@ -101,12 +102,24 @@ def make_store(settings: Settings) -> OnlineStore:
 
 
 def build(settings: Settings) -> SyncServiceServer:
-    store = make_store(settings)
-    definitions = SqliteDefinitionStore(
+    definitions_db = (
         Path(settings.definitions_db)
         if settings.definitions_db
         else settings.data_dir / "feature_registry.db"
     )
+    # The catalog is cached in memory: a second process on the same definitions would
+    # serve a stale copy and race this one's versions, so it is refused at start.
+    lock = StateLock(definitions_db.with_name(definitions_db.name + ".lock"), "feature definitions")
+    try:
+        return _build(settings, definitions_db, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _build(settings: Settings, definitions_db: Path, lock: StateLock) -> SyncServiceServer:
+    store = make_store(settings)
+    definitions = SqliteDefinitionStore(definitions_db)
 
     def prepare_views(views: Sequence[FeatureView]) -> None:
         for view in views:
@@ -128,6 +141,7 @@ def build(settings: Settings) -> SyncServiceServer:
     def close() -> None:
         store.close()
         definitions.close()
+        lock.release()
 
     return SyncServiceServer(
         settings,

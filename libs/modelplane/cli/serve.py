@@ -9,6 +9,7 @@ from typing import Any
 
 from modelplane.cli.services import SERVICES, service_main
 from modelplane.kernel.cpu_affinity import pin_process
+from modelplane.kernel.state_lock import StateInUse
 
 
 def register(commands: Any) -> None:
@@ -53,5 +54,9 @@ def run_service(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"modelplane serve {args.service}: {exc}", file=sys.stderr)
         return 2
-    module.run(settings)
+    try:
+        module.run(settings)
+    except StateInUse as exc:
+        print(f"modelplane serve {args.service}: {exc}", file=sys.stderr)
+        return 2
     return 0

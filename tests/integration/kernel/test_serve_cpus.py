@@ -64,3 +64,26 @@ def test_a_malformed_cpu_list_names_the_setting(tmp_path):
     _, err = process.communicate(timeout=60)
     assert process.returncode == 2
     assert "cpus" in err and "runs backwards" in err
+
+
+def test_a_second_feature_service_on_the_same_data_dir_is_refused(tmp_path):
+    first = _serve_feature(tmp_path)
+    try:
+        assert first.stdout is not None
+        json.loads(first.stdout.readline())  # serving
+        second = _serve_feature(tmp_path)
+        out, err = second.communicate(timeout=60)
+        assert second.returncode == 2
+        assert out == ""
+        assert f"feature definitions is in use by pid {first.pid}" in err
+        assert "Traceback" not in err
+    finally:
+        first.terminate()
+        first.communicate(timeout=30)
+    again = _serve_feature(tmp_path)  # the first one's exit freed the data dir
+    try:
+        assert again.stdout is not None
+        assert "port" in json.loads(again.stdout.readline())
+    finally:
+        again.terminate()
+        again.communicate(timeout=30)
