@@ -131,6 +131,7 @@ class SingleEntityRead:
     as_of_us: int
     features: list[tuple[str, ValueType, bytes, int, int]]
     statuses: list[int]
+    catalog: Catalog  # the snapshot the read used
 
 
 @dataclass(frozen=True)
@@ -295,7 +296,40 @@ class OnlineFeatures:
                 features.append((ref, value_type, value, status, event_us if found else 0))
                 statuses.append(status)
             per_view.append(features)
-        return SingleEntityRead(as_of, [per_view[vi][fi] for vi, fi in plan.order], statuses)
+        return SingleEntityRead(
+            as_of, [per_view[vi][fi] for vi, fi in plan.order], statuses, plan.catalog
+        )
+
+    def bundle_tensor_single(
+        self, bundle_name: str, key_columns: KeyColumns
+    ) -> BundleTensor | None:
+        """`bundle_tensor` for one entity, built on `read_single`: the same float32
+        values (each type cast by numpy, as there: an int64 is not rounded twice through
+        a Python float), fills and statuses, which a test checks byte for byte. None when
+        the call is not of that kind."""
+        single = self.read_single(key_columns, [], bundle_name)
+        if single is None:
+            return None
+        bundle = single.catalog.bundle(bundle_name)
+        width = len(bundle.features)
+        values = np.empty((1, width), dtype=np.float32)
+        statuses = np.empty((1, width), dtype=np.uint8)
+        present: dict[ValueType, tuple[list[int], list[bytes]]] = {}
+        for j, (item, (_, value_type, value, status, _)) in enumerate(
+            zip(bundle.features, single.features, strict=True)
+        ):
+            statuses[0, j] = status
+            if status == PRESENT:
+                columns, cells = present.setdefault(value_type, ([], []))
+                columns.append(j)
+                cells.append(value)
+            else:
+                values[0, j] = np.float32(np.nan if item.fill_value is None else item.fill_value)
+        for value_type, (columns, cells) in present.items():
+            stored = np.frombuffer(b"".join(cells), dtype=codec.numpy_dtype(value_type))
+            values[0, columns] = stored.astype(np.float32)
+        refs = [ref for ref, *_ in single.features]
+        return BundleTensor(values, statuses, refs, bundle.version, single.as_of_us)
 
     def bundle_tensor(self, bundle_name: str, key_columns: KeyColumns) -> BundleTensor:
         result = self.read(key_columns, [], bundle_name)

@@ -170,7 +170,10 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
     def GetBundleTensor(
         self, request: pb.GetBundleTensorRequest, context: grpc.ServicerContext
     ) -> pb.GetBundleTensorResponse:
-        tensor = self._online.bundle_tensor(request.bundle, wire.key_columns(request.entity_keys))
+        key_columns = wire.key_columns(request.entity_keys)
+        tensor = self._online.bundle_tensor_single(request.bundle, key_columns)
+        if tensor is None:
+            tensor = self._online.bundle_tensor(request.bundle, key_columns)
         self._entities_per_read.observe(len(tensor.values))
         self._count_served(tensor.statuses)
         response = pb.GetBundleTensorResponse(

@@ -1,5 +1,6 @@
 """The one-entity read path (`OnlineFeatures.read_single`, no arrays) answers exactly
-what the general path (`OnlineFeatures.read`) answers, byte for byte, on both stores:
+what the general path (`OnlineFeatures.read`) answers, byte for byte, on both stores,
+and so does the one-entity bundle tensor (`bundle_tensor_single` / `bundle_tensor`):
 present, null, stale, never written, a feature added after the row was written, two
 views, two entities' key kinds, duplicate refs and bundles."""
 
@@ -79,7 +80,9 @@ def online(online_store: OnlineStore, tmp_path: Path) -> Iterator[OnlineFeatures
         np.array([NOW - MINUTE, NOW - 11 * MINUTE, NOW - 10 * MINUTE], np.int64),
         {
             "x": column(ValueType.DOUBLE, [1.5, 0.0, -2.0], [False, True, False]),
-            "n": column(ValueType.INT64, [7, -(2**62), 0], [False, False, True]),
+            # 2**60 + 2**36 + 1 rounds to a different float32 through a float64 (twice)
+            # than directly, as numpy casts it: the bundle tensor must cast it directly.
+            "n": column(ValueType.INT64, [2**60 + 2**36 + 1, -(2**62), 0], [False, False, True]),
             "flag": column(ValueType.BOOL, [True, False, True], [False, False, False]),
             "label": column(ValueType.STRING, ["a", "b", ""], [False, False, True]),
         },
@@ -134,6 +137,29 @@ def test_a_bundle_reads_the_same_on_both_paths(online, customer):
     both_paths(online, {"customer_id": np.array([customer], np.int64)}, [], "model")
 
 
+@pytest.mark.parametrize("customer", [1, 2, 3, 4])
+def test_a_bundle_tensor_is_the_same_on_both_paths(online, customer):
+    keys = {"customer_id": np.array([customer], np.int64)}
+    single = online.bundle_tensor_single("model", keys)
+    assert single is not None
+    general = online.bundle_tensor("model", keys)
+    assert wire.tensor_payload(single.values, single.statuses) == wire.tensor_payload(
+        general.values, general.statuses
+    )
+    assert single.values.shape == general.values.shape == (1, 4)
+    assert (single.refs, single.bundle_version, single.as_of_us) == (
+        general.refs, general.bundle_version, general.as_of_us,
+    )  # fmt: skip
+
+
+def test_the_bundle_tensor_casts_int64_to_float32_directly(online):
+    tensor = online.bundle_tensor_single("model", {"customer_id": np.array([1], np.int64)})
+    assert tensor is not None
+    n = tensor.refs.index("stats:n")
+    assert tensor.values[0, n] == np.float32(2**60 + 2**37)  # not 2**60, as via a float64
+    assert np.float32(float(2**60 + 2**36 + 1)) == np.float32(2**60)
+
+
 @pytest.mark.parametrize("pair", [(1, "k"), (1, "missing")])
 def test_a_composite_key_reads_the_same_on_both_paths(online, pair):
     keys = {"a": np.array([pair[0]], np.int64), "b": [pair[1]]}
@@ -153,5 +179,7 @@ def test_the_cases_above_cover_every_status(online):
 
 def test_strings_and_several_entities_take_the_general_path(online):
     one = {"customer_id": np.array([1], np.int64)}
+    two = {"customer_id": np.array([1, 2], np.int64)}
     assert online.read_single(one, ["stats:x", "stats:label"]) is None
-    assert online.read_single({"customer_id": np.array([1, 2], np.int64)}, ["stats:x"]) is None
+    assert online.read_single(two, ["stats:x"]) is None
+    assert online.bundle_tensor_single("model", two) is None
