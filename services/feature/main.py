@@ -109,7 +109,9 @@ def build(settings: Settings) -> SyncServiceServer:
     )
     # The catalog is cached in memory: a second process on the same definitions would
     # serve a stale copy and race this one's versions, so it is refused at start.
-    lock = StateLock(definitions_db.with_name(definitions_db.name + ".lock"), "feature definitions")
+    lock = StateLock(
+        definitions_db.with_name(definitions_db.name + ".lock"), "the feature definitions database"
+    )
     try:
         return _build(settings, definitions_db, lock)
     except BaseException:

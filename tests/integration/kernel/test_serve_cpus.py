@@ -75,7 +75,7 @@ def test_a_second_feature_service_on_the_same_data_dir_is_refused(tmp_path):
         out, err = second.communicate(timeout=60)
         assert second.returncode == 2
         assert out == ""
-        assert f"feature definitions is in use by pid {first.pid}" in err
+        assert f"the feature definitions database is in use by pid {first.pid}" in err
         assert "Traceback" not in err
     finally:
         first.terminate()
