@@ -1,5 +1,7 @@
-"""`modelplane serve --cpus`: the service process and every thread it starts run on the
-CPUs given; a CPU the process may not use stops it before it serves, with a message."""
+"""The `modelplane serve` process. `--cpus`: the service process and every thread it
+starts run on the CPUs given; a CPU the process may not use stops it before it serves,
+with a message. A second feature service on the same data directory is refused, naming
+the first."""
 
 from __future__ import annotations
 
