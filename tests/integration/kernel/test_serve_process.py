@@ -74,7 +74,12 @@ def test_a_second_feature_service_on_the_same_data_dir_is_refused(tmp_path):
         assert first.stdout is not None
         json.loads(first.stdout.readline())  # serving
         second = _serve_feature(tmp_path)
-        out, err = second.communicate(timeout=60)
+        try:
+            out, err = second.communicate(timeout=60)
+        finally:
+            if second.poll() is None:  # it served after all: the test fails, nothing lingers
+                second.kill()
+                second.communicate()
         assert second.returncode == 2
         assert out == ""
         assert f"the feature definitions database is in use by pid {first.pid}" in err
