@@ -9,6 +9,7 @@ the two paths cannot drift apart.
 from __future__ import annotations
 
 import enum
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -102,6 +103,11 @@ class BundleFeature:
     ref: str
     # NaN when unset: a model input slot with no PRESENT value.
     fill_value: float | None = None
+
+    @property
+    def fill(self) -> float:
+        """What this feature's tensor slot holds when its value is not PRESENT."""
+        return math.nan if self.fill_value is None else self.fill_value
 
 
 @dataclass(frozen=True)

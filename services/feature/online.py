@@ -324,7 +324,7 @@ class OnlineFeatures:
                 columns.append(j)
                 cells.append(value)
             else:
-                values[0, j] = np.float32(np.nan if item.fill_value is None else item.fill_value)
+                values[0, j] = np.float32(item.fill)
         for value_type, (columns, cells) in present.items():
             stored = np.frombuffer(b"".join(cells), dtype=codec.numpy_dtype(value_type))
             values[0, columns] = stored.astype(np.float32)
@@ -339,8 +339,7 @@ class OnlineFeatures:
         statuses = np.empty((result.count, width), dtype=np.uint8)
         for j, (item, feature) in enumerate(zip(bundle.features, result.features, strict=True)):
             column = feature.column.values.astype(np.float32)
-            fill = np.float32(np.nan if item.fill_value is None else item.fill_value)
-            column[feature.statuses != Status.PRESENT] = fill
+            column[feature.statuses != Status.PRESENT] = np.float32(item.fill)
             values[:, j] = column
             statuses[:, j] = feature.statuses
         return BundleTensor(
