@@ -278,9 +278,11 @@ class Change:
 
 
 class DefinitionStore(Protocol):
+    """What the registry needs of `definition_store`."""
+
     def load(self) -> list[Definition]: ...
 
-    def save(self, definitions: Sequence[Definition]) -> None: ...
+    def save_with(self, plan: Callable[[list[Definition]], Sequence[Definition]]) -> None: ...
 
 
 def catalog_of(definitions: Iterable[Definition]) -> Catalog:
@@ -298,7 +300,12 @@ def catalog_of(definitions: Iterable[Definition]) -> Catalog:
 
 
 class DefinitionRegistry:
-    """The current catalog, and the only way to change it (apply → new versions)."""
+    """The current catalog, and the only way to change it (apply → new versions).
+
+    The catalog is a cache of the store's latest versions. Several processes may share
+    one store (PostgreSQL): each apply plans against the store's latest versions, not
+    the cache, and `refresh` picks up what other processes applied.
+    """
 
     def __init__(
         self,
@@ -308,8 +315,22 @@ class DefinitionRegistry:
         self._store = store
         self._on_views_changed = on_views_changed
         self._lock = threading.Lock()
-        self.catalog = catalog_of(store.load())
-        on_views_changed(list(self.catalog.views.values()))
+        self.catalog = Catalog()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Reloads the catalog from the store (after another process applied)."""
+        with self._lock:
+            catalog = catalog_of(self._store.load())
+            if catalog != self.catalog:
+                self._prepare(catalog)
+                self.catalog = catalog
+
+    def _prepare(self, catalog: Catalog) -> None:
+        # Storage first: a view is never visible before the online store can hold it.
+        changed = [v for v in catalog.views.values() if self.catalog.views.get(v.name) != v]
+        if changed:
+            self._on_views_changed(changed)
 
     def apply(self, definitions: Sequence[Definition], dry_run: bool = False) -> list[Change]:
         seen: set[tuple[str, str]] = set()
@@ -319,45 +340,53 @@ class DefinitionRegistry:
                 raise InvalidArgument(f"{key[0]} {key[1]!r} is defined twice")
             seen.add(key)
         with self._lock:
-            current = self.catalog
-            candidate: dict[str, dict[str, Any]] = {
-                "entity": dict(current.entities),
-                "feature_view": dict(current.views),
-                "bundle": dict(current.bundles),
-            }
-            changes: list[Change] = []
-            stored: list[Definition] = []
-            pairs: list[tuple[Definition, Definition]] = []
-            for definition in definitions:
-                kind = kind_of(definition)
-                old: Definition | None = candidate[kind].get(definition.name)
-                if old is None:
-                    new = dataclasses.replace(definition, version=1)
-                    changes.append(Change(kind, definition.name, 1, "created"))
-                elif dataclasses.replace(old, version=0) == dataclasses.replace(
-                    definition, version=0
-                ):
-                    changes.append(Change(kind, definition.name, old.version, "unchanged"))
-                    continue
-                else:
-                    new = dataclasses.replace(definition, version=old.version + 1)
-                    changes.append(Change(kind, definition.name, new.version, "updated"))
-                    pairs.append((old, new))
-                candidate[kind][definition.name] = new
-                stored.append(new)
-            catalog = Catalog(
-                candidate["entity"],
-                candidate["feature_view"],
-                candidate["bundle"],
-            )
-            for old, new in pairs:
-                check_compatible(old, new, catalog)
-            validate_catalog(catalog)
-            if dry_run or not stored:
+            if dry_run:
+                changes, _, _ = _plan_apply(catalog_of(self._store.load()), definitions)
                 return changes
-            changed_views = [d for d in stored if isinstance(d, FeatureView)]
-            # Storage first: a view is never visible before the store can hold it.
-            self._on_views_changed(changed_views)
-            self._store.save(stored)
+            outcome: list[tuple[list[Change], Catalog]] = []
+
+            def plan(latest: list[Definition]) -> list[Definition]:
+                changes, stored, catalog = _plan_apply(catalog_of(latest), definitions)
+                self._prepare(catalog)
+                outcome.append((changes, catalog))
+                return stored
+
+            self._store.save_with(plan)
+            changes, catalog = outcome[0]
             self.catalog = catalog
             return changes
+
+
+def _plan_apply(
+    current: Catalog, definitions: Sequence[Definition]
+) -> tuple[list[Change], list[Definition], Catalog]:
+    """What applying `definitions` to `current` changes, the new versions to store, and
+    the resulting catalog; raises InvalidArgument/FailedPrecondition when it may not."""
+    candidate: dict[str, dict[str, Any]] = {
+        "entity": dict(current.entities),
+        "feature_view": dict(current.views),
+        "bundle": dict(current.bundles),
+    }
+    changes: list[Change] = []
+    stored: list[Definition] = []
+    pairs: list[tuple[Definition, Definition]] = []
+    for definition in definitions:
+        kind = kind_of(definition)
+        old: Definition | None = candidate[kind].get(definition.name)
+        if old is None:
+            new = dataclasses.replace(definition, version=1)
+            changes.append(Change(kind, definition.name, 1, "created"))
+        elif dataclasses.replace(old, version=0) == dataclasses.replace(definition, version=0):
+            changes.append(Change(kind, definition.name, old.version, "unchanged"))
+            continue
+        else:
+            new = dataclasses.replace(definition, version=old.version + 1)
+            changes.append(Change(kind, definition.name, new.version, "updated"))
+            pairs.append((old, new))
+        candidate[kind][definition.name] = new
+        stored.append(new)
+    catalog = Catalog(candidate["entity"], candidate["feature_view"], candidate["bundle"])
+    for old, new in pairs:
+        check_compatible(old, new, catalog)
+    validate_catalog(catalog)
+    return changes, stored, catalog

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -12,10 +12,11 @@ from pydantic_settings import SettingsConfigDict
 from modelplane.feature.v1 import feature_pb2, feature_pb2_grpc
 from modelplane.kernel.gc_tuning import SERVING_THRESHOLD, tune_gc
 from modelplane.kernel.metrics import new_registry
+from modelplane.kernel.postgres import PostgresChangeListener
 from modelplane.kernel.server import SyncServiceServer
 from modelplane.kernel.settings import ServiceSettings
 from modelplane.kernel.state_lock import StateLock
-from modelplane.services.feature.definition_store import SqliteDefinitionStore
+from modelplane.services.feature.definition_store import is_postgres_url, open_definition_store
 from modelplane.services.feature.definitions import DefinitionRegistry, definitions_from_yaml
 from modelplane.services.feature.domain import FeatureView
 from modelplane.services.feature.materialize import Materializer
@@ -40,8 +41,11 @@ class Settings(ServiceSettings):
     )
     definitions_db: str = Field(
         "",
-        description="SQLite file of definition versions; empty means "
-        "<data_dir>/feature_registry.db.",
+        description="Where definition versions live: a SQLite file (empty means "
+        "<data_dir>/feature_registry.db), or a postgresql:// URL that replicas share.",
+    )
+    definitions_schema: str = Field(
+        "", description="PostgreSQL schema of the definition tables; empty uses search_path."
     )
     definitions_file: str = Field("", description="YAML definitions applied at startup (optional).")
     files_dir: str = Field(
@@ -81,6 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--online-store", help="'sqlite' (default) or a Redis URL such as redis://127.0.0.1:6379/0"
     )
     parser.add_argument("--definitions-file", help="YAML definitions to apply at startup")
+    parser.add_argument(
+        "--definitions-db",
+        help="SQLite file or postgresql:// URL of the definitions (a URL lets replicas share them)",
+    )
     parser.add_argument("--max-workers", type=int, help="gRPC handler threads")
 
 
@@ -102,58 +110,79 @@ def make_store(settings: Settings) -> OnlineStore:
 
 
 def build(settings: Settings) -> SyncServiceServer:
-    definitions_db = (
-        Path(settings.definitions_db)
-        if settings.definitions_db
-        else settings.data_dir / "feature_registry.db"
-    )
-    # The catalog is cached in memory: a second process on the same definitions would
-    # serve a stale copy and race this one's versions, so it is refused at start.
-    lock = StateLock(
-        definitions_db.with_name(definitions_db.name + ".lock"), "the feature definitions database"
-    )
+    location = settings.definitions_db or str(settings.data_dir / "feature_registry.db")
+    closing: list[Callable[[], None]] = []
+    if not is_postgres_url(location):
+        # The catalog is cached in memory: a second process on the same SQLite file would
+        # serve a stale copy and race this one's versions, so it is refused at start.
+        # (Replicas on PostgreSQL hear each other's applies instead.)
+        path = Path(location)
+        lock = StateLock(path.with_name(path.name + ".lock"), "the feature definitions database")
+        closing.append(lock.release)
+    return _build(settings, location, closing)
+
+
+def _build(
+    settings: Settings, location: str, closing: list[Callable[[], None]]
+) -> SyncServiceServer:
+    """`closing` runs, in order, when the server stops or if this fails."""
     try:
-        return _build(settings, definitions_db, lock)
+        definitions = open_definition_store(location, settings.definitions_schema)
+        closing.insert(0, definitions.close)
+        store = make_store(settings)
+        closing.insert(0, store.close)
+
+        def prepare_views(views: Sequence[FeatureView]) -> None:
+            for view in views:
+                store.ensure_view(view.name, [f.name for f in view.features])
+
+        registry = DefinitionRegistry(definitions, on_views_changed=prepare_views)
+        if definitions.change_feed is not None:
+            listener = follow_changes(registry, *definitions.change_feed)
+            closing.insert(0, listener.stop)
+        if settings.definitions_file:
+            path = Path(settings.definitions_file)
+            registry.apply(definitions_from_yaml(path.read_text(), base_dir=path.resolve().parent))
+        metrics = new_registry()
+        servicer = FeatureServicer(
+            registry,
+            OnlineFeatures(registry, store),
+            Materializer(registry, store, definitions),
+            metrics,
+            Path(settings.files_dir) if settings.files_dir else settings.data_dir / "files",
+        )
+        return SyncServiceServer(
+            settings,
+            "feature",
+            [SERVICE_NAME],
+            lambda server: feature_pb2_grpc.add_FeatureServiceServicer_to_server(servicer, server),
+            max_workers=settings.max_workers,
+            on_stop=closing,
+            registry=metrics,
+        )
     except BaseException:
-        lock.release()
+        for close in closing:
+            close()
         raise
 
 
-def _build(settings: Settings, definitions_db: Path, lock: StateLock) -> SyncServiceServer:
-    store = make_store(settings)
-    definitions = SqliteDefinitionStore(definitions_db)
-
-    def prepare_views(views: Sequence[FeatureView]) -> None:
-        for view in views:
-            store.ensure_view(view.name, [f.name for f in view.features])
-
-    registry = DefinitionRegistry(definitions, on_views_changed=prepare_views)
-    if settings.definitions_file:
-        path = Path(settings.definitions_file)
-        registry.apply(definitions_from_yaml(path.read_text(), base_dir=path.resolve().parent))
-    metrics = new_registry()
-    servicer = FeatureServicer(
-        registry,
-        OnlineFeatures(registry, store),
-        Materializer(registry, store, definitions),
-        metrics,
-        Path(settings.files_dir) if settings.files_dir else settings.data_dir / "files",
+def follow_changes(registry: DefinitionRegistry, url: str, channel: str) -> PostgresChangeListener:
+    """Reloads the catalog whenever any replica commits an apply, and after a lost
+    connection (applies made meanwhile were not heard)."""
+    listener = PostgresChangeListener(
+        url,
+        channel,
+        on_change=lambda _change: registry.refresh(),
+        on_gap=registry.refresh,
+        name="feature-definitions",
     )
-
-    def close() -> None:
-        store.close()
-        definitions.close()
-        lock.release()
-
-    return SyncServiceServer(
-        settings,
-        "feature",
-        [SERVICE_NAME],
-        lambda server: feature_pb2_grpc.add_FeatureServiceServicer_to_server(servicer, server),
-        max_workers=settings.max_workers,
-        on_stop=[close],
-        registry=metrics,
-    )
+    listener.start()
+    try:
+        registry.refresh()  # what was applied between the first load and LISTEN
+    except BaseException:
+        listener.stop()
+        raise
+    return listener
 
 
 def run(settings: Settings) -> None:

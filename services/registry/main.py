@@ -12,13 +12,14 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from modelplane.kernel.metrics import new_registry
+from modelplane.kernel.postgres import PostgresChangeListener
 from modelplane.kernel.server import AioServiceServer
 from modelplane.kernel.settings import ServiceSettings
 from modelplane.registry.v1 import registry_pb2, registry_pb2_grpc
 from modelplane.services.registry.artifacts import LocalArtifactStore
 from modelplane.services.registry.servicer import RegistryServicer, WatchEvent
 from modelplane.services.registry.store import Store, open_store
-from modelplane.services.registry.store.postgres import PostgresChangeListener, PostgresStore
+from modelplane.services.registry.store.postgres import PostgresStore
 from modelplane.services.registry.watch import WatchHub
 
 SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name

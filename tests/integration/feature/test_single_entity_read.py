@@ -14,7 +14,7 @@ import pytest
 
 from modelplane.services.feature import wire
 from modelplane.services.feature.codec import Column
-from modelplane.services.feature.definition_store import SqliteDefinitionStore
+from modelplane.services.feature.definition_store.sqlite import SqliteDefinitionStore
 from modelplane.services.feature.definitions import DefinitionRegistry, definitions_from_yaml
 from modelplane.services.feature.domain import Status, ValueType
 from modelplane.services.feature.online import OnlineFeatures

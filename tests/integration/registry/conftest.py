@@ -5,39 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
-from psycopg import sql
 
 from modelplane.kernel.server import AioServiceServer
 from modelplane.services.registry.main import Settings, build
 from modelplane.services.registry.store import Store
 from modelplane.services.registry.store.postgres import PostgresStore
 from modelplane.services.registry.store.sqlite import SqliteStore
+from tests.postgres import POSTGRES_URL, fresh_schema
 from tests.support import wait_serving_sync
-
-POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
-RUN_ID = uuid.uuid4().hex[:8]
 
 StoreFactory = Callable[[], Store]
 
 
-def _drop_schema(schema: str) -> None:
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
-
-
 @pytest.fixture
 def pg_schema() -> Iterator[str]:
-    schema = f"registry_{RUN_ID}_{uuid.uuid4().hex[:8]}"
-    try:
+    with fresh_schema("registry") as schema:
         yield schema
-    finally:
-        _drop_schema(schema)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -59,19 +46,18 @@ def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[St
                 store.close()
         return
 
-    schema = f"registry_{RUN_ID}_{uuid.uuid4().hex[:8]}"
+    with fresh_schema("registry") as schema:
 
-    def pg_factory() -> Store:
-        store = PostgresStore(POSTGRES_URL, schema=schema, max_connections=4)
-        opened.append(store)
-        return store
+        def pg_factory() -> Store:
+            store = PostgresStore(POSTGRES_URL, schema=schema, max_connections=4)
+            opened.append(store)
+            return store
 
-    try:
-        yield pg_factory
-    finally:
-        for store in opened:
-            store.close()
-        _drop_schema(schema)
+        try:
+            yield pg_factory
+        finally:
+            for store in opened:
+                store.close()
 
 
 @pytest.fixture

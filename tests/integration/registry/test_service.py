@@ -17,8 +17,9 @@ import pytest
 from modelplane.client.registry import RegistryClient, file_sha256
 from modelplane.examples.models import mlp
 from modelplane.registry.v1 import registry_pb2 as pb
-from tests.integration.registry.conftest import POSTGRES_URL, ThreadedServer
+from tests.integration.registry.conftest import ThreadedServer
 from tests.integration.registry.large_onnx import write_large_onnx
+from tests.postgres import POSTGRES_URL
 from tests.support import wait_until
 
 

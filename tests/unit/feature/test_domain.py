@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from modelplane.kernel.errors import FailedPrecondition, InvalidArgument, NotFound
-from modelplane.services.feature.definition_store import SqliteDefinitionStore
+from modelplane.services.feature.definition_store.sqlite import SqliteDefinitionStore
 from modelplane.services.feature.definitions import (
     DefinitionRegistry,
     definitions_from_yaml,

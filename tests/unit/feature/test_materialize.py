@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from modelplane.services.feature.definition_store import SqliteDefinitionStore
+from modelplane.services.feature.definition_store.sqlite import SqliteDefinitionStore
 from modelplane.services.feature.definitions import DefinitionRegistry, definitions_from_yaml
 from modelplane.services.feature.materialize import Materializer
 from modelplane.services.feature.online_store.sqlite import SqliteOnlineStore
