@@ -32,6 +32,18 @@ def _listed_services(address: str) -> set[str]:
         return {s.name for r in responses for s in r.list_services_response.service}
 
 
+def run_snippet(lines: list[str]) -> str:
+    call = subprocess.run(
+        ["bash", "-c", "".join(lines)], capture_output=True, text=True, timeout=60
+    )
+    assert call.returncode == 0, call.stderr
+    return call.stdout
+
+
+def numbers(printed: str) -> int:
+    return len(re.findall(r"-?\d+\.\d*(?:e[-+]?\d+)?", printed))
+
+
 def test_up_serves_all_four_and_stops_cleanly_on_ctrl_c(tmp_path):
     process = subprocess.Popen(
         [
@@ -50,19 +62,22 @@ def test_up_serves_all_four_and_stops_cleanly_on_ctrl_c(tmp_path):
     )
     try:
         addresses: dict[str, str] = {}
-        snippet: list[str] | None = None
+        snippets: list[list[str]] = []
+        inside = False
         assert process.stdout is not None
         for line in process.stdout:
             words = line.split()
             if len(words) >= 3 and words[0] in EXPECTED_SERVICES and words[1] == "grpc":
                 addresses[words[0]] = words[2]
             if line.rstrip().endswith("<<'PY'"):
-                snippet = [line]
-            elif snippet is not None:
-                snippet.append(line)
-                if line.rstrip("\n") == "PY":
-                    break
-        assert snippet, "up prints a call that works"
+                snippets.append([])
+                inside = True
+            if inside:
+                snippets[-1].append(line)
+                inside = line.rstrip("\n") != "PY"
+            if line.startswith("Press Ctrl-C"):
+                break
+        assert len(snippets) == 2, "up prints a model call and a features-into-a-model call"
         assert set(addresses) == set(EXPECTED_SERVICES), addresses
 
         for name, address in addresses.items():
@@ -75,18 +90,15 @@ def test_up_serves_all_four_and_stops_cleanly_on_ctrl_c(tmp_path):
             assert status == health_pb2.HealthCheckResponse.SERVING, name
             assert EXPECTED_SERVICES[name] in _listed_services(address), name
 
-        # The call `make run` prints works, pasted as printed into a shell, against the demo
-        # model it generated. It runs in a process of its own anyway: tritonclient registers
-        # Triton's descriptors for the `inference` package, which clash with ours in one pool.
-        call = subprocess.run(
-            ["bash", "-c", "".join(snippet)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert call.returncode == 0, call.stderr
-        printed = re.findall(r"-?\d+\.\d*(?:e[-+]?\d+)?", call.stdout)
-        assert call.stdout.startswith("[[") and len(printed) == 8  # the (1, 8) output
+        # The calls `make run` prints work, pasted as printed into a shell, against the demo
+        # models and features it generated. They run in processes of their own anyway:
+        # tritonclient registers Triton's descriptors for the `inference` package, which
+        # clash with ours in one pool.
+        model_call, features_call = (run_snippet(snippet) for snippet in snippets)
+        assert model_call.startswith("[[") and numbers(model_call) == 8  # the (1, 8) output
+        # Three customers' bundle tensors (3, 8), all features present, scored into (3, 2).
+        assert features_call.startswith("[[") and numbers(features_call) == 6
+        assert "nan" not in features_call
 
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0

@@ -2,8 +2,9 @@
 
 Each service runs as its own `modelplane serve` process (exactly as in
 production, one process per service). `up` waits until every one reports
-SERVING on the standard health service, prints the addresses and a call that
-works, and on Ctrl-C or SIGTERM stops them all gracefully.
+SERVING on the standard health service, materializes the demo features, prints
+the addresses and calls that work (a model; features into a model), and on
+Ctrl-C or SIGTERM stops them all gracefully.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelplane.cli.services import DEFAULT_PORTS, SERVICES
+from modelplane.examples.features import SCORER, ensure_demo_features
 from modelplane.examples.models import DEMO_MODEL_NAME, ensure_demo_repository
+from modelplane.feature.v1 import feature_pb2, feature_pb2_grpc
 
 START_TIMEOUT_S = 60.0
 
@@ -42,8 +45,9 @@ def register(commands: Any) -> None:
         "up",
         help="start all four services on localhost with embedded defaults",
         description="Start registry, feature, inference and monitoring as separate processes "
-        "(SQLite and local disk under --data-dir, a demo model generated on first run), wait "
-        "until each is SERVING, print their addresses, and stop them all on Ctrl-C.",
+        "(SQLite and local disk under --data-dir; demo models and demo features generated on "
+        "first run), wait until each is SERVING, materialize the demo features, print the "
+        "addresses and calls that work, and stop them all on Ctrl-C.",
     )
     parser.add_argument(
         "--data-dir",
@@ -90,6 +94,8 @@ def _start(name: str, args: argparse.Namespace) -> Child:
     ]
     if name == "inference":
         command += ["--model-repository", str(args.data_dir / "models")]
+    if name == "feature":
+        command += ["--definitions-file", str(args.data_dir / "features" / "features.yaml")]
     env = dict(os.environ)
     env.setdefault(f"MODELPLANE_{name.upper()}_LOG_JSON", "false")
     # A session of its own: Ctrl-C reaches only `up`, which then stops the children in order.
@@ -137,8 +143,23 @@ def _stop_all(children: list[Child], grace: float = 15.0) -> bool:
     return clean
 
 
+def _materialize_demo(feature: Child) -> str:
+    """Copies the demo source's rows into the online store (incremental: a later run
+    reads only rows newer than the last) and says what it did."""
+    with grpc.insecure_channel(feature.address) as channel:
+        response = feature_pb2_grpc.FeatureServiceStub(channel).Materialize(
+            feature_pb2.MaterializeRequest(), timeout=60
+        )
+    read = sum(view.rows_read for view in response.views)
+    written = sum(view.rows_written for view in response.views)
+    if not read:
+        return "demo features: the online store is up to date"
+    return f"demo features materialized: {read:,} source rows read, {written:,} stored"
+
+
 def _usage(children: list[Child]) -> str:
-    inference = next(c.address for c in children if c.name == "inference")
+    address = {c.name: c.address for c in children}
+    inference, feature = address["inference"], address["feature"]
     # Unindented so it can be pasted as is (a heredoc's end marker must start its line).
     return f"""
 Try it (paste into a shell):
@@ -151,12 +172,28 @@ x.set_data_from_numpy(np.random.rand(1, 64).astype(np.float32))
 print(client.infer("{DEMO_MODEL_NAME}", [x]).as_numpy("output"))
 PY
 
+Features into a model: customers 1-3's "{SCORER}" bundle as a tensor, then scored.
+
+{sys.executable} - <<'PY'
+import grpc, numpy as np, tritonclient.grpc as tc
+from modelplane.feature.v1 import feature_pb2 as pb, feature_pb2_grpc
+features = feature_pb2_grpc.FeatureServiceStub(grpc.insecure_channel("{feature}"))
+ids = pb.Values(type=pb.VALUE_TYPE_INT64, int64_values=[1, 2, 3])
+keys = [pb.EntityKeyColumn(name="customer_id", values=ids)]
+t = features.GetBundleTensor(pb.GetBundleTensorRequest(bundle="{SCORER}", entity_keys=keys))
+x = tc.InferInput("input", list(t.shape), "FP32")
+x.set_data_from_numpy(np.array(t.values, np.float32).reshape(t.shape))
+client = tc.InferenceServerClient("{inference}")
+print(client.infer("{SCORER}", [x]).as_numpy("output"))
+PY
+
 Every service lists its API through reflection, e.g.  grpcurl -plaintext {inference} list
 Press Ctrl-C to stop."""
 
 
 def up(args: argparse.Namespace) -> int:
     ensure_demo_repository(args.data_dir / "models")
+    ensure_demo_features(args.data_dir / "features")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     children: list[Child] = []
@@ -171,6 +208,8 @@ def up(args: argparse.Namespace) -> int:
                 f"http://{args.host}:{child.metrics_port}/metrics",
                 flush=True,
             )
+        feature = next(c for c in children if c.name == "feature")
+        print(f"{feature.name:<11} {_materialize_demo(feature)}", flush=True)
         print(_usage(children), flush=True)
         while not stop.is_set():
             if any(child.process.poll() is not None for child in children):

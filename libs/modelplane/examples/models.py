@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from modelplane.examples import features
+
 # ONNX Runtime 1.2x reads IR version 10 / opset 21 models; newer onnx writes newer ones.
 IR_VERSION = 10
 OPSET = 17
@@ -65,8 +67,12 @@ def write_model(model: onnx.ModelProto, repository: Path, name: str, version: in
 
 
 def ensure_demo_repository(repository: Path) -> Path:
-    """Creates the demo model (the light MLP) on first run; later runs reuse it."""
+    """Creates the demo models on first run (later runs reuse them): the light MLP, and
+    the scorer whose input is the demo feature bundle (`examples.features`)."""
     path = repository / DEMO_MODEL_NAME / "1" / "model.onnx"
     if not path.exists():
         write_model(mlp(LIGHT_MLP, seed=7, name=DEMO_MODEL_NAME), repository, DEMO_MODEL_NAME)
+    if not (repository / features.SCORER / "1" / "model.onnx").exists():
+        scorer = mlp((features.WIDTH, 16, 2), seed=5, name=features.SCORER)
+        write_model(scorer, repository, features.SCORER)
     return path
