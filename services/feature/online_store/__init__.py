@@ -27,6 +27,11 @@ class RowsRead:
     cells: Sequence[Sequence[bytes | None]]
 
 
+# One entity's stored row without arrays: its event time and one cell per feature asked
+# (None for a feature the row lacks, e.g. one added to the view after it was written).
+Row = tuple[int, Sequence[bytes | None]]
+
+
 @dataclass(frozen=True)
 class WriteOutcome:
     written: int
@@ -57,6 +62,11 @@ class OnlineStore(Protocol):
 
     def read_rows(self, view: str, features: Sequence[str], keys: Sequence[str]) -> RowsRead:
         """The stored rows of `keys`, in order."""
+        ...
+
+    def read_row(self, view: str, features: Sequence[str], key: str) -> Row | None:
+        """The stored row of one key, None when it has none: `read_rows` for the
+        one-entity online read, whose arrays would cost more than the read itself."""
         ...
 
     def close(self) -> None: ...

@@ -32,7 +32,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from modelplane.kernel.errors import Unavailable
-from modelplane.services.feature.online_store import RowsRead, WriteOutcome
+from modelplane.services.feature.online_store import Row, RowsRead, WriteOutcome
 
 TS_FIELD = "_ts"
 # Rows per script call, and per transaction: large enough to amortise round trips,
@@ -185,6 +185,11 @@ class RedisOnlineStore:
         found = np.array([ts is not None for ts in columns[0]], dtype=bool)
         event_us = np.array([int(ts) if ts is not None else 0 for ts in columns[0]], np.int64)
         return RowsRead(found=found, event_us=event_us, cells=columns[1:])
+
+    def read_row(self, view: str, features: Sequence[str], key: str) -> Row | None:
+        with self._unavailable_on_failure():
+            ((ts, *cells),) = self._hmgets([self._key(view, key)], [TS_FIELD, *features])
+        return None if ts is None else (int(ts), cells)
 
     def delete_prefix(self) -> int:
         """Removes every key under this store's prefix (tests and teardown)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from modelplane.kernel.errors import NotFound
-from modelplane.services.feature.online_store import RowsRead, WriteOutcome
+from modelplane.services.feature.online_store import Row, RowsRead, WriteOutcome
 
 # SQLite limits the number of bound parameters per statement.
 _READ_CHUNK = 500
@@ -134,8 +134,7 @@ class SqliteOnlineStore:
                 self._readers.append(conn)
         return conn
 
-    def read_rows(self, view: str, features: Sequence[str], keys: Sequence[str]) -> RowsRead:
-        conn = self._reader()
+    def _select(self, view: str, features: Sequence[str]) -> str:
         select = self._selects.get((view, tuple(features)))
         if select is None:
             # Checked once per feature list: columns are only ever added, never dropped.
@@ -144,14 +143,21 @@ class SqliteOnlineStore:
             select = f"SELECT entity_key, event_us, {wanted} FROM {_table(view)} WHERE entity_key"
             if len(self._selects) < 1024:  # bounded: one per distinct feature list
                 self._selects[(view, tuple(features))] = select
+        return select
+
+    def read_row(self, view: str, features: Sequence[str], key: str) -> Row | None:
+        row = self._reader().execute(self._select(view, features) + " = ?", (key,)).fetchone()
+        return None if row is None else (row[1], row[2:])
+
+    def read_rows(self, view: str, features: Sequence[str], keys: Sequence[str]) -> RowsRead:
         if len(keys) == 1:
-            # The common online read: one row or none, without the by-key reordering.
-            row = conn.execute(select + " = ?", (keys[0],)).fetchone()
+            # One row or none, without the by-key reordering.
+            row = self.read_row(view, features, keys[0])
             if row is None:
                 return RowsRead(np.zeros(1, bool), np.zeros(1, np.int64), [(None,)] * len(features))
-            return RowsRead(
-                np.ones(1, bool), np.array([row[1]], np.int64), [(cell,) for cell in row[2:]]
-            )
+            return RowsRead(np.ones(1, bool), np.array([row[0]], np.int64), [(c,) for c in row[1]])
+        conn = self._reader()
+        select = self._select(view, features)
         rows = []
         unique = list(dict.fromkeys(keys))
         for start in range(0, len(unique), _READ_CHUNK):

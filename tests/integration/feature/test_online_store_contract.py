@@ -48,6 +48,11 @@ def test_a_one_entity_read_agrees_with_the_same_entity_read_among_others(store):
         assert alone.event_us.tolist() == among.event_us.tolist()[:1]
         assert alone.event_us.dtype == among.event_us.dtype
         assert [list(c) for c in alone.cells] == [list(c)[:1] for c in among.cells]
+    # And `read_row`, the same without arrays.
+    assert store.read_row(VIEW, FEATURES, "missing") is None
+    event_us, cells = store.read_row(VIEW, FEATURES, "1")
+    assert (event_us, list(cells)) == (100, [cell(1), b""])
+    assert type(event_us) is int
 
 
 def test_an_older_row_never_overwrites_a_newer_one(store):
@@ -98,6 +103,8 @@ def test_a_subset_of_features_can_be_read_and_new_features_start_absent(store):
     rows = store.read_rows(VIEW, ["b", "c"], ["1"])
     assert rows.found.tolist() == [True]
     assert [list(c) for c in rows.cells] == [[cell(2)], [None]]
+    event_us, cells = store.read_row(VIEW, ["c", "a"], "1")
+    assert (event_us, list(cells)) == (100, [None, cell(1)])
 
 
 def test_a_malformed_write_stores_nothing(store):
@@ -177,5 +184,7 @@ def test_a_redis_that_is_down_fails_a_read_as_unavailable(keys):
             store.read_rows(VIEW, FEATURES, keys)
         with pytest.raises(Unavailable):  # and again: no socket is left half-open
             store.read_rows(VIEW, FEATURES, keys)
+        with pytest.raises(Unavailable):
+            store.read_row(VIEW, FEATURES, keys[0])
     finally:
         store.close()
