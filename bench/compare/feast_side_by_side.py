@@ -281,6 +281,9 @@ def main() -> None:
                 ),
             )
         )
+        # What grpc alone costs there: the same server answering a health Check.
+        floor = (ours["floor: health p50 ms"], ours["floor: health p99 ms"], None, None)
+        rows.append(("modelplane floor (health Check)", floor))
         rows += [(f"issue's feast {k}", v) for k, v in ORIENTATION[store].items()]
         print(f"-- {store} (from {started})")
         for name, values in rows:
