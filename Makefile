@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-run: $(STAMP) ## Start all four services with embedded defaults and a demo model
+run: $(STAMP) ## Start all four services with embedded defaults, demo models and demo features
 	$(BIN)/modelplane up
 
 test: $(STAMP) ## Run the whole test suite
