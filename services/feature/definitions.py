@@ -277,12 +277,16 @@ class Change:
     change: str  # "created", "updated" or "unchanged"
 
 
+# Given the latest stored definitions, the new versions to store.
+Plan = Callable[[list[Definition]], Sequence[Definition]]
+
+
 class DefinitionStore(Protocol):
     """What the registry needs of `definition_store`."""
 
     def load(self) -> list[Definition]: ...
 
-    def save_with(self, plan: Callable[[list[Definition]], Sequence[Definition]]) -> None: ...
+    def save_with(self, plan: Plan) -> None: ...
 
 
 def catalog_of(definitions: Iterable[Definition]) -> Catalog:

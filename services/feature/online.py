@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +25,7 @@ from modelplane.services.feature.domain import (
     value_status,
     value_statuses,
 )
-from modelplane.services.feature.online_store import OnlineStore, RowsRead, WriteOutcome
+from modelplane.services.feature.online_store import OnlineStore, WriteOutcome
 
 KeyColumns = Mapping[str, np.ndarray | list]
 
@@ -223,18 +223,22 @@ class OnlineFeatures:
         self._plans[key] = plan
         return plan
 
-    def _rows_of_views(
-        self, plan: _ReadPlan, key_columns: KeyColumns
-    ) -> Iterator[tuple[_ViewRead, RowsRead]]:
-        """Each view's stored rows for the request's entities (keys made once per entity)."""
+    @staticmethod
+    def _keys_of_views(
+        plan: _ReadPlan, key_columns: KeyColumns
+    ) -> list[tuple[_ViewRead, list[str]]]:
+        """Each view to read, with the storage keys of the request's entities (made once
+        per entity, whatever the number of its views)."""
         keys_by_entity: dict[str, list[str]] = {}
+        views = []
         for read in plan.views:
-            view = read.view
-            keys = keys_by_entity.get(view.entity)
+            entity = read.view.entity
+            keys = keys_by_entity.get(entity)
             if keys is None:
-                keys = entity_keys(plan.catalog.entity(view.entity), key_columns)
-                keys_by_entity[view.entity] = keys
-            yield read, self._store.read_rows(view.name, read.names, keys)
+                keys = entity_keys(plan.catalog.entity(entity), key_columns)
+                keys_by_entity[entity] = keys
+            views.append((read, keys))
+        return views
 
     def read(self, key_columns: KeyColumns, refs: Sequence[str], bundle: str = "") -> OnlineResult:
         plan = self._plan(refs, bundle)
@@ -242,8 +246,9 @@ class OnlineFeatures:
         count = entity_count(key_columns)
         as_of = self._clock_us()
         per_view: list[list[FeatureResult]] = []
-        for read, rows in self._rows_of_views(plan, key_columns):
+        for read, keys in self._keys_of_views(plan, key_columns):
             view = read.view
+            rows = self._store.read_rows(view.name, read.names, keys)
             results: list[FeatureResult] = [None] * len(read.names)  # type: ignore[list-item]
             for value_type, indices in read.groups:
                 if value_type is ValueType.STRING:
@@ -284,13 +289,8 @@ class OnlineFeatures:
         as_of = self._clock_us()
         per_view: list[list[tuple[str, ValueType, bytes, int, int]]] = []
         statuses: list[int] = []
-        keys: dict[str, str] = {}  # entity -> its storage key, made once
-        for read in plan.views:
+        for read, (key,) in self._keys_of_views(plan, key_columns):
             view = read.view
-            key = keys.get(view.entity)
-            if key is None:
-                (key,) = entity_keys(plan.catalog.entity(view.entity), key_columns)
-                keys[view.entity] = key
             row = self._store.read_row(view.name, read.names, key)
             event_us, cells = (0, [None] * len(read.names)) if row is None else row
             features = []

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from modelplane.services.feature.definitions import from_spec, to_spec
+from modelplane.services.feature.definitions import Plan, from_spec, to_spec
 from modelplane.services.feature.domain import Definition, kind_of
 
-# Given the latest stored definitions, the new versions to store.
-Plan = Callable[[list[Definition]], Sequence[Definition]]
 # kind, name, version, spec, applied_at_us
 Row = tuple[str, str, int, str, int]
 

@@ -25,11 +25,10 @@ def test_a_second_holder_is_refused_with_the_first_ones_pid(tmp_path):
 
 def test_the_lock_dies_with_its_holder(tmp_path):
     path = tmp_path / "sub" / "state.lock"
-    # ok-sleep: the holder must stay alive, holding the lock, until the test kills it.
     script = (
         "import time; from pathlib import Path; from modelplane.kernel.state_lock import "
         f"StateLock; lock = StateLock(Path({str(path)!r}), 'x'); print('held', flush=True); "
-        "time.sleep(60)"
+        "time.sleep(60)  # ok-sleep: the holder keeps the lock until the test kills it"
     )
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
