@@ -35,13 +35,41 @@ class Settings(ServiceSettings):
     model_repository: Path | None = Field(
         None, description="Model repository directory; unset means <data_dir>/models."
     )
-    model_control_mode: Literal["none", "explicit"] = Field(
+    model_control_mode: Literal["none", "explicit", "registry"] = Field(
         "none",
         description="none: load every model at start; explicit: only --load-model ones "
-        "(RepositoryModelLoad/Unload work in both).",
+        "(RepositoryModelLoad/Unload work in both); registry: every registry model that "
+        "has the default alias. With --registry, none means explicit.",
     )
     load_model: list[str] = Field(
-        [], description="Models to load at start in explicit mode (JSON list in the env)."
+        [],
+        description="Models to load at start: NAME, or NAME@ALIAS with --registry "
+        "(JSON list in the env).",
+    )
+    registry: str | None = Field(
+        None,
+        description="Registry address HOST:PORT; set, models are served from the registry's "
+        "aliases instead of the model repository.",
+    )
+    default_alias: str = Field(
+        "production", description="Alias followed for --load-model NAME without @ALIAS."
+    )
+    registry_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline of each registry call (downloads: per MiB, at least)."
+    )
+    registry_discovery_s: float = Field(
+        10.0,
+        gt=0,
+        description="In registry control mode, how often the registry is asked for models "
+        "that newly have the default alias.",
+    )
+    artifact_cache_dir: Path | None = Field(
+        None,
+        description="Registry artifacts cached by digest, and the last known aliases; "
+        "unset means <data_dir>/inference-cache.",
+    )
+    workers: int = Field(
+        1, ge=1, description="Server processes sharing the gRPC port (SO_REUSEPORT)."
     )
     max_batch_size: int = Field(
         64, ge=0, description="max_batch_size of models without a config.pbtxt."
@@ -77,6 +105,10 @@ class Settings(ServiceSettings):
     def repository_path(self) -> Path:
         return self.model_repository or self.data_dir / "models"
 
+    @property
+    def cache_path(self) -> Path:
+        return self.artifact_cache_dir or self.data_dir / "inference-cache"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Triton-style flags; each is also settable as MODELPLANE_INFERENCE_<NAME>."""
@@ -85,14 +117,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--model-control-mode",
-        choices=["none", "explicit"],
-        help="none loads every model at start; explicit only those given by --load-model",
+        choices=["none", "explicit", "registry"],
+        help="none loads every model at start; explicit only those given by --load-model; "
+        "registry every registry model with the default alias",
     )
     parser.add_argument(
         "--load-model",
         action="append",
-        metavar="NAME",
-        help="model to load at start in explicit mode (repeatable)",
+        metavar="NAME[@ALIAS]",
+        help="model to load at start (repeatable); with --registry NAME@ALIAS follows an "
+        "alias (default: production)",
+    )
+    parser.add_argument(
+        "--registry", metavar="HOST:PORT", help="serve models from this registry's aliases"
+    )
+    parser.add_argument("--default-alias", help="alias followed by default (production)")
+    parser.add_argument(
+        "--artifact-cache-dir", type=Path, metavar="DIR", help="registry artifact cache"
+    )
+    parser.add_argument(
+        "--workers", type=int, help="server processes sharing the port (default 1)"
     )
     parser.add_argument(
         "--max-batch-size", type=int, help="max_batch_size for models without config.pbtxt"

@@ -491,6 +491,7 @@ class ModelVersion(_message.Message):
     CREATED_BY_FIELD_NUMBER: _builtins.int
     ALIASES_FIELD_NUMBER: _builtins.int
     APPROVALS_FIELD_NUMBER: _builtins.int
+    SERVING_CONFIG_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name."""
     version: _builtins.int
@@ -503,6 +504,8 @@ class ModelVersion(_message.Message):
     """Who registered it."""
     approvals: _builtins.int
     """Distinct reviewers whose latest review approves this version."""
+    serving_config: _builtins.str
+    """How to serve it (see UploadMetadata.serving_config); empty for the defaults."""
     @_builtins.property
     def artifact(self) -> Global___Artifact:
         """The stored bytes."""
@@ -547,10 +550,11 @@ class ModelVersion(_message.Message):
         created_by: _builtins.str = ...,
         aliases: _abc.Iterable[_builtins.str] | None = ...,
         approvals: _builtins.int = ...,
+        serving_config: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "card", b"card", "create_time", b"create_time", "lineage", b"lineage", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "approvals", b"approvals", "artifact", b"artifact", "card", b"card", "create_time", b"create_time", "created_by", b"created_by", "description", b"description", "feature_statistics", b"feature_statistics", "lineage", b"lineage", "model", b"model", "signature", b"signature", "status", b"status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "approvals", b"approvals", "artifact", b"artifact", "card", b"card", "create_time", b"create_time", "created_by", b"created_by", "description", b"description", "feature_statistics", b"feature_statistics", "lineage", b"lineage", "model", b"model", "serving_config", b"serving_config", "signature", b"signature", "status", b"status", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -567,6 +571,7 @@ class Alias(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATED_BY_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name."""
     alias: _builtins.str
@@ -575,6 +580,10 @@ class Alias(_message.Message):
     """Version holding it."""
     updated_by: _builtins.str
     """Who last moved it."""
+    event_id: _builtins.int
+    """Id of the move that put it there (AliasEvent.id); watchers compare it with
+    the ids of later events to ignore repeated or older ones.
+    """
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When it last moved."""
@@ -587,10 +596,11 @@ class Alias(_message.Message):
         version: _builtins.int = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         updated_by: _builtins.str = ...,
+        event_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "model", b"model", "update_time", b"update_time", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "event_id", b"event_id", "model", b"model", "update_time", b"update_time", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -609,6 +619,7 @@ class AliasEvent(_message.Message):
     ACTOR_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name."""
     alias: _builtins.str
@@ -621,6 +632,8 @@ class AliasEvent(_message.Message):
     """Who moved it."""
     reason: _builtins.str
     """Why, as the mover wrote it."""
+    id: _builtins.int
+    """Id of the move, increasing in the order moves were committed."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When."""
@@ -635,10 +648,11 @@ class AliasEvent(_message.Message):
         actor: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
         reason: _builtins.str = ...,
+        id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "alias", b"alias", "from_version", b"from_version", "model", b"model", "reason", b"reason", "time", b"time", "to_version", b"to_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "alias", b"alias", "from_version", b"from_version", "id", b"id", "model", b"model", "reason", b"reason", "time", b"time", "to_version", b"to_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1017,6 +1031,7 @@ class UploadMetadata(_message.Message):
     LINEAGE_FIELD_NUMBER: _builtins.int
     CARD_FIELD_NUMBER: _builtins.int
     FEATURE_STATISTICS_FIELD_NUMBER: _builtins.int
+    SERVING_CONFIG_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model the version belongs to; must exist."""
     sha256: _builtins.str
@@ -1025,6 +1040,11 @@ class UploadMetadata(_message.Message):
     """Expected size in bytes; when set, a mismatch rejects the upload."""
     description: _builtins.str
     """Free text."""
+    serving_config: _builtins.str
+    """How to serve the version: a Triton `config.pbtxt` (inference.ModelConfig in
+    protobuf text format: batching, instances, threads, execution provider).
+    Empty: the inference server's defaults. Rejected at upload if it does not parse.
+    """
     @_builtins.property
     def lineage(self) -> Global___Lineage:
         """Where the version came from."""
@@ -1047,10 +1067,11 @@ class UploadMetadata(_message.Message):
         lineage: Global___Lineage | None = ...,
         card: Global___ModelCard | None = ...,
         feature_statistics: _abc.Iterable[Global___FeatureStatistics] | None = ...,
+        serving_config: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "lineage", b"lineage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "description", b"description", "feature_statistics", b"feature_statistics", "lineage", b"lineage", "model", b"model", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "description", b"description", "feature_statistics", b"feature_statistics", "lineage", b"lineage", "model", b"model", "serving_config", b"serving_config", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1826,21 +1847,27 @@ class AliasSnapshot(_message.Message):
 
     ALIASES_FIELD_NUMBER: _builtins.int
     LATEST_VERSION_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
     latest_version: _builtins.int
     """Highest version number at the time of the snapshot."""
     @_builtins.property
     def aliases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alias]:
         """Every alias and its holder."""
 
+    @_builtins.property
+    def rollout(self) -> Global___RolloutPolicy:
+        """The model's rollout policy (revision 0 when never set)."""
+
     def __init__(
         self,
         *,
         aliases: _abc.Iterable[Global___Alias] | None = ...,
         latest_version: _builtins.int = ...,
+        rollout: Global___RolloutPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "latest_version", b"latest_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "latest_version", b"latest_version", "rollout", b"rollout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1855,6 +1882,7 @@ class WatchModelResponse(_message.Message):
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     ALIAS_MOVED_FIELD_NUMBER: _builtins.int
     VERSION_CREATED_FIELD_NUMBER: _builtins.int
+    ROLLOUT_CHANGED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def snapshot(self) -> Global___AliasSnapshot:
         """Current state; always the first message."""
@@ -1867,18 +1895,25 @@ class WatchModelResponse(_message.Message):
     def version_created(self) -> Global___VersionCreated:
         """A version was registered."""
 
+    @_builtins.property
+    def rollout_changed(self) -> Global___RolloutPolicy:
+        """The rollout policy changed; apply it only if its revision is higher than
+        the one held (events may repeat after a reconnect).
+        """
+
     def __init__(
         self,
         *,
         snapshot: Global___AliasSnapshot | None = ...,
         alias_moved: Global___AliasEvent | None = ...,
         version_created: Global___VersionCreated | None = ...,
+        rollout_changed: Global___RolloutPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["alias_moved", b"alias_moved", "event", b"event", "snapshot", b"snapshot", "version_created", b"version_created"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alias_moved", b"alias_moved", "event", b"event", "rollout_changed", b"rollout_changed", "snapshot", b"snapshot", "version_created", b"version_created"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias_moved", b"alias_moved", "event", b"event", "snapshot", b"snapshot", "version_created", b"version_created"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias_moved", b"alias_moved", "event", b"event", "rollout_changed", b"rollout_changed", "snapshot", b"snapshot", "version_created", b"version_created"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["snapshot", "alias_moved", "version_created"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["snapshot", "alias_moved", "version_created", "rollout_changed"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -1955,3 +1990,226 @@ class ListAuditEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015
+
+@_typing.final
+class RouteWeight(_message.Message):
+    """A share of a model's requests answered by the version an alias holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIAS_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    alias: _builtins.str
+    """Alias name, e.g. "production" or "canary"."""
+    weight: _builtins.int
+    """Percent of requests, 1..100."""
+    def __init__(
+        self,
+        *,
+        alias: _builtins.str = ...,
+        weight: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteWeight: _TypeAlias = RouteWeight  # noqa: Y015
+
+@_typing.final
+class ShadowRoute(_message.Message):
+    """A share of requests mirrored to another alias; its responses are discarded."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIAS_FIELD_NUMBER: _builtins.int
+    PERCENT_FIELD_NUMBER: _builtins.int
+    alias: _builtins.str
+    """Alias whose version receives the copies, e.g. "shadow"."""
+    percent: _builtins.int
+    """Percent of requests mirrored, 1..100."""
+    def __init__(
+        self,
+        *,
+        alias: _builtins.str = ...,
+        percent: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "percent", b"percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowRoute: _TypeAlias = ShadowRoute  # noqa: Y015
+
+@_typing.final
+class RolloutPolicy(_message.Message):
+    """How a model's traffic is split between aliases. Inference servers that follow
+    one of the routed aliases split the model's requests (those naming no version)
+    by these weights; a request carrying a `routing_key` parameter always lands on
+    the same route while the policy holds. Servers following an alias the policy
+    does not route serve that alias alone.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    ROUTES_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATED_BY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name."""
+    revision: _builtins.int
+    """Increases by one on every change of this model's policy; 0 when never set."""
+    updated_by: _builtins.str
+    """Who last changed it."""
+    reason: _builtins.str
+    """Why, as the changer wrote it."""
+    @_builtins.property
+    def routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___RouteWeight]:
+        """Aliases answering requests and their weights, summing to 100; empty means
+        every request goes to the alias the server follows.
+        """
+
+    @_builtins.property
+    def shadow(self) -> Global___ShadowRoute:
+        """Traffic mirrored to a shadow alias; unset or percent 0 for none."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last changed."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        routes: _abc.Iterable[Global___RouteWeight] | None = ...,
+        shadow: Global___ShadowRoute | None = ...,
+        revision: _builtins.int = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        updated_by: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shadow", b"shadow", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "reason", b"reason", "revision", b"revision", "routes", b"routes", "shadow", b"shadow", "update_time", b"update_time", "updated_by", b"updated_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutPolicy: _TypeAlias = RolloutPolicy  # noqa: Y015
+
+@_typing.final
+class SetRolloutPolicyRequest(_message.Message):
+    """Request of SetRolloutPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    ROUTES_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    EXPECTED_REVISION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name."""
+    expected_revision: _builtins.int
+    """Revision expected now (0: never set); a mismatch fails with ABORTED."""
+    reason: _builtins.str
+    """Why, for the audit log."""
+    @_builtins.property
+    def routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___RouteWeight]:
+        """Aliases and weights summing to 100; empty turns splitting off."""
+
+    @_builtins.property
+    def shadow(self) -> Global___ShadowRoute:
+        """Shadow traffic; unset or percent 0 for none."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        routes: _abc.Iterable[Global___RouteWeight] | None = ...,
+        shadow: Global___ShadowRoute | None = ...,
+        expected_revision: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shadow", b"shadow"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_revision", b"expected_revision", "model", b"model", "reason", b"reason", "routes", b"routes", "shadow", b"shadow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRolloutPolicyRequest: _TypeAlias = SetRolloutPolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetRolloutPolicyResponse(_message.Message):
+    """Response of SetRolloutPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___RolloutPolicy:
+        """The stored policy with its new revision."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___RolloutPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRolloutPolicyResponse: _TypeAlias = SetRolloutPolicyResponse  # noqa: Y015
+
+@_typing.final
+class GetRolloutPolicyRequest(_message.Message):
+    """Request of GetRolloutPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRolloutPolicyRequest: _TypeAlias = GetRolloutPolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetRolloutPolicyResponse(_message.Message):
+    """Response of GetRolloutPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___RolloutPolicy:
+        """The policy; revision 0 when never set."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___RolloutPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRolloutPolicyResponse: _TypeAlias = GetRolloutPolicyResponse  # noqa: Y015

@@ -125,6 +125,16 @@ class RegistryServiceStub:
                 request_serializer=modelplane_dot_registry_dot_v1_dot_registry__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=modelplane_dot_registry_dot_v1_dot_registry__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.SetRolloutPolicy = channel.unary_unary(
+                '/modelplane.registry.v1.RegistryService/SetRolloutPolicy',
+                request_serializer=modelplane_dot_registry_dot_v1_dot_registry__pb2.SetRolloutPolicyRequest.SerializeToString,
+                response_deserializer=modelplane_dot_registry_dot_v1_dot_registry__pb2.SetRolloutPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetRolloutPolicy = channel.unary_unary(
+                '/modelplane.registry.v1.RegistryService/GetRolloutPolicy',
+                request_serializer=modelplane_dot_registry_dot_v1_dot_registry__pb2.GetRolloutPolicyRequest.SerializeToString,
+                response_deserializer=modelplane_dot_registry_dot_v1_dot_registry__pb2.GetRolloutPolicyResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -262,6 +272,23 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRolloutPolicy(self, request, context):
+        """Sets how a model's traffic splits between aliases (canary) and how much of it
+        is mirrored to a shadow alias, with compare-and-set on the policy's revision.
+        Weights must sum to 100 and name existing aliases (INVALID_ARGUMENT, nothing
+        stored); an alias given weight needs the approvals a protected alias needs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRolloutPolicy(self, request, context):
+        """Returns a model's rollout policy (revision 0 and no routes when never set).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -354,6 +381,16 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEvents,
                     request_deserializer=modelplane_dot_registry_dot_v1_dot_registry__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=modelplane_dot_registry_dot_v1_dot_registry__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'SetRolloutPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRolloutPolicy,
+                    request_deserializer=modelplane_dot_registry_dot_v1_dot_registry__pb2.SetRolloutPolicyRequest.FromString,
+                    response_serializer=modelplane_dot_registry_dot_v1_dot_registry__pb2.SetRolloutPolicyResponse.SerializeToString,
+            ),
+            'GetRolloutPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRolloutPolicy,
+                    request_deserializer=modelplane_dot_registry_dot_v1_dot_registry__pb2.GetRolloutPolicyRequest.FromString,
+                    response_serializer=modelplane_dot_registry_dot_v1_dot_registry__pb2.GetRolloutPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -843,6 +880,60 @@ class RegistryService:
             '/modelplane.registry.v1.RegistryService/ListAuditEvents',
             modelplane_dot_registry_dot_v1_dot_registry__pb2.ListAuditEventsRequest.SerializeToString,
             modelplane_dot_registry_dot_v1_dot_registry__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRolloutPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelplane.registry.v1.RegistryService/SetRolloutPolicy',
+            modelplane_dot_registry_dot_v1_dot_registry__pb2.SetRolloutPolicyRequest.SerializeToString,
+            modelplane_dot_registry_dot_v1_dot_registry__pb2.SetRolloutPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRolloutPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelplane.registry.v1.RegistryService/GetRolloutPolicy',
+            modelplane_dot_registry_dot_v1_dot_registry__pb2.GetRolloutPolicyRequest.SerializeToString,
+            modelplane_dot_registry_dot_v1_dot_registry__pb2.GetRolloutPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -82,6 +82,14 @@ class RegistryServiceStub:
     """
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListAuditEventsRequest, _registry_pb2.ListAuditEventsResponse]
     """Lists audit events (every mutating call), newest first."""
+    SetRolloutPolicy: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SetRolloutPolicyRequest, _registry_pb2.SetRolloutPolicyResponse]
+    """Sets how a model's traffic splits between aliases (canary) and how much of it
+    is mirrored to a shadow alias, with compare-and-set on the policy's revision.
+    Weights must sum to 100 and name existing aliases (INVALID_ARGUMENT, nothing
+    stored); an alias given weight needs the approvals a protected alias needs.
+    """
+    GetRolloutPolicy: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetRolloutPolicyRequest, _registry_pb2.GetRolloutPolicyResponse]
+    """Returns a model's rollout policy (revision 0 and no routes when never set)."""
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -131,6 +139,14 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListAuditEventsRequest, _registry_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """Lists audit events (every mutating call), newest first."""
+    SetRolloutPolicy: _aio.UnaryUnaryMultiCallable[_registry_pb2.SetRolloutPolicyRequest, _registry_pb2.SetRolloutPolicyResponse]  # type: ignore[assignment]
+    """Sets how a model's traffic splits between aliases (canary) and how much of it
+    is mirrored to a shadow alias, with compare-and-set on the policy's revision.
+    Weights must sum to 100 and name existing aliases (INVALID_ARGUMENT, nothing
+    stored); an alias given weight needs the approvals a protected alias needs.
+    """
+    GetRolloutPolicy: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetRolloutPolicyRequest, _registry_pb2.GetRolloutPolicyResponse]  # type: ignore[assignment]
+    """Returns a model's rollout policy (revision 0 and no routes when never set)."""
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """Models, versions, artifacts, aliases, approvals and audit."""
@@ -285,5 +301,25 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.ListAuditEventsResponse, _abc.Awaitable[_registry_pb2.ListAuditEventsResponse]]:
         """Lists audit events (every mutating call), newest first."""
+
+    @_abc_1.abstractmethod
+    def SetRolloutPolicy(
+        self,
+        request: _registry_pb2.SetRolloutPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.SetRolloutPolicyResponse, _abc.Awaitable[_registry_pb2.SetRolloutPolicyResponse]]:
+        """Sets how a model's traffic splits between aliases (canary) and how much of it
+        is mirrored to a shadow alias, with compare-and-set on the policy's revision.
+        Weights must sum to 100 and name existing aliases (INVALID_ARGUMENT, nothing
+        stored); an alias given weight needs the approvals a protected alias needs.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRolloutPolicy(
+        self,
+        request: _registry_pb2.GetRolloutPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.GetRolloutPolicyResponse, _abc.Awaitable[_registry_pb2.GetRolloutPolicyResponse]]:
+        """Returns a model's rollout policy (revision 0 and no routes when never set)."""
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
