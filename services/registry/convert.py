@@ -111,6 +111,7 @@ def metadata_from_pb(upload: pb.UploadMetadata) -> domain.VersionMetadata:
             domain.FeatureStatistics(s.name, tuple(s.bin_edges), tuple(s.counts))
             for s in upload.feature_statistics
         ),
+        serving_config=upload.serving_config,
     )
 
 
@@ -164,6 +165,7 @@ def version_to_pb(version: domain.ModelVersion) -> pb.ModelVersion:
         created_by=version.created_by,
         aliases=list(version.aliases),
         approvals=version.approvals,
+        serving_config=meta.serving_config,
     )
 
 
@@ -174,6 +176,7 @@ def alias_to_pb(alias: domain.Alias) -> pb.Alias:
         version=alias.version,
         update_time=timestamp(alias.updated_at),
         updated_by=alias.updated_by,
+        event_id=alias.event_id,
     )
 
 
@@ -186,7 +189,32 @@ def event_to_pb(event: domain.AliasEvent) -> pb.AliasEvent:
         actor=event.actor,
         time=timestamp(event.time),
         reason=event.reason,
+        id=event.id,
     )
+
+
+def rollout_request_from_pb(
+    request: pb.SetRolloutPolicyRequest,
+) -> tuple[tuple[domain.RouteWeight, ...], domain.ShadowRoute]:
+    routes = tuple(domain.RouteWeight(r.alias, r.weight) for r in request.routes)
+    return routes, domain.ShadowRoute(request.shadow.alias, request.shadow.percent)
+
+
+def rollout_to_pb(policy: domain.RolloutPolicy) -> pb.RolloutPolicy:
+    message = pb.RolloutPolicy(
+        model=policy.model,
+        routes=[pb.RouteWeight(alias=r.alias, weight=r.weight) for r in policy.routes],
+        revision=policy.revision,
+        updated_by=policy.updated_by,
+        reason=policy.reason,
+    )
+    if policy.shadow.active:
+        message.shadow.CopyFrom(
+            pb.ShadowRoute(alias=policy.shadow.alias, percent=policy.shadow.percent)
+        )
+    if policy.updated_at is not None:
+        message.update_time.CopyFrom(timestamp(policy.updated_at))
+    return message
 
 
 def review_to_pb(review: domain.Review) -> pb.Review:

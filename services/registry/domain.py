@@ -15,6 +15,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from google.protobuf import text_format
+
+from inference import model_config_pb2
 from modelplane.kernel.errors import (
     Conflict,
     FailedPrecondition,
@@ -24,6 +27,11 @@ from modelplane.kernel.errors import (
 ANONYMOUS = "anonymous"
 MAX_NAME_LENGTH = 128
 MAX_TEXT_LENGTH = 64 * 1024
+MAX_SERVING_CONFIG_BYTES = 64 * 1024
+# Error messages quote at most this much of a bad value: a whole 10,000-character name
+# would overflow gRPC's status metadata and reach the caller as another error.
+MAX_QUOTED_CHARS = 64
+MAX_PERCENT = 100
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 ARTIFACT_FORMAT = "onnx"
@@ -139,6 +147,8 @@ class VersionMetadata:
     lineage: Lineage = Lineage()
     card: ModelCard = ModelCard()
     feature_statistics: tuple[FeatureStatistics, ...] = ()
+    # A Triton config.pbtxt (inference.ModelConfig as protobuf text); empty: defaults.
+    serving_config: str = ""
 
 
 @dataclass(frozen=True)
@@ -169,6 +179,7 @@ class Alias:
     version: int
     updated_at: datetime
     updated_by: str
+    event_id: int = 0  # the AliasEvent.id of the move that put it there
 
 
 @dataclass(frozen=True)
@@ -180,6 +191,54 @@ class AliasEvent:
     actor: str
     time: datetime
     reason: str
+    id: int = 0  # increasing in commit order (per model, whatever the database)
+
+
+@dataclass(frozen=True)
+class RouteWeight:
+    alias: str
+    weight: int  # percent of the model's requests, 1..100
+
+
+@dataclass(frozen=True)
+class ShadowRoute:
+    alias: str = ""
+    percent: int = 0  # 0: no shadow traffic
+
+    @property
+    def active(self) -> bool:
+        return self.percent > 0
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    """How a model's requests split between aliases, and what share is mirrored to a
+    shadow alias. Revision 0 is the policy of a model that never had one: no routes."""
+
+    model: str
+    routes: tuple[RouteWeight, ...] = ()
+    shadow: ShadowRoute = ShadowRoute()
+    revision: int = 0
+    updated_at: datetime | None = None
+    updated_by: str = ""
+    reason: str = ""
+
+    @property
+    def routed_aliases(self) -> frozenset[str]:
+        return frozenset(route.alias for route in self.routes)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.routes) or self.shadow.active
+
+    def details(self) -> dict[str, object]:
+        """What the audit log keeps of it."""
+        return {
+            "routes": [{"alias": r.alias, "weight": r.weight} for r in self.routes],
+            "shadow": {"alias": self.shadow.alias, "percent": self.shadow.percent},
+            "revision": self.revision,
+            "reason": self.reason,
+        }
 
 
 @dataclass(frozen=True)
@@ -213,25 +272,34 @@ class AuditFilter:
 # --- validation -------------------------------------------------------------------------
 
 
+def quote(value: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    """`value` for an error message: quoted, and cut to `limit` characters."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
 def validate_model_name(name: str) -> None:
     if not name:
         raise InvalidArgument("model name is required")
     if len(name) > MAX_NAME_LENGTH or not _NAME.match(name):
         raise InvalidArgument(
-            f"model name {name!r} must be 1-{MAX_NAME_LENGTH} letters, digits, '.', '_' or '-',"
-            " starting with a letter or digit"
+            f"model name {quote(name)} must be 1-{MAX_NAME_LENGTH} letters, digits, '.', '_'"
+            " or '-', starting with a letter or digit"
         )
 
 
-def validate_alias_name(alias: str) -> None:
+def validate_alias_name(alias: str, what: str = "alias") -> None:
     if not alias:
-        raise InvalidArgument("alias is required")
+        raise InvalidArgument(f"{what} is required")
     if len(alias) > MAX_NAME_LENGTH or not _NAME.match(alias):
         raise InvalidArgument(
-            f"alias {alias!r} must be 1-{MAX_NAME_LENGTH} letters, digits, '.', '_' or '-'"
+            f"{what} {quote(alias)} must be 1-{MAX_NAME_LENGTH} letters, digits, '.', '_' or '-'"
         )
     if _VERSION_LIKE.match(alias):
-        raise InvalidArgument(f"alias {alias!r} is reserved: names like v<number> mean versions")
+        raise InvalidArgument(
+            f"{what} {quote(alias)} is reserved: names like v<number> mean versions"
+        )
 
 
 def validate_version_number(version: int) -> None:
@@ -244,7 +312,7 @@ def validate_sha256(digest: str) -> None:
         raise InvalidArgument("sha256 must be 64 lowercase hex characters")
 
 
-def _validate_text(what: str, text: str) -> None:
+def validate_text(what: str, text: str) -> None:
     if len(text) > MAX_TEXT_LENGTH:
         raise InvalidArgument(f"{what} is longer than {MAX_TEXT_LENGTH} characters")
 
@@ -254,8 +322,28 @@ def validate_labels(what: str, labels: Mapping[str, str]) -> None:
         if not key:
             raise InvalidArgument(f"{what} keys must not be empty")
         if len(key) > MAX_NAME_LENGTH:
-            raise InvalidArgument(f"{what} key {key[:32]!r}... is too long")
-        _validate_text(f"{what} {key!r}", value)
+            raise InvalidArgument(f"{what} key {quote(key, 32)} is too long")
+        validate_text(f"{what} {quote(key)}", value)
+
+
+def validate_serving_config(text: str) -> None:
+    """A version's serving config must parse as Triton's `config.pbtxt` (protobuf text of
+    inference.ModelConfig), so no inference server meets a broken one at load."""
+    size = len(text.encode())
+    if size > MAX_SERVING_CONFIG_BYTES:
+        raise InvalidArgument(
+            f"serving_config is {size} bytes; at most {MAX_SERVING_CONFIG_BYTES} are accepted"
+        )
+    if not text.strip():
+        return
+    try:
+        text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        # The parser's message quotes the offending line, which may be long.
+        raise InvalidArgument(
+            f"serving_config is not a valid config.pbtxt (inference.ModelConfig): "
+            f"{quote(str(exc), 200)}"
+        ) from exc
 
 
 def validate_policy(policy: ApprovalPolicy) -> None:
@@ -269,8 +357,8 @@ def validate_policy(policy: ApprovalPolicy) -> None:
 
 def validate_new_model(model: NewModel) -> None:
     validate_model_name(model.name)
-    _validate_text("description", model.description)
-    _validate_text("owner", model.owner)
+    validate_text("description", model.description)
+    validate_text("owner", model.owner)
     validate_labels("tag", model.tags)
     validate_policy(model.approval_policy)
 
@@ -280,27 +368,28 @@ def validate_feature_statistics(stats: Sequence[FeatureStatistics]) -> None:
     for stat in stats:
         if not stat.name:
             raise InvalidArgument("feature statistics need a feature name")
+        name = quote(stat.name)
         if stat.name in seen:
-            raise InvalidArgument(f"feature statistics for {stat.name!r} given twice")
+            raise InvalidArgument(f"feature statistics for {name} given twice")
         seen.add(stat.name)
         edges = stat.bin_edges
         if len(edges) < 2:
-            raise InvalidArgument(f"feature {stat.name!r}: at least two bin edges are needed")
+            raise InvalidArgument(f"feature {name}: at least two bin edges are needed")
         if not all(math.isfinite(edge) for edge in edges):
-            raise InvalidArgument(f"feature {stat.name!r}: bin edges must be finite")
+            raise InvalidArgument(f"feature {name}: bin edges must be finite")
         if any(b <= a for a, b in itertools.pairwise(edges)):
-            raise InvalidArgument(f"feature {stat.name!r}: bin edges must strictly increase")
+            raise InvalidArgument(f"feature {name}: bin edges must strictly increase")
         if len(stat.counts) != len(edges) - 1:
             raise InvalidArgument(
-                f"feature {stat.name!r}: {len(edges)} bin edges need {len(edges) - 1} counts,"
+                f"feature {name}: {len(edges)} bin edges need {len(edges) - 1} counts,"
                 f" got {len(stat.counts)}"
             )
         if any(count < 0 for count in stat.counts):
-            raise InvalidArgument(f"feature {stat.name!r}: counts must not be negative")
+            raise InvalidArgument(f"feature {name}: counts must not be negative")
 
 
 def validate_metadata(metadata: VersionMetadata) -> None:
-    _validate_text("description", metadata.description)
+    validate_text("description", metadata.description)
     lineage = metadata.lineage
     for what, text in (
         ("training_data_ref", lineage.training_data_ref),
@@ -312,15 +401,16 @@ def validate_metadata(metadata: VersionMetadata) -> None:
         ("ethical_considerations", metadata.card.ethical_considerations),
         ("evaluation_data", metadata.card.evaluation_data),
     ):
-        _validate_text(what, text)
+        validate_text(what, text)
     validate_labels("param", lineage.params)
     for metric in lineage.metrics:
         if not metric.name:
             raise InvalidArgument("metrics need a name")
         if not math.isfinite(metric.value):
-            raise InvalidArgument(f"metric {metric.name!r} must be a finite number")
-        validate_labels(f"metric {metric.name!r} slice", metric.slice)
+            raise InvalidArgument(f"metric {quote(metric.name)} must be a finite number")
+        validate_labels(f"metric {quote(metric.name)} slice", metric.slice)
     validate_feature_statistics(metadata.feature_statistics)
+    validate_serving_config(metadata.serving_config)
 
 
 def page_size(requested: int) -> int:
@@ -401,13 +491,107 @@ def check_alias_target(
     status: VersionStatus,
     approvals: int,
     policy: ApprovalPolicy,
+    routed: frozenset[str] = frozenset(),
 ) -> None:
+    """`routed`: aliases the model's rollout policy sends requests to. While it does, such
+    an alias is guarded like a protected one: otherwise moving a canary would put an
+    unapproved version in front of users."""
     if status in (VersionStatus.ARCHIVED, VersionStatus.DEPRECATED):
         raise FailedPrecondition(f"{model} v{version} is {status.value}; aliases cannot move to it")
-    if policy.guards(alias) and approvals < policy.required_approvals:
+    needed = policy.required_approvals
+    if needed <= 0 or approvals >= needed:
+        return
+    if policy.guards(alias):
         raise FailedPrecondition(
-            f"alias {alias!r} of {model} requires {policy.required_approvals} approval(s);"
-            f" v{version} has {approvals}"
+            f"alias {alias!r} of {model} requires {needed} approval(s); v{version} has {approvals}"
+        )
+    if alias in routed:
+        raise FailedPrecondition(
+            f"alias {alias!r} of {model} receives traffic under its rollout policy, so it"
+            f" requires {needed} approval(s); v{version} has {approvals}"
+        )
+
+
+def check_alias_removable(model: str, alias: str, rollout: RolloutPolicy) -> None:
+    if alias in rollout.routed_aliases:
+        raise FailedPrecondition(
+            f"alias {alias!r} of {model} receives traffic under its rollout policy"
+            f" (revision {rollout.revision}); turn the policy off or route elsewhere first"
+        )
+    if rollout.shadow.active and rollout.shadow.alias == alias:
+        raise FailedPrecondition(
+            f"alias {alias!r} of {model} is the shadow of its rollout policy"
+            f" (revision {rollout.revision}); turn the shadow off first"
+        )
+
+
+def validate_rollout(routes: Sequence[RouteWeight], shadow: ShadowRoute) -> ShadowRoute:
+    """Checks what a rollout request says on its own; returns the shadow as stored (a
+    percent of 0 means none, whatever alias came with it)."""
+    seen: set[str] = set()
+    for index, route in enumerate(routes):
+        validate_alias_name(route.alias, f"routes[{index}].alias")
+        if route.alias in seen:
+            raise InvalidArgument(f"routes[{index}].alias {quote(route.alias)} is routed twice")
+        seen.add(route.alias)
+        if not 1 <= route.weight <= MAX_PERCENT:
+            raise InvalidArgument(
+                f"routes[{index}].weight of {quote(route.alias)} must be 1..{MAX_PERCENT},"
+                f" got {route.weight}"
+            )
+    total = sum(route.weight for route in routes)
+    if routes and total != MAX_PERCENT:
+        raise InvalidArgument(f"routes weights must sum to {MAX_PERCENT}, got {total}")
+    if not 0 <= shadow.percent <= MAX_PERCENT:
+        raise InvalidArgument(f"shadow.percent must be 0..{MAX_PERCENT}, got {shadow.percent}")
+    if not shadow.active:
+        return ShadowRoute()
+    validate_alias_name(shadow.alias, "shadow.alias")
+    if shadow.alias in seen:
+        raise InvalidArgument(
+            f"shadow.alias {quote(shadow.alias)} already answers requests in routes;"
+            " a shadow receives copies of requests another alias answers"
+        )
+    return shadow
+
+
+def check_rollout(
+    model: str,
+    routes: Sequence[RouteWeight],
+    shadow: ShadowRoute,
+    holders: Mapping[str, int],
+    approvals: Mapping[int, int],
+    policy: ApprovalPolicy,
+) -> None:
+    """Checks a rollout against the model's state: `holders` maps each alias to the version
+    holding it, `approvals` each of those versions to its approvals. An alias given weight
+    needs the approvals a protected alias needs; a shadow's answers are discarded, so it
+    needs none."""
+    for index, route in enumerate(routes):
+        if route.alias not in holders:
+            raise InvalidArgument(
+                f"routes[{index}].alias: {model} has no alias {quote(route.alias)}"
+            )
+    if shadow.active and shadow.alias not in holders:
+        raise InvalidArgument(f"shadow.alias: {model} has no alias {quote(shadow.alias)}")
+    needed = policy.required_approvals
+    if needed <= 0:
+        return
+    for route in routes:
+        version = holders[route.alias]
+        have = approvals.get(version, 0)
+        if have < needed:
+            raise FailedPrecondition(
+                f"routing to alias {route.alias!r} of {model} requires {needed} approval(s);"
+                f" v{version}, which it holds, has {have}"
+            )
+
+
+def check_rollout_revision(model: str, current: int, expected: int) -> None:
+    """Compare-and-set on the policy's revision (0: never set)."""
+    if current != expected:
+        raise Conflict(
+            f"the rollout policy of {model} is at revision {current} (expected {expected})"
         )
 
 

@@ -97,6 +97,8 @@ class RegistryServer(AioServiceServer):
                 event: WatchEvent
                 if change["kind"] == "version":
                     event = store.get_version(model, int(str(change["version"])))
+                elif change["kind"] == "rollout":
+                    event = store.get_rollout(model, int(str(change["revision"])))
                 else:
                     event = store.alias_event(int(str(change["id"])))
                 loop.call_soon_threadsafe(hub.publish, model, event)
@@ -156,7 +158,17 @@ def build(settings: Settings) -> AioServiceServer:
         on_change=watchers.set,
         on_overflow=dropped.inc,
     )
-    servicer = RegistryServicer(store, artifacts, hub, registry, settings.max_concurrent_uploads)
+    servicer = RegistryServicer(
+        store,
+        artifacts,
+        hub,
+        registry,
+        settings.max_concurrent_uploads,
+        # With PostgreSQL every change, this process's own included, reaches the watchers
+        # through the LISTEN feed (RegistryServer.start); publishing it here too would
+        # deliver it twice.
+        local_fanout=not isinstance(store, PostgresStore),
+    )
 
     async def close_store() -> None:
         await asyncio.to_thread(store.close)

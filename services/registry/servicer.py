@@ -33,11 +33,12 @@ log = logging.getLogger("modelplane.registry")
 
 ACTOR_METADATA_KEY = "x-modelplane-actor"
 MAX_ACTOR_LENGTH = 256
+MAX_AUDIT_TARGET_LENGTH = 512
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
 
 T = TypeVar("T")
-WatchEvent = domain.AliasEvent | domain.ModelVersion
+WatchEvent = domain.AliasEvent | domain.ModelVersion | domain.RolloutPolicy
 
 
 def actor_of(context: grpc.aio.ServicerContext) -> str:
@@ -110,6 +111,9 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         self, actor: str, action: str, target: str, exc: ModelplaneError
     ) -> None:
         details = {"outcome": "refused", "code": exc.code.name, "error": exc.message}
+        # The target comes from the request as sent: a refused call must not store
+        # whatever size the caller chose.
+        target = target[:MAX_AUDIT_TARGET_LENGTH]
         try:
             await asyncio.to_thread(self._store.record_audit, actor, action, target, details)
         except ModelplaneError:
@@ -424,6 +428,36 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         )
         return pb.GetAliasAtResponse(version=event.to_version, event=convert.event_to_pb(event))
 
+    # --- rollout policies -----------------------------------------------------------------
+
+    async def SetRolloutPolicy(
+        self, request: pb.SetRolloutPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetRolloutPolicyResponse:
+        domain.validate_model_name(request.model)
+        if request.expected_revision < 0:
+            raise InvalidArgument("expected_revision must not be negative")
+        routes, shadow = convert.rollout_request_from_pb(request)
+        policy = await self._mutate(
+            context,
+            "rollout.set",
+            request.model,
+            self._store.set_rollout,
+            request.model,
+            routes,
+            shadow,
+            request.expected_revision,
+            request.reason,
+        )
+        self._announce(request.model, policy)
+        return pb.SetRolloutPolicyResponse(policy=convert.rollout_to_pb(policy))
+
+    async def GetRolloutPolicy(
+        self, request: pb.GetRolloutPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetRolloutPolicyResponse:
+        domain.validate_model_name(request.model)
+        policy = await asyncio.to_thread(self._store.get_rollout, request.model)
+        return pb.GetRolloutPolicyResponse(policy=convert.rollout_to_pb(policy))
+
     # --- watch and audit ------------------------------------------------------------------
 
     async def WatchModel(
@@ -437,16 +471,20 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         try:
             model = await asyncio.to_thread(self._store.get_model, request.model)
             aliases = await asyncio.to_thread(self._store.list_aliases, request.model)
+            rollout = await asyncio.to_thread(self._store.get_rollout, request.model)
             yield pb.WatchModelResponse(
                 snapshot=pb.AliasSnapshot(
                     aliases=[convert.alias_to_pb(a) for a in aliases],
                     latest_version=model.latest_version,
+                    rollout=convert.rollout_to_pb(rollout),
                 )
             )
             while True:
                 event = await subscription.next()
                 if isinstance(event, domain.AliasEvent):
                     yield pb.WatchModelResponse(alias_moved=convert.event_to_pb(event))
+                elif isinstance(event, domain.RolloutPolicy):
+                    yield pb.WatchModelResponse(rollout_changed=convert.rollout_to_pb(event))
                 else:
                     yield pb.WatchModelResponse(
                         version_created=pb.VersionCreated(version=convert.version_to_pb(event))

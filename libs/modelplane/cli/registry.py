@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
 import yaml
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from modelplane.client.registry import DEFAULT_ADDRESS, DigestMismatch, RegistryClient
@@ -25,12 +26,20 @@ STATUSES = {
 }
 
 
+class InputError(Exception):
+    """Bad input on the command line or in a file it names: exit 2, no traceback."""
+
+
+class CommandError(Exception):
+    """The command cannot do what was asked in the registry's current state: exit 1."""
+
+
 def _pairs(values: Sequence[str] | None, what: str) -> dict[str, str]:
     pairs: dict[str, str] = {}
     for item in values or ():
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"error: {what} must look like key=value, got {item!r}")
+            raise InputError(f"{what} must look like key=value, got {item!r}")
         pairs[key] = value
     return pairs
 
@@ -44,12 +53,12 @@ def _metric(text: str) -> dict[str, Any]:
     """`auc=0.91` or `auc=0.87@region=eu,segment=new`."""
     head, _, slice_text = text.partition("@")
     name, sep, value = head.partition("=")
-    if not sep:
-        raise SystemExit(f"error: --metric must look like name=value[@k=v,...], got {text!r}")
+    if not sep or not name:
+        raise InputError(f"--metric must look like name=value[@k=v,...], got {text!r}")
     try:
         number = float(value)
     except ValueError as exc:
-        raise SystemExit(f"error: metric {name!r} value {value!r} is not a number") from exc
+        raise InputError(f"metric {name!r} value {value!r} is not a number") from exc
     return {
         "name": name,
         "value": number,
@@ -57,55 +66,229 @@ def _metric(text: str) -> dict[str, Any]:
     }
 
 
-def _stringify_maps(raw: dict[str, Any]) -> dict[str, Any]:
-    """YAML reads `max_depth: 6` as a number; the proto maps hold strings."""
-    lineage = raw.get("lineage") or {}
-    if "params" in lineage:
-        lineage["params"] = {str(k): str(v) for k, v in (lineage["params"] or {}).items()}
-    for metric in lineage.get("metrics") or []:
-        if "slice" in metric:
-            metric["slice"] = {str(k): str(v) for k, v in (metric["slice"] or {}).items()}
-    return raw
+# --- the --metadata file --------------------------------------------------------------------
+# Read field by field (not handed to protobuf's JSON parser), so a mistake is reported
+# with the path of the field that holds it.
+
+_LINEAGE_TEXT = ("training_data_ref", "training_data_version", "code_revision")
+_CARD_FIELDS = (
+    "intended_use",
+    "out_of_scope_uses",
+    "limitations",
+    "ethical_considerations",
+    "evaluation_data",
+)
+_FILE_FIELDS = ("description", "lineage", "card", "feature_statistics", "serving_config")
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _text(value: object, field: str) -> str:
+    if value is None:
+        return ""
+    # YAML reads `2026-11-20` as a date and `6` as a number; both are meant as text here.
+    if isinstance(value, (str, int, float, date)):
+        return str(value)
+    raise InputError(f"{field} must be text, got {_kind(value)}")
+
+
+def _mapping(value: object, field: str, known: Sequence[str] = ()) -> Mapping[Any, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InputError(f"{field} must be a mapping (key: value), got {_kind(value)}")
+    for key in value:
+        if known and key not in known:
+            raise InputError(
+                f"{field + '.' if field else ''}{key} is not a field here; known: "
+                + ", ".join(known)
+            )
+    return value
+
+
+def _items(value: object, field: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InputError(f"{field} must be a list, got {_kind(value)}")
+    return value
+
+
+def _number(value: object, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InputError(f"{field} must be a number, got {_kind(value)}")
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise InputError(f"{field} must be a number, got {value!r}") from exc
+
+
+def _count(value: object, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InputError(f"{field} must be a whole number >= 0, got {_kind(value)}")
+    return value
+
+
+def _labels(value: object, field: str) -> dict[str, str]:
+    return {str(k): _text(v, f"{field}.{k}") for k, v in _mapping(value, field).items()}
+
+
+def _slice(value: object, field: str) -> dict[str, str]:
+    """A mapping, or the `--metric` flag's form: `region=eu` or `region=eu,segment=new`."""
+    if isinstance(value, str):
+        pairs = [part.strip() for part in value.split(",") if part.strip()]
+        try:
+            return _pairs(pairs, field)
+        except InputError as exc:
+            raise InputError(
+                f"{field} must be a mapping or key=value[,key=value...], got {value!r}"
+            ) from exc
+    return _labels(value, field)
+
+
+def metadata_from_file(path: Path) -> pb.UploadMetadata:
+    """The upload metadata a `--metadata` YAML file describes (see the README's schema)."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path} is not valid YAML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text") from exc
+    try:
+        return _metadata_from_mapping(raw)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from exc
+
+
+def _metadata_from_mapping(raw: object) -> pb.UploadMetadata:
+    if raw is not None and not isinstance(raw, Mapping):
+        raise InputError(f"the file must hold a mapping of {', '.join(_FILE_FIELDS)}")
+    top = _mapping(raw, "", _FILE_FIELDS)
+    metadata = pb.UploadMetadata(
+        description=_text(top.get("description"), "description"),
+        serving_config=_text(top.get("serving_config"), "serving_config"),
+    )
+    raw_lineage = _mapping(top.get("lineage"), "lineage", (*_LINEAGE_TEXT, "params", "metrics"))
+    lineage = metadata.lineage
+    for name in _LINEAGE_TEXT:
+        setattr(lineage, name, _text(raw_lineage.get(name), f"lineage.{name}"))
+    lineage.params.update(_labels(raw_lineage.get("params"), "lineage.params"))
+    for index, item in enumerate(_items(raw_lineage.get("metrics"), "lineage.metrics")):
+        field = f"lineage.metrics[{index}]"
+        raw_metric = _mapping(item, field, ("name", "value", "slice"))
+        name = _text(raw_metric.get("name"), f"{field}.name")
+        if not name:
+            raise InputError(f"{field}.name is required")
+        if "value" not in raw_metric:
+            raise InputError(f"{field}.value is required")
+        lineage.metrics.add(
+            name=name,
+            value=_number(raw_metric["value"], f"{field}.value"),
+            slice=_slice(raw_metric.get("slice"), f"{field}.slice"),
+        )
+    raw_card = _mapping(top.get("card"), "card", _CARD_FIELDS)
+    for name in _CARD_FIELDS:
+        setattr(metadata.card, name, _text(raw_card.get(name), f"card.{name}"))
+    for index, item in enumerate(_items(top.get("feature_statistics"), "feature_statistics")):
+        field = f"feature_statistics[{index}]"
+        raw_stat = _mapping(item, field, ("name", "bin_edges", "counts"))
+        metadata.feature_statistics.add(
+            name=_text(raw_stat.get("name"), f"{field}.name"),
+            bin_edges=[
+                _number(edge, f"{field}.bin_edges[{i}]")
+                for i, edge in enumerate(_items(raw_stat.get("bin_edges"), f"{field}.bin_edges"))
+            ],
+            counts=[
+                _count(count, f"{field}.counts[{i}]")
+                for i, count in enumerate(_items(raw_stat.get("counts"), f"{field}.counts"))
+            ],
+        )
+    return metadata
 
 
 def upload_metadata(args: argparse.Namespace) -> pb.UploadMetadata:
-    """Metadata from the YAML file (if any), then flags on top."""
-    metadata = pb.UploadMetadata()
-    if args.metadata:
-        raw = yaml.safe_load(Path(args.metadata).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise SystemExit(f"error: {args.metadata} must hold a mapping")
-        try:
-            json_format.ParseDict(_stringify_maps(raw), metadata)
-        except json_format.ParseError as exc:
-            raise SystemExit(f"error: {args.metadata}: {exc}") from exc
+    """Metadata from the YAML file (if any), then flags on top: a flag replaces that field
+    of the file; `--metric` replaces the file's whole metrics list, `--param KEY=VALUE`
+    the file's value of KEY."""
+    metadata = metadata_from_file(Path(args.metadata)) if args.metadata else pb.UploadMetadata()
     metadata.model = args.model
     if args.description:
         metadata.description = args.description
     lineage = metadata.lineage
-    for flag in ("training_data_ref", "training_data_version", "code_revision"):
+    for flag in _LINEAGE_TEXT:
         if getattr(args, flag):
             setattr(lineage, flag, getattr(args, flag))
     lineage.params.update(_pairs(args.param, "--param"))
-    for text in args.metric or ():
-        json_format.ParseDict(_metric(text), lineage.metrics.add())
-    for flag in (
-        "intended_use",
-        "out_of_scope_uses",
-        "limitations",
-        "ethical_considerations",
-        "evaluation_data",
-    ):
+    if args.metric:
+        del lineage.metrics[:]
+        for text in args.metric:
+            json_format.ParseDict(_metric(text), lineage.metrics.add())
+    for flag in _CARD_FIELDS:
         if getattr(args, flag):
             setattr(metadata.card, flag, getattr(args, flag))
+    if args.serving_config:
+        try:
+            metadata.serving_config = Path(args.serving_config).read_text()
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{args.serving_config} is not UTF-8 text") from exc
     return metadata
 
 
 # --- output -------------------------------------------------------------------------------
 
 
+_INT64_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+
+
+def _int64_as_numbers(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """Protobuf's JSON mapping writes 64-bit integers as strings (for JavaScript's sake);
+    ours are versions, revisions and ids, far below 2**53, so they are plain numbers."""
+    for name, value in data.items():
+        field = descriptor.fields_by_name.get(name)
+        if field is None:
+            continue
+        if field.type in _INT64_TYPES:
+            data[name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+            continue
+        nested = field.message_type
+        if nested is None or nested.full_name.startswith("google.protobuf."):
+            continue  # well-known types (Timestamp) have JSON forms of their own
+        if nested.GetOptions().map_entry:
+            value_field = nested.fields_by_name["value"]
+            if value_field.type in _INT64_TYPES:
+                data[name] = {k: int(v) for k, v in value.items()}
+            elif value_field.message_type is not None:
+                for item in value.values():
+                    _int64_as_numbers(value_field.message_type, item)
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            _int64_as_numbers(nested, item)
+    return data
+
+
+def as_dict(message: Message) -> dict[str, Any]:
+    """The one JSON form of every command's output, `watch` included: field names as in
+    the .proto (snake_case), 64-bit integers as numbers."""
+    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return _int64_as_numbers(message.DESCRIPTOR, data)
+
+
 def _json(message: Message) -> str:
-    return json_format.MessageToJson(message, indent=2, preserving_proto_field_name=True)
+    return json.dumps(as_dict(message), indent=2)
 
 
 def _emit(args: argparse.Namespace, message: Message, text: str) -> None:
@@ -201,7 +384,7 @@ def cmd_register(args: argparse.Namespace, client: RegistryClient) -> None:
 def cmd_list(args: argparse.Namespace, client: RegistryClient) -> None:
     models = client.list_models(args.query or "", args.owner or "", _pairs(args.tag, "--tag"))
     if args.json:
-        print(json.dumps([json.loads(_json(m)) for m in models], indent=2))
+        print(json.dumps([as_dict(m) for m in models], indent=2))
         return
     print(f"{'MODEL':<32} {'LATEST':>6}  {'OWNER':<16} TAGS")
     for model in models:
@@ -223,8 +406,8 @@ def cmd_show(args: argparse.Namespace, client: RegistryClient) -> None:
         print(
             json.dumps(
                 {
-                    "model": json.loads(_json(model)),
-                    "versions": [json.loads(_json(v)) for v in versions],
+                    "model": as_dict(model),
+                    "versions": [as_dict(v) for v in versions],
                 },
                 indent=2,
             )
@@ -319,7 +502,7 @@ def cmd_history(args: argparse.Namespace, client: RegistryClient) -> None:
         return
     events = client.alias_history(args.model, args.alias or "")
     if args.json:
-        print(json.dumps([json.loads(_json(e)) for e in events], indent=2))
+        print(json.dumps([as_dict(e) for e in events], indent=2))
         return
     for event in events:
         before = f"v{event.from_version}" if event.from_version else "unset"
@@ -339,7 +522,7 @@ def cmd_audit(args: argparse.Namespace, client: RegistryClient) -> None:
         limit=args.limit,
     )
     if args.json:
-        print(json.dumps([json.loads(_json(e)) for e in events], indent=2))
+        print(json.dumps([as_dict(e) for e in events], indent=2))
         return
     for event in events:
         print(
@@ -348,11 +531,124 @@ def cmd_audit(args: argparse.Namespace, client: RegistryClient) -> None:
         )
 
 
+def _routes_text(policy: pb.RolloutPolicy) -> str:
+    return ", ".join(f"{r.alias} {r.weight}%" for r in policy.routes) or "none"
+
+
+def _shadow_text(policy: pb.RolloutPolicy) -> str:
+    shadow = policy.shadow
+    return f"{shadow.alias} {shadow.percent}%" if shadow.percent else "none"
+
+
+def print_rollout(policy: pb.RolloutPolicy) -> None:
+    if not policy.revision:
+        print(f"{policy.model}: no rollout policy (each server answers from the alias it follows)")
+        return
+    print(f"{policy.model} rollout policy, revision {policy.revision}")
+    routes = _routes_text(policy)
+    if not policy.routes:
+        routes += " (each server answers from the alias it follows)"
+    print(f"  routes:  {routes}")
+    print(f"  shadow:  {_shadow_text(policy)}")
+    reason = f": {policy.reason}" if policy.reason else ""
+    print(f"  changed: {_when(policy.update_time)} by {policy.updated_by}{reason}")
+
+
+def _percent(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole percent") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 100")
+    return value
+
+
+def cmd_rollout(args: argparse.Namespace, client: RegistryClient) -> None:
+    changes = args.canary is not None or args.shadow is not None
+    if args.off and changes:
+        raise InputError("--off turns everything off; it does not go with --canary or --shadow")
+    current = client.get_rollout(args.model)
+    if not (changes or args.off):
+        if args.json:
+            print(_json(current))
+        else:
+            print_rollout(current)
+        return
+    routes = {r.alias: r.weight for r in current.routes}
+    shadow_alias, shadow_percent = current.shadow.alias, current.shadow.percent
+    if args.off:
+        routes, shadow_alias, shadow_percent = {}, "", 0
+    if args.canary is not None:
+        if args.canary_alias == args.primary:
+            raise InputError("--canary-alias and --primary must be different aliases")
+        split = {args.primary: 100 - args.canary, args.canary_alias: args.canary}
+        routes = {alias: weight for alias, weight in split.items() if weight > 0}
+    if args.shadow is not None:
+        shadow_alias, shadow_percent = (args.shadow_alias, args.shadow) if args.shadow else ("", 0)
+    expected = current.revision if args.expect is None else args.expect
+    policy = client.set_rollout(
+        args.model, routes, shadow_alias, shadow_percent, expected, args.reason or ""
+    )
+    _emit(
+        args,
+        policy,
+        f"{policy.model} rollout revision {policy.revision}: routes {_routes_text(policy)};"
+        f" shadow {_shadow_text(policy)}",
+    )
+
+
+def cmd_rollback(args: argparse.Namespace, client: RegistryClient) -> None:
+    """Undoes the latest kind of change: an active rollout policy is turned off; without
+    one, the alias goes back to the version that held it before its last move."""
+    current = client.get_rollout(args.model)
+    if current.routes or current.shadow.percent:
+        policy = client.set_rollout(
+            args.model, {}, "", 0, current.revision, args.reason or "rollback"
+        )
+        text = (
+            f"turned off the rollout policy of {args.model} (revision {policy.revision});"
+            f" it routed {_routes_text(current)}, shadow {_shadow_text(current)}"
+        )
+        if args.json:
+            print(json.dumps({"rollout_off": as_dict(policy)}, indent=2))
+        else:
+            print(text)
+        return
+    history = client.alias_history(args.model, args.alias)
+    if not history:
+        raise CommandError(f"{args.model}@{args.alias} was never set; nothing to roll back")
+    last = history[-1]
+    if not last.to_version:
+        raise CommandError(
+            f"{args.model}@{args.alias} is not set (removed from v{last.from_version});"
+            " nothing to roll back"
+        )
+    if not last.from_version:
+        raise CommandError(
+            f"{args.model}@{args.alias} was unset before v{last.to_version}; no earlier version"
+            " to roll back to"
+        )
+    alias = client.set_alias(
+        args.model,
+        args.alias,
+        last.from_version,
+        expected_version=last.to_version,
+        reason=args.reason or f"rollback from v{last.to_version}",
+    )
+    if args.json:
+        print(json.dumps({"alias_moved": as_dict(alias)}, indent=2))
+    else:
+        print(
+            f"{alias.model}@{alias.alias} -> v{alias.version} (rolled back from v{last.to_version})"
+        )
+
+
 def cmd_watch(args: argparse.Namespace, client: RegistryClient) -> None:
     stream = client.watch(args.model)
     try:
         for event in stream:
-            print(json_format.MessageToJson(event, indent=None), flush=True)
+            print(json.dumps(as_dict(event)), flush=True)
     except KeyboardInterrupt:
         stream.cancel()  # type: ignore[attr-defined]
 
@@ -403,8 +699,14 @@ def register(commands: Any) -> None:
     reg.add_argument("--create", action="store_true", help="create the model if it is missing")
     reg.add_argument(
         "--metadata",
-        help="YAML file with description, lineage, card, "
-        "feature_statistics (UploadMetadata fields); flags override it",
+        help="YAML file with description, lineage, card, feature_statistics, serving_config"
+        " (schema in the README); a flag replaces that field of the file (--metric the whole"
+        " metrics list, --param that key)",
+    )
+    reg.add_argument(
+        "--serving-config",
+        metavar="CONFIG_PBTXT",
+        help="Triton config.pbtxt the inference server uses for this version",
     )
     reg.add_argument("--description", help="version description")
     reg.add_argument("--training-data-ref", help="training data URI or name")
@@ -486,7 +788,52 @@ def register(commands: Any) -> None:
     audit.add_argument("--since", help="ISO time")
     audit.add_argument("--limit", type=int, default=50, help="most events to print")
 
-    watch = add("watch", "print a model's alias state, then changes, as JSON lines", cmd_watch)
+    rollout = add(
+        "rollout",
+        "show a model's rollout policy, or change it: split traffic with a canary alias,"
+        " mirror a share to a shadow alias, or turn both off (compare-and-set)",
+        cmd_rollout,
+    )
+    rollout.add_argument("model", help="model name")
+    rollout.add_argument(
+        "--canary",
+        type=_percent,
+        metavar="PCT",
+        help="route PCT%% of requests to --canary-alias, the rest to --primary (keeps the shadow)",
+    )
+    rollout.add_argument("--canary-alias", default="canary", help="default: canary")
+    rollout.add_argument("--primary", default="production", help="default: production")
+    rollout.add_argument(
+        "--shadow",
+        type=_percent,
+        metavar="PCT",
+        help="mirror PCT%% of requests to --shadow-alias, 0 for none (keeps the routes)",
+    )
+    rollout.add_argument("--shadow-alias", default="shadow", help="default: shadow")
+    rollout.add_argument("--off", action="store_true", help="no routes, no shadow")
+    rollout.add_argument(
+        "--expect",
+        type=int,
+        default=None,
+        help="revision expected now; default: as read",
+    )
+    rollout.add_argument("--reason", help="why, for the audit log")
+
+    rollback = add(
+        "rollback",
+        "turn an active rollout policy off; without one, move the alias back to the version"
+        " that held it before its last move (compare-and-set)",
+        cmd_rollback,
+    )
+    rollback.add_argument("model", help="model name")
+    rollback.add_argument("--alias", default="production", help="default: production")
+    rollback.add_argument("--reason", help="why, kept in the history and audit log")
+
+    watch = add(
+        "watch",
+        "print a model's aliases and rollout policy, then changes, as JSON lines",
+        cmd_watch,
+    )
     watch.add_argument("model", help="model name")
 
 
@@ -497,7 +844,10 @@ def run(args: argparse.Namespace) -> int:
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
         return 1
-    except (DigestMismatch, OSError) as exc:
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (CommandError, DigestMismatch, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

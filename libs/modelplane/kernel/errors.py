@@ -86,10 +86,26 @@ class Cancelled(ModelplaneError):
     code = grpc.StatusCode.CANCELLED
 
 
+# The message travels in the grpc-message trailer: past gRPC's metadata limit (8 KiB by
+# default) the call fails on the client with another code (often RESOURCE_EXHAUSTED),
+# so a message echoing a huge request field is cut well below it.
+MAX_STATUS_MESSAGE_BYTES = 1024
+_TRUNCATED = " [truncated]"
+
+
+def bounded_message(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
+    """`message` cut to at most `limit` UTF-8 bytes, marked when cut."""
+    encoded = message.encode()
+    if len(encoded) <= limit:
+        return message
+    keep = limit - len(_TRUNCATED)
+    return encoded[:keep].decode(errors="ignore") + _TRUNCATED
+
+
 def status_for(exc: BaseException, method: str = "") -> tuple[grpc.StatusCode, str]:
     """The status code and caller-safe message for an exception raised by a handler."""
     if isinstance(exc, ModelplaneError):
-        return exc.code, exc.message
+        return exc.code, bounded_message(exc.message)
     incident = uuid.uuid4().hex[:12]
     log.error("unhandled error in %s (incident %s)", method or "handler", incident, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error (incident {incident})"

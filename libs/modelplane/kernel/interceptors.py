@@ -1,7 +1,9 @@
 """Server interceptors: one place maps domain errors to gRPC status codes.
 
 Handlers raise `modelplane.kernel.errors` exceptions; these interceptors abort the
-call with the matching code and the error's message. Anything unexpected becomes
+call with the matching code and the error's message, cut to
+`MAX_STATUS_MESSAGE_BYTES` (a longer one would overflow gRPC's metadata limit and
+reach the caller as a different error). Anything unexpected becomes
 INTERNAL with an opaque incident id (the traceback goes to the log, never to the
 caller).
 """

@@ -19,6 +19,9 @@ from modelplane.services.registry.domain import (
     NewVersion,
     Review,
     ReviewDecision,
+    RolloutPolicy,
+    RouteWeight,
+    ShadowRoute,
     VersionStatus,
 )
 
@@ -61,6 +64,16 @@ class Store(Protocol):
     def alias_history(self, model: str, alias: str = "") -> list[AliasEvent]: ...
     def alias_event(self, event_id: int) -> AliasEvent: ...
     def alias_at(self, model: str, alias: str, at_us: int) -> AliasEvent: ...
+    def set_rollout(
+        self,
+        model: str,
+        routes: tuple[RouteWeight, ...],
+        shadow: ShadowRoute,
+        expected_revision: int,
+        reason: str,
+        actor: str,
+    ) -> RolloutPolicy: ...
+    def get_rollout(self, model: str, revision: int = 0) -> RolloutPolicy: ...
     def record_audit(
         self, actor: str, action: str, target: str, details: Mapping[str, object]
     ) -> None: ...

@@ -11,6 +11,7 @@ from modelplane.services.registry.domain import (
     Lineage,
     Metric,
     ModelCard,
+    RouteWeight,
     Signature,
     TensorSpec,
 )
@@ -108,3 +109,11 @@ def stats_from_json(text: str) -> tuple[FeatureStatistics, ...]:
         FeatureStatistics(s["name"], tuple(s["bin_edges"]), tuple(s["counts"]))
         for s in json.loads(text)
     )
+
+
+def routes_to_json(routes: tuple[RouteWeight, ...]) -> str:
+    return dumps([[r.alias, r.weight] for r in routes])
+
+
+def routes_from_json(text: str) -> tuple[RouteWeight, ...]:
+    return tuple(RouteWeight(str(alias), int(weight)) for alias, weight in json.loads(text))

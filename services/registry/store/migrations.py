@@ -95,6 +95,39 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX audit_events_by_time ON audit_events (time_us)",
         ),
     ),
+    Migration(
+        2,
+        "versions.serving_config",
+        ("ALTER TABLE versions ADD COLUMN serving_config TEXT NOT NULL DEFAULT ''",),
+    ),
+    Migration(
+        3,
+        "aliases.event_id: the alias_history row of the move that put the alias there",
+        (
+            "ALTER TABLE aliases ADD COLUMN event_id BIGINT NOT NULL DEFAULT 0",
+            """UPDATE aliases SET event_id = COALESCE((
+                SELECT MAX(h.id) FROM alias_history h
+                WHERE h.model = aliases.model AND h.alias = aliases.alias
+            ), 0)""",
+        ),
+    ),
+    Migration(
+        4,
+        "rollout_policies: one row per revision of a model's rollout policy",
+        (
+            """CREATE TABLE rollout_policies (
+                model TEXT NOT NULL REFERENCES models (name),
+                revision BIGINT NOT NULL,
+                routes TEXT NOT NULL,
+                shadow_alias TEXT NOT NULL,
+                shadow_percent BIGINT NOT NULL,
+                updated_us BIGINT NOT NULL,
+                updated_by TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                PRIMARY KEY (model, revision)
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -31,6 +31,9 @@ from modelplane.services.registry.domain import (
     NewVersion,
     Review,
     ReviewDecision,
+    RolloutPolicy,
+    RouteWeight,
+    ShadowRoute,
     VersionMetadata,
     VersionStatus,
 )
@@ -43,9 +46,13 @@ _MODEL_COLUMNS = (
 )
 _VERSION_COLUMNS = (
     "model, version, description, sha256, size_bytes, format, signature, lineage, card,"
-    " feature_statistics, status, created_us, created_by"
+    " feature_statistics, status, created_us, created_by, serving_config"
 )
 _EVENT_COLUMNS = "model, alias, from_version, to_version, actor, time_us, reason"
+_EVENT_SELECT = _EVENT_COLUMNS + ", id"
+_ROLLOUT_COLUMNS = (
+    "model, revision, routes, shadow_alias, shadow_percent, updated_us, updated_by, reason"
+)
 
 
 def now_us() -> int:
@@ -238,7 +245,7 @@ class SqlStore(ABC):
             meta = new.metadata
             tx.execute(
                 f"INSERT INTO versions ({_VERSION_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     model,
                     number,
@@ -253,6 +260,7 @@ class SqlStore(ABC):
                     VersionStatus.REGISTERED.value,
                     created,
                     actor,
+                    meta.serving_config,
                 ),
             )
             self._notify(tx, {"kind": "version", "model": model, "version": number})
@@ -278,7 +286,7 @@ class SqlStore(ABC):
                 "SELECT version FROM aliases WHERE model = ? AND alias = ?", (model, alias)
             )
             if row is None:
-                raise NotFound(f"model {model!r} has no alias {alias!r}")
+                raise NotFound(f"model {model!r} has no alias {domain.quote(alias)}")
             return self._version(tx, model, int(row[0]))
 
     def list_versions(
@@ -395,22 +403,28 @@ class SqlStore(ABC):
             current = self._alias_holder(tx, model, alias)
             domain.check_alias_expectation(model, alias, current, expected_version)
             domain.check_alias_target(
-                model, alias, version, target.status, target.approvals, policy
+                model,
+                alias,
+                version,
+                target.status,
+                target.approvals,
+                policy,
+                self._rollout(tx, model).routed_aliases,
             )
+            event = self._record_move(tx, model, alias, current or 0, version, actor, when, reason)
             if current is None:
                 tx.execute(
-                    "INSERT INTO aliases (model, alias, version, updated_us, updated_by)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (model, alias, version, when, actor),
+                    "INSERT INTO aliases (model, alias, version, updated_us, updated_by, event_id)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (model, alias, version, when, actor, event.id),
                 )
             else:
                 tx.execute(
-                    "UPDATE aliases SET version = ?, updated_us = ?, updated_by = ?"
+                    "UPDATE aliases SET version = ?, updated_us = ?, updated_by = ?, event_id = ?"
                     " WHERE model = ? AND alias = ?",
-                    (version, when, actor, model, alias),
+                    (version, when, actor, event.id, model, alias),
                 )
-            event = self._record_move(tx, model, alias, current or 0, version, actor, when, reason)
-            return Alias(model, alias, version, codec.from_us(when), actor), event
+            return Alias(model, alias, version, codec.from_us(when), actor, event.id), event
 
     def delete_alias(
         self, model: str, alias: str, expected_version: int, reason: str, actor: str
@@ -423,6 +437,7 @@ class SqlStore(ABC):
             if current is None:
                 raise NotFound(f"model {model!r} has no alias {alias!r}")
             domain.check_alias_expectation(model, alias, current, expected_version)
+            domain.check_alias_removable(model, alias, self._rollout(tx, model))
             tx.execute("DELETE FROM aliases WHERE model = ? AND alias = ?", (model, alias))
             return self._record_move(tx, model, alias, current, 0, actor, when, reason)
 
@@ -430,16 +445,16 @@ class SqlStore(ABC):
         with self._transaction(write=False) as tx:
             self._model(tx, model)
             rows = tx.all(
-                "SELECT model, alias, version, updated_us, updated_by FROM aliases"
+                "SELECT model, alias, version, updated_us, updated_by, event_id FROM aliases"
                 " WHERE model = ? ORDER BY alias",
                 (model,),
             )
-        return [Alias(r[0], r[1], int(r[2]), codec.from_us(r[3]), r[4]) for r in rows]
+        return [Alias(r[0], r[1], int(r[2]), codec.from_us(r[3]), r[4], int(r[5])) for r in rows]
 
     def alias_history(self, model: str, alias: str = "") -> list[AliasEvent]:
         with self._transaction(write=False) as tx:
             self._model(tx, model)
-            sql = f"SELECT {_EVENT_COLUMNS} FROM alias_history WHERE model = ?"
+            sql = f"SELECT {_EVENT_SELECT} FROM alias_history WHERE model = ?"
             params: list[object] = [model]
             if alias:
                 sql += " AND alias = ?"
@@ -449,7 +464,7 @@ class SqlStore(ABC):
 
     def alias_event(self, event_id: int) -> AliasEvent:
         with self._transaction(write=False) as tx:
-            row = tx.one(f"SELECT {_EVENT_COLUMNS} FROM alias_history WHERE id = ?", (event_id,))
+            row = tx.one(f"SELECT {_EVENT_SELECT} FROM alias_history WHERE id = ?", (event_id,))
         if row is None:
             raise NotFound(f"no alias event {event_id}")
         return self._event_from_row(row)
@@ -459,13 +474,85 @@ class SqlStore(ABC):
         with self._transaction(write=False) as tx:
             self._model(tx, model)
             row = tx.one(
-                f"SELECT {_EVENT_COLUMNS} FROM alias_history WHERE model = ? AND alias = ?"
+                f"SELECT {_EVENT_SELECT} FROM alias_history WHERE model = ? AND alias = ?"
                 " AND time_us <= ? ORDER BY time_us DESC, id DESC LIMIT 1",
                 (model, alias, at_us),
             )
         if row is None or int(row[3]) == 0:
             raise NotFound(f"alias {alias!r} of {model} was not set at that time")
         return self._event_from_row(row)
+
+    # --- rollout policies -----------------------------------------------------------------
+
+    def set_rollout(
+        self,
+        model: str,
+        routes: tuple[RouteWeight, ...],
+        shadow: ShadowRoute,
+        expected_revision: int,
+        reason: str,
+        actor: str,
+    ) -> RolloutPolicy:
+        """Stores the next revision of the model's policy if `expected_revision` is the
+        current one; the aliases it names are checked in the same transaction."""
+        shadow = domain.validate_rollout(routes, shadow)
+        domain.validate_text("reason", reason)
+        when = now_us()
+        with self._transaction(write=True) as tx:
+            approval_policy = self._lock_model(tx, model)
+            current = self._rollout(tx, model)
+            domain.check_rollout_revision(model, current.revision, expected_revision)
+            holders = {
+                alias: int(version)
+                for alias, version in tx.all(
+                    "SELECT alias, version FROM aliases WHERE model = ?", (model,)
+                )
+            }
+            approvals = {
+                number: domain.count_approvals(reviews)
+                for number, reviews in self._reviews_by_version(tx, model).items()
+            }
+            domain.check_rollout(model, routes, shadow, holders, approvals, approval_policy)
+            policy = RolloutPolicy(
+                model,
+                tuple(routes),
+                shadow,
+                current.revision + 1,
+                codec.from_us(when),
+                actor,
+                reason,
+            )
+            tx.execute(
+                f"INSERT INTO rollout_policies ({_ROLLOUT_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    model,
+                    policy.revision,
+                    codec.routes_to_json(policy.routes),
+                    shadow.alias,
+                    shadow.percent,
+                    when,
+                    actor,
+                    reason,
+                ),
+            )
+            self._notify(tx, {"kind": "rollout", "model": model, "revision": policy.revision})
+            self._audit(tx, actor, "rollout.set", model, policy.details(), when)
+            return policy
+
+    def get_rollout(self, model: str, revision: int = 0) -> RolloutPolicy:
+        """The model's current policy (revision 0 if never set), or the given revision."""
+        with self._transaction(write=False) as tx:
+            self._model(tx, model)
+            if revision <= 0:
+                return self._rollout(tx, model)
+            row = tx.one(
+                f"SELECT {_ROLLOUT_COLUMNS} FROM rollout_policies WHERE model = ? AND revision = ?",
+                (model, revision),
+            )
+        if row is None:
+            raise NotFound(f"model {model!r} has no rollout policy revision {revision}")
+        return self._rollout_from_row(row)
 
     # --- audit ----------------------------------------------------------------------------
 
@@ -588,6 +675,7 @@ class SqlStore(ABC):
                 lineage=codec.lineage_from_json(row[7]),
                 card=codec.card_from_json(row[8]),
                 feature_statistics=codec.stats_from_json(row[9]),
+                serving_config=row[13],
             ),
             status=VersionStatus(row[10]),
             created_at=codec.from_us(row[11]),
@@ -628,6 +716,26 @@ class SqlStore(ABC):
             row[0], int(row[1]), row[2], ReviewDecision(row[3]), row[4], codec.from_us(row[5])
         )
 
+    def _rollout(self, tx: Tx, model: str) -> RolloutPolicy:
+        row = tx.one(
+            f"SELECT {_ROLLOUT_COLUMNS} FROM rollout_policies WHERE model = ?"
+            " ORDER BY revision DESC LIMIT 1",
+            (model,),
+        )
+        return RolloutPolicy(model) if row is None else self._rollout_from_row(row)
+
+    @staticmethod
+    def _rollout_from_row(row: tuple[Any, ...]) -> RolloutPolicy:
+        return RolloutPolicy(
+            model=row[0],
+            revision=int(row[1]),
+            routes=codec.routes_from_json(row[2]),
+            shadow=ShadowRoute(row[3], int(row[4])),
+            updated_at=codec.from_us(row[5]),
+            updated_by=row[6],
+            reason=row[7],
+        )
+
     def _alias_holder(self, tx: Tx, model: str, alias: str) -> int | None:
         row = tx.one("SELECT version FROM aliases WHERE model = ? AND alias = ?", (model, alias))
         return int(row[0]) if row is not None else None
@@ -660,13 +768,20 @@ class SqlStore(ABC):
             when,
         )
         return AliasEvent(
-            model, alias, from_version, to_version, actor, codec.from_us(when), reason
+            model, alias, from_version, to_version, actor, codec.from_us(when), reason, int(row[0])
         )
 
     @staticmethod
     def _event_from_row(row: tuple[Any, ...]) -> AliasEvent:
         return AliasEvent(
-            row[0], row[1], int(row[2]), int(row[3]), row[4], codec.from_us(row[5]), row[6]
+            row[0],
+            row[1],
+            int(row[2]),
+            int(row[3]),
+            row[4],
+            codec.from_us(row[5]),
+            row[6],
+            int(row[7]),
         )
 
 

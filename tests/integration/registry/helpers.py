@@ -6,6 +6,11 @@ import hashlib
 
 from modelplane.services.registry import domain
 
+SERVING_CONFIG = """max_batch_size: 32
+dynamic_batching { preferred_batch_size: [8, 32] max_queue_delay_microseconds: 500 }
+instance_group [ { count: 2 kind: KIND_CPU } ]
+"""
+
 
 def fake_version(seed: str = "a", **metadata: object) -> domain.NewVersion:
     """Version metadata as the servicer would hand it to a store (stores do not read
@@ -46,4 +51,5 @@ def rich_metadata() -> dict[str, object]:
         "feature_statistics": (
             domain.FeatureStatistics("amount", (0.0, 10.0, 100.0, 1000.0), (40, 50, 10)),
         ),
+        "serving_config": SERVING_CONFIG,
     }

@@ -23,12 +23,15 @@ from modelplane.services.registry.domain import (
     AuditFilter,
     NewModel,
     ReviewDecision,
+    RouteWeight,
+    ShadowRoute,
     VersionStatus,
 )
 from modelplane.services.registry.store import Store
+from modelplane.services.registry.store import sql as sql_store
 from modelplane.services.registry.store.codec import to_us
-from modelplane.services.registry.store.migrations import LATEST_VERSION
-from tests.integration.registry.helpers import fake_version, rich_metadata
+from modelplane.services.registry.store.migrations import LATEST_VERSION, MIGRATIONS
+from tests.integration.registry.helpers import SERVING_CONFIG, fake_version, rich_metadata
 
 StoreFactory = Callable[[], Store]
 
@@ -124,6 +127,8 @@ def test_version_metadata_round_trips(store: Store) -> None:
     got = store.get_version("fraud", 1)
     assert got == created
     assert got.metadata == new.metadata
+    assert got.metadata.serving_config == SERVING_CONFIG
+    assert store.list_versions("fraud")[0].metadata.serving_config == SERVING_CONFIG
     assert got.signature == new.signature
     assert got.artifact == new.artifact
     assert got.status is VersionStatus.REGISTERED
@@ -146,6 +151,26 @@ def test_malformed_feature_statistics_are_invalid(
     with pytest.raises(InvalidArgument):
         store.create_version("fraud", fake_version(feature_statistics=stats), "bob")
     assert store.get_model("fraud").latest_version == 0
+
+
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [
+        ("max_batch_size: 8 nonsense: 1", 'no field named "nonsense"'),
+        ("max_batch_size: lots", "max_batch_size"),
+        ("dynamic_batching {", "serving_config"),
+        ("# " + "x" * domain.MAX_SERVING_CONFIG_BYTES, "bytes"),
+    ],
+)
+def test_a_bad_serving_config_is_invalid_and_stores_nothing(
+    store: Store, config: str, fragment: str
+) -> None:
+    _model(store)
+    with pytest.raises(InvalidArgument, match=fragment) as info:
+        store.create_version("fraud", fake_version(serving_config=config), "bob")
+    assert len(info.value.message) < 400
+    assert store.get_model("fraud").latest_version == 0
+    assert store.list_audit(AuditFilter(action="version.create")) == []
 
 
 # --- aliases --------------------------------------------------------------------------
@@ -232,6 +257,24 @@ def test_alias_history_and_time_travel(store: Store) -> None:
     assert [a.alias for a in store.list_aliases("fraud")] == ["canary"]
 
 
+def test_alias_moves_carry_increasing_ids(store: Store) -> None:
+    _with_versions(store, 3)
+    first, e1 = store.set_alias("fraud", "production", 1, 0, "", "carol")
+    second, e2 = store.set_alias("fraud", "canary", 2, 0, "", "carol")
+    third, e3 = store.set_alias("fraud", "production", 3, 1, "", "carol")
+    assert 0 < e1.id < e2.id < e3.id
+    assert (first.event_id, second.event_id, third.event_id) == (e1.id, e2.id, e3.id)
+    listed = {a.alias: a.event_id for a in store.list_aliases("fraud")}
+    assert listed == {"canary": e2.id, "production": e3.id}
+    assert [e.id for e in store.alias_history("fraud")] == [e1.id, e2.id, e3.id]
+    assert [e.id for e in store.alias_history("fraud", "production")] == [e1.id, e3.id]
+    assert store.alias_event(e2.id) == e2
+    assert store.alias_at("fraud", "production", to_us(datetime.now(UTC))).id == e3.id
+    removed = store.delete_alias("fraud", "canary", 2, "", "carol")
+    assert removed.id > e3.id
+    assert store.alias_history("fraud")[-1] == removed
+
+
 def test_delete_alias_is_compare_and_set(store: Store) -> None:
     _with_versions(store, 2)
     store.set_alias("fraud", "canary", 2, 0, "", "carol")
@@ -287,6 +330,151 @@ def test_status_rules(store: Store) -> None:
         store.add_review("fraud", 2, ReviewDecision.APPROVE, "", "rev1")
 
 
+# --- rollout policies -----------------------------------------------------------------
+
+CANARY = (RouteWeight("production", 90), RouteWeight("canary", 10))
+NO_SHADOW = ShadowRoute()
+
+
+def _with_rollout_aliases(store: Store) -> None:
+    _with_versions(store, 3)
+    store.set_alias("fraud", "production", 1, 0, "", "carol")
+    store.set_alias("fraud", "canary", 2, 0, "", "carol")
+    store.set_alias("fraud", "shadow", 3, 0, "", "carol")
+
+
+def test_rollout_policy_compare_and_set(store: Store) -> None:
+    _with_rollout_aliases(store)
+    never = store.get_rollout("fraud")
+    assert (never.revision, never.routes, never.shadow.active, never.updated_at) == (
+        0,
+        (),
+        False,
+        None,
+    )
+    first = store.set_rollout("fraud", CANARY, NO_SHADOW, 0, "canary 10%", "carol")
+    assert (first.revision, first.routes, first.updated_by, first.reason) == (
+        1,
+        CANARY,
+        "carol",
+        "canary 10%",
+    )
+    assert store.get_rollout("fraud") == first
+    with pytest.raises(Conflict, match="at revision 1 \\(expected 0\\)"):
+        store.set_rollout("fraud", (), NO_SHADOW, 0, "", "dave")
+    second = store.set_rollout("fraud", CANARY, ShadowRoute("shadow", 5), 1, "", "dave")
+    assert (second.revision, second.shadow) == (2, ShadowRoute("shadow", 5))
+    off = store.set_rollout("fraud", (), ShadowRoute("shadow", 0), 2, "done", "dave")
+    assert (off.revision, off.routes, off.shadow) == (3, (), ShadowRoute())
+    assert store.get_rollout("fraud") == off
+    assert store.get_rollout("fraud", revision=1) == first
+    with pytest.raises(NotFound):
+        store.get_rollout("fraud", revision=9)
+    with pytest.raises(NotFound):
+        store.get_rollout("ghost")
+    with pytest.raises(NotFound):
+        store.set_rollout("ghost", (), NO_SHADOW, 0, "", "dave")
+
+
+@pytest.mark.parametrize(
+    ("routes", "shadow", "fragment"),
+    [
+        ((RouteWeight("production", 50), RouteWeight("production", 50)), NO_SHADOW, "twice"),
+        ((RouteWeight("production", 100), RouteWeight("canary", 0)), NO_SHADOW, "weight"),
+        ((RouteWeight("production", 101),), NO_SHADOW, "weight"),
+        ((RouteWeight("production", 80), RouteWeight("canary", 10)), NO_SHADOW, "sum to 100"),
+        ((RouteWeight("production", 90), RouteWeight("nope", 10)), NO_SHADOW, "routes\\[1\\]"),
+        ((RouteWeight("v2", 100),), NO_SHADOW, "routes\\[0\\].alias"),
+        ((), ShadowRoute("shadow", 101), "shadow.percent"),
+        ((), ShadowRoute("shadow", -1), "shadow.percent"),
+        ((), ShadowRoute("nope", 5), "shadow.alias"),
+        ((), ShadowRoute("", 5), "shadow.alias"),
+        (CANARY, ShadowRoute("canary", 5), "shadow.alias"),
+    ],
+)
+def test_a_bad_rollout_is_invalid_and_stores_nothing(
+    store: Store, routes: tuple[RouteWeight, ...], shadow: ShadowRoute, fragment: str
+) -> None:
+    _with_rollout_aliases(store)
+    with pytest.raises(InvalidArgument, match=fragment):
+        store.set_rollout("fraud", routes, shadow, 0, "", "carol")
+    assert store.get_rollout("fraud").revision == 0
+    assert store.list_audit(AuditFilter(action="rollout.set")) == []
+
+
+def test_concurrent_rollout_setters_one_wins(store_factory: StoreFactory) -> None:
+    first = store_factory()
+    _with_rollout_aliases(first)
+    stores = [store_factory() for _ in range(6)]
+    start = threading.Barrier(6)
+
+    def set_policy(index: int) -> str:
+        start.wait()
+        routes = (RouteWeight("production", 100 - index - 1), RouteWeight("canary", index + 1))
+        try:
+            stores[index].set_rollout("fraud", routes, NO_SHADOW, 0, "", f"p{index}")
+        except Conflict:
+            return "lost"
+        return "won"
+
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = list(pool.map(set_policy, range(6)))
+    assert outcomes.count("won") == 1
+    assert first.get_rollout("fraud").revision == 1
+
+
+def test_routed_aliases_need_approvals_and_are_guarded(store: Store) -> None:
+    _with_rollout_aliases(store)
+    store.set_approval_policy("fraud", ApprovalPolicy(1, ("production",)), "admin")
+    with pytest.raises(FailedPrecondition, match=r"'production'.*v1, which it holds, has 0"):
+        store.set_rollout("fraud", CANARY, NO_SHADOW, 0, "", "carol")
+    store.add_review("fraud", 1, ReviewDecision.APPROVE, "", "rev1")
+    with pytest.raises(FailedPrecondition, match=r"'canary'.*v2, which it holds, has 0"):
+        store.set_rollout("fraud", CANARY, NO_SHADOW, 0, "", "carol")
+    assert store.get_rollout("fraud").revision == 0
+    store.add_review("fraud", 2, ReviewDecision.APPROVE, "", "rev1")
+    # The shadow's answers are discarded: v3 needs no approval to receive copies.
+    store.set_rollout("fraud", CANARY, ShadowRoute("shadow", 20), 0, "", "carol")
+    # While canary carries traffic it is guarded like production: unapproved v3 may not
+    # take it; the shadow, carrying none, may move freely.
+    with pytest.raises(FailedPrecondition, match=r"rollout policy.*has 0"):
+        store.set_alias("fraud", "canary", 3, 2, "", "carol")
+    store.set_alias("fraud", "shadow", 2, 3, "", "carol")
+    store.add_review("fraud", 3, ReviewDecision.APPROVE, "", "rev1")
+    store.set_alias("fraud", "canary", 3, 2, "", "carol")
+    # Without the policy's routes the canary is an ordinary alias again.
+    store.set_rollout("fraud", (), NO_SHADOW, 1, "", "carol")
+    store.add_review("fraud", 1, ReviewDecision.REJECT, "", "rev1")
+    store.set_alias("fraud", "canary", 1, 3, "", "carol")
+
+
+def test_aliases_in_use_by_the_rollout_cannot_be_deleted(store: Store) -> None:
+    _with_rollout_aliases(store)
+    store.set_rollout("fraud", CANARY, ShadowRoute("shadow", 5), 0, "", "carol")
+    with pytest.raises(FailedPrecondition, match=r"'canary'.*turn the policy off"):
+        store.delete_alias("fraud", "canary", 2, "", "carol")
+    with pytest.raises(FailedPrecondition, match=r"'shadow'.*shadow"):
+        store.delete_alias("fraud", "shadow", 3, "", "carol")
+    assert len(store.list_aliases("fraud")) == 3
+    store.set_rollout("fraud", (), NO_SHADOW, 1, "", "carol")
+    store.delete_alias("fraud", "canary", 2, "", "carol")
+    store.delete_alias("fraud", "shadow", 3, "", "carol")
+    assert [a.alias for a in store.list_aliases("fraud")] == ["production"]
+
+
+def test_rollout_changes_are_audited_with_the_policy(store: Store) -> None:
+    _with_rollout_aliases(store)
+    store.set_rollout("fraud", CANARY, ShadowRoute("shadow", 5), 0, "try v2", "carol")
+    (event,) = store.list_audit(AuditFilter(action="rollout.set"))
+    assert (event.actor, event.target) == ("carol", "fraud")
+    assert event.details == {
+        "routes": [{"alias": "production", "weight": 90}, {"alias": "canary", "weight": 10}],
+        "shadow": {"alias": "shadow", "percent": 5},
+        "revision": 1,
+        "reason": "try v2",
+    }
+
+
 # --- audit and schema -----------------------------------------------------------------
 
 
@@ -325,6 +513,59 @@ def test_a_refused_mutation_changes_nothing(store: Store) -> None:
         store.set_alias("fraud", "production", 7, 0, "", "carol")
     assert store.list_audit(AuditFilter()) == before
     assert store.alias_history("fraud") == []
+
+
+def test_a_release_1_database_is_migrated_with_its_aliases(
+    store_factory: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Schema 1 as the first release left it: migrating adds serving_config (empty),
+    fills each alias's event_id from its history, and creates the rollout table."""
+    monkeypatch.setattr(sql_store, "MIGRATIONS", MIGRATIONS[:1])
+    monkeypatch.setattr(sql_store, "LATEST_VERSION", 1)
+    old = store_factory()
+    assert old.schema_version() == 1
+    _model(old)
+    digest = "ab" * 32
+    with old._transaction(write=True) as tx:  # type: ignore[attr-defined]
+        for number in (1, 2):
+            tx.execute(
+                "INSERT INTO versions (model, version, description, sha256, size_bytes, format,"
+                " signature, lineage, card, feature_statistics, status, created_us, created_by)"
+                " VALUES (?, ?, '', ?, 1, 'onnx', ?, ?, ?, '[]', 'registered', 1, 'bob')",
+                (
+                    "fraud",
+                    number,
+                    digest,
+                    '{"inputs": [], "outputs": [], "ir_version": 10, "opset_version": 17}',
+                    '{"training_data_ref": "", "training_data_version": "", "code_revision": "",'
+                    ' "params": {}, "metrics": []}',
+                    '{"intended_use": "", "out_of_scope_uses": "", "limitations": "",'
+                    ' "ethical_considerations": "", "evaluation_data": ""}',
+                ),
+            )
+        tx.execute("UPDATE models SET latest_version = 2 WHERE name = 'fraud'")
+        for source, target in ((0, 1), (1, 2)):
+            tx.execute(
+                "INSERT INTO alias_history (model, alias, from_version, to_version, actor,"
+                " time_us, reason) VALUES ('fraud', 'production', ?, ?, 'carol', ?, '')",
+                (source, target, target),
+            )
+        tx.execute(
+            "INSERT INTO aliases (model, alias, version, updated_us, updated_by)"
+            " VALUES ('fraud', 'production', 2, 2, 'carol')"
+        )
+    monkeypatch.undo()
+
+    new = store_factory()
+    assert new.schema_version() == LATEST_VERSION
+    history = new.alias_history("fraud", "production")
+    (alias,) = new.list_aliases("fraud")
+    assert alias.event_id == history[-1].id > history[0].id > 0
+    assert new.get_version("fraud", 2).metadata.serving_config == ""
+    assert new.get_rollout("fraud").revision == 0
+    new.set_rollout("fraud", (RouteWeight("production", 100),), NO_SHADOW, 0, "", "carol")
+    moved, event = new.set_alias("fraud", "production", 1, 2, "", "carol")
+    assert moved.event_id == event.id > alias.event_id
 
 
 def test_migrations_are_applied_once(store_factory: StoreFactory) -> None:

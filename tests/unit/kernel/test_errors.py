@@ -31,3 +31,16 @@ def test_unexpected_errors_are_internal_and_opaque(caplog):
     # The operator still gets the traceback, tied to the incident id the caller saw.
     incident = message.split()[-1].rstrip(")")
     assert any(incident in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_status_messages_are_bounded_below_the_metadata_limit():
+    # A message echoing a huge request field would overflow gRPC's metadata limit and
+    # reach the caller as another error; it is cut instead, on a character boundary.
+    for text in ("x" * 10_000, "é" * 10_000):
+        code, message = errors.status_for(errors.InvalidArgument(text))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT
+        assert len(message.encode()) <= errors.MAX_STATUS_MESSAGE_BYTES
+        assert message.endswith(" [truncated]")
+        assert text.startswith(message.removesuffix(" [truncated]"))
+    short = "x" * errors.MAX_STATUS_MESSAGE_BYTES
+    assert errors.status_for(errors.NotFound(short)) == (grpc.StatusCode.NOT_FOUND, short)

@@ -124,3 +124,147 @@ def test_page_size_is_bounded() -> None:
     assert domain.page_size(5000) == domain.MAX_PAGE_SIZE
     with pytest.raises(InvalidArgument):
         domain.page_size(-1)
+
+
+# --- serving config -----------------------------------------------------------------------
+
+
+def test_serving_config_must_parse_as_a_triton_model_config() -> None:
+    domain.validate_serving_config("")
+    domain.validate_serving_config(
+        "max_batch_size: 16\n"
+        "dynamic_batching { preferred_batch_size: [4, 16] max_queue_delay_microseconds: 100 }\n"
+        'parameters { key: "execution_provider" value: { string_value: "cpu" } }\n'
+    )
+    with pytest.raises(InvalidArgument, match='no field named "max_batch"'):
+        domain.validate_serving_config("max_batch: 16")
+    with pytest.raises(InvalidArgument, match="KIND_TPU"):
+        domain.validate_serving_config("instance_group [ { kind: KIND_TPU } ]")
+    # The parser quotes the offending line; a long one is not echoed whole.
+    with pytest.raises(InvalidArgument) as info:
+        domain.validate_serving_config("max_batch_size: " + "9" * 5000 + "x")
+    assert len(info.value.message) < 400
+
+
+def test_serving_config_size_is_bounded() -> None:
+    limit = domain.MAX_SERVING_CONFIG_BYTES
+    domain.validate_serving_config("#" * (limit - 1) + "\n")
+    with pytest.raises(InvalidArgument, match=f"at most {limit}"):
+        domain.validate_serving_config("#" * limit + "\n")
+    # Bytes, not characters: a comment of two-byte characters counts twice.
+    with pytest.raises(InvalidArgument, match="bytes"):
+        domain.validate_serving_config("# " + "é" * (limit // 2))
+
+
+# --- bounded echoes -------------------------------------------------------------------------
+
+
+def test_errors_quote_at_most_a_bounded_part_of_a_bad_value() -> None:
+    huge = "x" * 10_000
+    for check in (
+        lambda: domain.validate_model_name(huge),
+        lambda: domain.validate_model_name(huge + " "),
+        lambda: domain.validate_alias_name(huge),
+        lambda: domain.validate_labels("tag", {huge: "v"}),
+        lambda: domain.validate_metadata(
+            domain.VersionMetadata(
+                lineage=domain.Lineage(metrics=(domain.Metric(huge, float("inf")),))
+            )
+        ),
+        lambda: domain.validate_feature_statistics((domain.FeatureStatistics(huge, (0.0,), ()),)),
+    ):
+        with pytest.raises(InvalidArgument) as info:
+            check()
+        assert "x" * 32 in info.value.message
+        assert len(info.value.message) < 300, info.value.message
+    assert domain.quote("short") == "'short'"
+    assert domain.quote("y" * 100) == repr("y" * 64) + "... (100 characters)"
+
+
+# --- rollout policies -----------------------------------------------------------------------
+
+R = domain.RouteWeight
+S = domain.ShadowRoute
+HOLDERS = {"production": 1, "canary": 2, "shadow": 3}
+
+
+def test_rollout_routes_must_be_distinct_weights_summing_to_100() -> None:
+    assert domain.validate_rollout((), S()) == S()
+    assert domain.validate_rollout((R("production", 100),), S()) == S()
+    assert domain.validate_rollout((R("a", 1), R("b", 99)), S("c", 100)) == S("c", 100)
+    for routes, fragment in (
+        ((R("a", 50), R("a", 50)), "routes\\[1\\].alias 'a' is routed twice"),
+        ((R("a", 0), R("b", 100)), "routes\\[0\\].weight of 'a' must be 1..100, got 0"),
+        ((R("a", 101),), "routes\\[0\\].weight"),
+        ((R("a", -5), R("b", 105)), "routes\\[0\\].weight"),
+        ((R("a", 60), R("b", 30)), "sum to 100, got 90"),
+        ((R("a", 60), R("b", 50)), "sum to 100, got 110"),
+        ((R("", 100),), "routes\\[0\\].alias is required"),
+        ((R("v3", 100),), "routes\\[0\\].alias 'v3' is reserved"),
+    ):
+        with pytest.raises(InvalidArgument, match=fragment):
+            domain.validate_rollout(routes, S())
+
+
+def test_rollout_shadow_rules() -> None:
+    # Percent 0 is no shadow, whatever alias came with it.
+    assert domain.validate_rollout((), S("anything at all", 0)) == S()
+    for shadow, fragment in (
+        (S("shadow", 101), "shadow.percent must be 0..100, got 101"),
+        (S("shadow", -1), "shadow.percent"),
+        (S("", 5), "shadow.alias is required"),
+        (S("bad name", 5), "shadow.alias 'bad name'"),
+    ):
+        with pytest.raises(InvalidArgument, match=fragment):
+            domain.validate_rollout((), shadow)
+    with pytest.raises(InvalidArgument, match=r"shadow.alias 'b' already answers"):
+        domain.validate_rollout((R("a", 50), R("b", 50)), S("b", 10))
+
+
+def test_rollout_names_existing_aliases() -> None:
+    check = domain.check_rollout
+    none = ApprovalPolicy()
+    check("m", (R("production", 90), R("canary", 10)), S("shadow", 5), HOLDERS, {}, none)
+    with pytest.raises(InvalidArgument, match=r"routes\[1\].alias: m has no alias 'beta'"):
+        check("m", (R("production", 90), R("beta", 10)), S(), HOLDERS, {}, none)
+    with pytest.raises(InvalidArgument, match=r"shadow.alias: m has no alias 'mirror'"):
+        check("m", (), S("mirror", 5), HOLDERS, {}, none)
+    check("m", (), S("mirror", 0), HOLDERS, {}, none)
+
+
+def test_routed_aliases_need_the_required_approvals() -> None:
+    policy = ApprovalPolicy(2, ("production",))
+    routes = (R("production", 90), R("canary", 10))
+    with pytest.raises(FailedPrecondition, match=r"'canary' of m requires 2.*v2.*has 1"):
+        domain.check_rollout("m", routes, S(), HOLDERS, {1: 2, 2: 1}, policy)
+    # The shadow answers no one: its version needs no approval.
+    domain.check_rollout("m", routes, S("shadow", 50), HOLDERS, {1: 2, 2: 2}, policy)
+    # Without required approvals anything existing may be routed.
+    domain.check_rollout("m", routes, S(), HOLDERS, {}, ApprovalPolicy())
+
+
+def test_a_routed_alias_is_guarded_like_a_protected_one() -> None:
+    policy = ApprovalPolicy(1, ("production",))
+    target = domain.check_alias_target
+    target("m", "canary", 2, VersionStatus.REGISTERED, 0, policy)
+    with pytest.raises(FailedPrecondition, match="rollout policy"):
+        target("m", "canary", 2, VersionStatus.REGISTERED, 0, policy, frozenset({"canary"}))
+    target("m", "canary", 2, VersionStatus.APPROVED, 1, policy, frozenset({"canary"}))
+    # No approvals required: routing guards nothing either.
+    target("m", "canary", 2, VersionStatus.REGISTERED, 0, ApprovalPolicy(), frozenset({"canary"}))
+
+
+def test_aliases_the_policy_uses_cannot_be_removed() -> None:
+    policy = domain.RolloutPolicy("m", (R("production", 90), R("canary", 10)), S("shadow", 5), 4)
+    for alias, fragment in (("canary", "receives traffic"), ("shadow", "is the shadow")):
+        with pytest.raises(FailedPrecondition, match=fragment):
+            domain.check_alias_removable("m", alias, policy)
+    domain.check_alias_removable("m", "other", policy)
+    domain.check_alias_removable("m", "shadow", domain.RolloutPolicy("m", shadow=S("shadow", 0)))
+
+
+def test_rollout_revision_compare_and_set() -> None:
+    domain.check_rollout_revision("m", 0, 0)
+    domain.check_rollout_revision("m", 3, 3)
+    with pytest.raises(Conflict, match="at revision 3 \\(expected 2\\)"):
+        domain.check_rollout_revision("m", 3, 2)
