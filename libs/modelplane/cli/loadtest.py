@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 
+from modelplane.client.inference import CannotConnect
 from modelplane.loadtest.engines import EngineError
 from modelplane.loadtest.payload import PayloadError, build_payload
 from modelplane.loadtest.report import (
@@ -212,6 +213,9 @@ def run_loadtest(args: argparse.Namespace) -> int:
             shape_overrides=dict(args.shape),
             seed=args.seed,
         )
+    except CannotConnect as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except grpc.RpcError as exc:
         print(f"error: model metadata from {args.url}: {exc.code().name}: {exc.details()}",
               file=sys.stderr)  # fmt: skip

@@ -20,6 +20,8 @@ COMMAND_MODULES = (
     "modelplane.cli.registry",
     "modelplane.cli.features",
     "modelplane.cli.loadtest",
+    "modelplane.cli.predict",
+    "modelplane.cli.models",
 )
 
 

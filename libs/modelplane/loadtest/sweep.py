@@ -9,12 +9,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-import grpc
 import numpy as np
 from tqdm import tqdm
 
 from inference import grpc_service_pb2 as pb
-from inference import grpc_service_pb2_grpc as pb_grpc
+from modelplane.client.inference import CONNECT_TIMEOUT_S, InferenceClient
 from modelplane.loadtest.engines import Engine, connect_engine
 from modelplane.loadtest.generator import Samples, Share
 from modelplane.loadtest.payload import Payload
@@ -138,17 +137,16 @@ def merge(plan: LevelPlan, samples: Sequence[Samples], measure: float, rows: int
 
 
 def fetch_metadata(
-    target: str, model: str, version: str = "", timeout_s: float = 30.0
+    target: str,
+    model: str,
+    version: str = "",
+    timeout_s: float = 30.0,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
 ) -> pb.ModelMetadataResponse:
-    """The model's inputs, waiting up to `timeout_s` for the server to come up."""
-    with grpc.insecure_channel(target) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        response: pb.ModelMetadataResponse = stub.ModelMetadata(
-            pb.ModelMetadataRequest(name=model, version=version),
-            timeout=timeout_s,
-            wait_for_ready=True,
-        )
-        return response
+    """The model's inputs. Raises CannotConnect when nothing answers at `target` within
+    `connect_timeout_s`, rather than waiting out the whole deadline."""
+    with InferenceClient(target, timeout=timeout_s, connect_timeout=connect_timeout_s) as client:
+        return client.metadata(model, version)
 
 
 class _Progress:

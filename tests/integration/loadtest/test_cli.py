@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,20 @@ def test_unknown_model_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> N
         assert code == 1
         assert "NOT_FOUND" in capsys.readouterr().err
         assert server.servicer.received == 0
+
+
+def test_nothing_listening_is_reported_within_seconds(capsys: pytest.CaptureFixture[str]) -> None:
+    # A bound socket that never listens: connections are refused, the port stays ours.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+        start = time.monotonic()
+        code = _run(["-u", address, "-m", MODEL, "-n", "5"])
+        assert time.monotonic() - start < 15.0
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot connect to {address}")
+    assert "DEADLINE_EXCEEDED" not in err
 
 
 def test_bad_flags_are_refused() -> None:

@@ -1,0 +1,389 @@
+"""A typed, synchronous client of the inference service, used by the CLI and any Python
+caller. It makes KServe v2 calls only (the `inference` stubs), nothing modelplane-specific
+beyond two optional parameters: `routing_key` on requests, `route` on responses.
+
+numpy in, numpy out: tensors travel as raw contents in each datatype's little-endian
+layout, BYTES as elements each prefixed with its 4-byte little-endian length (the same
+encoding as the server's `datatypes.py` and tritonclient's).
+
+Every call has a deadline (`timeout`). Reads (metadata, config, index, readiness) retry
+UNAVAILABLE with exponential backoff and full jitter inside that deadline; `predict` is
+sent once, as a non-idempotent call must be. The first call waits for the connection at
+most `connect_timeout` seconds and raises `CannotConnect` if nothing answers, rather
+than spending the whole deadline on an address where no server listens.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from inference import grpc_service_pb2 as pb
+from inference import grpc_service_pb2_grpc as pb_grpc
+from inference import model_config_pb2 as mc
+from modelplane.kernel.settings import MAX_MESSAGE_BYTES
+
+DEFAULT_ADDRESS = "127.0.0.1:8001"
+CONNECT_TIMEOUT_S = 5.0
+
+# Request and response parameters of modelplane's inference service.
+ROUTING_KEY_PARAMETER = "routing_key"
+ROUTE_PARAMETER = "route"
+
+# Idempotent reads retry these; everything else is the server's answer.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+INITIAL_BACKOFF_S = 0.05
+MAX_BACKOFF_S = 1.0
+
+# KServe v2 datatypes and the numpy dtype of their raw (little-endian) bytes. FP16 has no
+# typed contents field: it travels raw only, which is how this client sends everything.
+WIRE_DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(np.object_),
+}
+DATATYPES = tuple(WIRE_DTYPES)
+
+# Which InferTensorContents field a server uses when it answers with typed contents.
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+_LENGTH = struct.Struct("<I")
+_T = TypeVar("_T")
+
+
+class CannotConnect(ConnectionError):
+    """Nothing answered at the address within the connect timeout."""
+
+
+class TensorError(ValueError):
+    """An array this client cannot encode, or response data that does not decode."""
+
+
+# --- tensors ------------------------------------------------------------------------------
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The KServe datatype of a numpy array: str, bytes and object arrays are BYTES."""
+    dtype = array.dtype
+    if dtype.kind in "OUS":
+        return "BYTES"
+    if dtype.kind == "b":
+        return "BOOL"
+    names = {"u": "UINT", "i": "INT", "f": "FP"}
+    if dtype.kind in names:
+        name = f"{names[dtype.kind]}{dtype.itemsize * 8}"
+        if name in WIRE_DTYPES:
+            return name
+    raise TensorError(f"numpy dtype {dtype} has no KServe v2 datatype")
+
+
+def encode_bytes(array: np.ndarray) -> bytes:
+    """BYTES elements (str as UTF-8, or bytes), each after its 4-byte little-endian length."""
+    parts: list[bytes] = []
+    for item in array.ravel():
+        if isinstance(item, str):
+            data = item.encode("utf-8")
+        elif isinstance(item, bytes | bytearray | memoryview):
+            data = bytes(item)
+        else:
+            raise TensorError(
+                f"a BYTES element must be str or bytes, not {type(item).__name__}: {item!r}"
+            )
+        parts.append(_LENGTH.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def decode_bytes(raw: bytes, count: int) -> np.ndarray:
+    """`count` length-prefixed elements as an object array of bytes."""
+    out = np.empty(count, dtype=object)
+    view = memoryview(raw)
+    offset = 0
+    for index in range(count):
+        if offset + 4 > len(raw):
+            raise TensorError(f"BYTES data ends before element {index} of {count}")
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise TensorError(f"BYTES element {index} claims {length} bytes beyond the data")
+        out[index] = bytes(view[offset : offset + length])
+        offset += length
+    if offset != len(raw):
+        raise TensorError(f"BYTES data holds more than {count} elements")
+    return out
+
+
+def encode_tensor(array: np.ndarray, datatype: str | None = None) -> tuple[str, bytes]:
+    """The datatype (from the array's dtype unless given) and the raw wire bytes."""
+    array = np.asarray(array)
+    wire = datatype or datatype_of(array)
+    if wire not in WIRE_DTYPES:
+        raise TensorError(f"datatype {wire} is not supported (one of {', '.join(DATATYPES)})")
+    if wire == "BYTES":
+        if array.dtype.kind not in "OUS":
+            raise TensorError(f"BYTES needs str, bytes or object data, not {array.dtype}")
+        return wire, encode_bytes(array.astype(object))
+    return wire, np.ascontiguousarray(array, dtype=WIRE_DTYPES[wire]).tobytes()
+
+
+def decode_tensor(datatype: str, shape: Iterable[int], raw: bytes) -> np.ndarray:
+    """Raw wire bytes as an array of `shape`: a read-only view of `raw` for numeric types,
+    an object array of bytes for BYTES."""
+    dims = tuple(int(d) for d in shape)
+    count = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    if datatype == "BYTES":
+        return decode_bytes(raw, count).reshape(dims)
+    dtype = WIRE_DTYPES.get(datatype)
+    if dtype is None:
+        raise TensorError(f"datatype {datatype} is not supported (one of {', '.join(DATATYPES)})")
+    if len(raw) != count * dtype.itemsize:
+        raise TensorError(
+            f"{len(raw)} bytes of {datatype} data, but shape {list(dims)} needs "
+            f"{count * dtype.itemsize}"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(dims)
+
+
+def _decode_typed(tensor: pb.ModelInferResponse.InferOutputTensor) -> np.ndarray:
+    field_name = _CONTENTS_FIELD.get(tensor.datatype)
+    if field_name is None:
+        raise TensorError(f"output '{tensor.name}': {tensor.datatype} cannot travel as contents")
+    values = list(getattr(tensor.contents, field_name))
+    if tensor.datatype == "BYTES":
+        array = np.empty(len(values), dtype=object)
+        array[:] = values
+    else:
+        array = np.array(values, dtype=WIRE_DTYPES[tensor.datatype])
+    return array.reshape(tuple(tensor.shape))
+
+
+# --- results ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One ModelInfer answer. `model_version` is the version that computed it; `route`
+    the alias or route that answered ("" when the server names none)."""
+
+    outputs: dict[str, np.ndarray]
+    model_name: str
+    model_version: str
+    route: str
+    id: str
+    datatypes: dict[str, str] = field(default_factory=dict)
+
+
+def _parameter(parameters: Mapping[str, pb.InferParameter], name: str) -> Any:
+    if name not in parameters:
+        return None
+    value = parameters[name]
+    choice = value.WhichOneof("parameter_choice")
+    return getattr(value, choice) if choice else None
+
+
+def prediction_of(response: pb.ModelInferResponse) -> Prediction:
+    raw = response.raw_output_contents
+    outputs: dict[str, np.ndarray] = {}
+    datatypes: dict[str, str] = {}
+    for index, tensor in enumerate(response.outputs):
+        try:
+            if raw:
+                outputs[tensor.name] = decode_tensor(tensor.datatype, tensor.shape, raw[index])
+            else:
+                outputs[tensor.name] = _decode_typed(tensor)
+        except IndexError:
+            raise TensorError(
+                f"the response has {len(raw)} raw contents for {len(response.outputs)} outputs"
+            ) from None
+        except TensorError as exc:
+            raise TensorError(f"output '{tensor.name}': {exc}") from None
+        datatypes[tensor.name] = tensor.datatype
+    route = _parameter(response.parameters, ROUTE_PARAMETER)
+    return Prediction(
+        outputs=outputs,
+        model_name=response.model_name,
+        model_version=response.model_version,
+        route=str(route) if route is not None else "",
+        id=response.id,
+        datatypes=datatypes,
+    )
+
+
+def infer_request(
+    model: str,
+    inputs: Mapping[str, np.ndarray],
+    version: str = "",
+    routing_key: str | None = None,
+    outputs: Iterable[str] | None = None,
+    request_id: str = "",
+) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+    for name, value in inputs.items():
+        array = np.asarray(value)
+        try:
+            datatype, raw = encode_tensor(array)
+        except TensorError as exc:
+            raise TensorError(f"input '{name}': {exc}") from None
+        request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+        request.raw_input_contents.append(raw)
+    for name in outputs or ():
+        request.outputs.add(name=name)
+    if routing_key is not None:
+        request.parameters[ROUTING_KEY_PARAMETER].string_param = routing_key
+    return request
+
+
+def config_parameter(config: mc.ModelConfig, name: str) -> str | None:
+    """A string parameter of a served model's configuration; None when absent."""
+    if name not in config.parameters:
+        return None
+    return config.parameters[name].string_value
+
+
+# --- the client ---------------------------------------------------------------------------
+
+
+class InferenceClient:
+    """`timeout` bounds every call, retries included; `connect_timeout` bounds the wait
+    for the connection before the first call (None: no separate wait)."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        timeout: float = 30.0,
+        connect_timeout: float | None = CONNECT_TIMEOUT_S,
+    ) -> None:
+        self.address = address
+        self._channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._connected = threading.Event()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def connect(self, timeout: float | None = None) -> None:
+        """Waits until the channel is connected; CannotConnect after `timeout` seconds
+        (default `connect_timeout`). Calls do this once by themselves."""
+        limit = self.connect_timeout if timeout is None else timeout
+        if limit is None or self._connected.is_set():
+            return
+        ready = grpc.channel_ready_future(self._channel)
+        try:
+            ready.result(timeout=limit)
+        except grpc.FutureTimeoutError:
+            raise CannotConnect(
+                f"cannot connect to {self.address} (no server answered within {limit:g} s)"
+            ) from None
+        finally:
+            ready.cancel()
+        self._connected.set()
+
+    def _idempotent(self, method: Callable[..., _T], request: Any) -> _T:
+        """Calls `method`, retrying UNAVAILABLE with backoff and full jitter until the
+        deadline, which covers every attempt."""
+        self.connect()
+        deadline = time.monotonic() + self.timeout
+        backoff = INITIAL_BACKOFF_S
+        while True:
+            try:
+                return method(request, timeout=max(deadline - time.monotonic(), 0.001))
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE:  # type: ignore[attr-defined]
+                    raise
+                pause = random.uniform(0.0, backoff)
+                if time.monotonic() + pause >= deadline:
+                    raise
+                time.sleep(pause)  # backoff before the next attempt
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    # --- calls ----------------------------------------------------------------------------
+
+    def predict(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        version: str = "",
+        routing_key: str | None = None,
+        outputs: Iterable[str] | None = None,
+        request_id: str = "",
+    ) -> Prediction:
+        """One inference. Each input's datatype follows its array's dtype (str or bytes
+        arrays are BYTES); `outputs` names the outputs wanted (default: all);
+        `routing_key` is sent as the request parameter `routing_key`. Never retried."""
+        request = infer_request(model, inputs, version, routing_key, outputs, request_id)
+        self.connect()
+        response: pb.ModelInferResponse = self.stub.ModelInfer(request, timeout=self.timeout)
+        return prediction_of(response)
+
+    def metadata(self, model: str, version: str = "") -> pb.ModelMetadataResponse:
+        """The model's versions, platform, inputs and outputs (-1: a variable dimension)."""
+        request = pb.ModelMetadataRequest(name=model, version=version)
+        return self._idempotent(self.stub.ModelMetadata, request)
+
+    def config(self, model: str, version: str = "") -> mc.ModelConfig:
+        """The served configuration; see `config_parameter` for its string parameters."""
+        request = pb.ModelConfigRequest(name=model, version=version)
+        response: pb.ModelConfigResponse = self._idempotent(self.stub.ModelConfig, request)
+        return response.config
+
+    def index(self, ready_only: bool = False) -> list[pb.RepositoryIndexResponse.ModelIndex]:
+        """Every model version the server knows, with its state and the reason for it."""
+        request = pb.RepositoryIndexRequest(ready=ready_only)
+        response: pb.RepositoryIndexResponse = self._idempotent(self.stub.RepositoryIndex, request)
+        return list(response.models)
+
+    def ready(self, model: str, version: str = "") -> bool:
+        request = pb.ModelReadyRequest(name=model, version=version)
+        response: pb.ModelReadyResponse = self._idempotent(self.stub.ModelReady, request)
+        return bool(response.ready)
