@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+from prometheus_client import CollectorRegistry
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -16,15 +17,21 @@ from modelplane.kernel.gc_tuning import SERVING_THRESHOLD, tune_gc
 from modelplane.kernel.metrics import new_registry
 from modelplane.kernel.server import AioServiceServer
 from modelplane.kernel.settings import ServiceSettings
+from modelplane.kernel.startup import StartupError
 from modelplane.kernel.telemetry import tracer_provider
 from modelplane.services.inference.model_config import Defaults
+from modelplane.services.inference.registry_follower import (
+    FollowerMetrics,
+    RegistryFollower,
+    parse_target,
+)
 from modelplane.services.inference.repository import (
     ModelRepository,
     RuntimeFactory,
     ort_runtime,
 )
 from modelplane.services.inference.servicer import InferenceServicer
-from modelplane.services.inference.stats import InferenceMetrics
+from modelplane.services.inference.stats import InferenceMetrics, RoutingMetrics
 
 SERVICE_NAME = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -133,11 +140,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--default-alias", help="alias followed by default (production)")
     parser.add_argument(
-        "--artifact-cache-dir", type=Path, metavar="DIR", help="registry artifact cache"
+        "--registry-timeout-s", type=float, help="deadline of each registry call (10)"
     )
     parser.add_argument(
-        "--workers", type=int, help="server processes sharing the port (default 1)"
+        "--registry-discovery-s",
+        type=float,
+        help="registry control mode: how often to look for new models (10)",
     )
+    parser.add_argument(
+        "--artifact-cache-dir", type=Path, metavar="DIR", help="registry artifact cache"
+    )
+    parser.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
     parser.add_argument(
         "--max-batch-size", type=int, help="max_batch_size for models without config.pbtxt"
     )
@@ -161,9 +174,23 @@ class InferenceServer(AioServiceServer):
     of the server's CPU. On the event loop a waiting request is a future, and a batch
     costs two thread switches whatever its size (see batcher.py)."""
 
-    def __init__(self, repository: ModelRepository, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        follower: RegistryFollower | None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.repository = repository
+        self.follower = follower
+
+    async def start(self) -> int:
+        port = await super().start()
+        if self.follower is not None:
+            # Watching starts once the server's loop runs: it installs changes there.
+            self.follower.start(asyncio.get_running_loop())
+        return port
 
 
 def build(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime) -> InferenceServer:
@@ -191,12 +218,21 @@ def build(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime) -> 
         tracer,
         runtime_factory,
     )
+    follower = _registry_follower(settings, repository, registry)
     ready = asyncio.Event()
-    servicer = InferenceServicer(repository, ready.is_set, trace_requests=tracer is not None)
+    servicer = InferenceServicer(
+        repository,
+        ready.is_set,
+        trace_requests=tracer is not None,
+        routing_metrics=RoutingMetrics(registry) if follower is not None else None,
+        follower=follower,
+    )
 
     def add_servicers(server: object) -> None:
         # Models load before the port opens, so readiness means "models are warm".
-        if settings.model_control_mode == "none":
+        if follower is not None:
+            follower.boot()
+        elif settings.model_control_mode == "none":
             repository.load_all()
         else:
             for name in settings.load_model:
@@ -209,12 +245,43 @@ def build(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime) -> 
 
     return InferenceServer(
         repository,
+        follower,
         settings.model_copy(update={"tracing_enabled": False}),
         "inference",
         [SERVICE_NAME],
         add_servicers,
-        on_stop=[not_ready, repository.close],
+        on_stop=[not_ready, *([follower.stop] if follower else []), repository.close],
         registry=registry,
+    )
+
+
+def _registry_follower(
+    settings: Settings, repository: ModelRepository, registry: CollectorRegistry
+) -> RegistryFollower | None:
+    if not settings.registry:
+        if settings.model_control_mode == "registry":
+            raise StartupError("--model-control-mode registry needs --registry HOST:PORT")
+        return None
+    try:
+        targets = [parse_target(text, settings.default_alias) for text in settings.load_model]
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    discover = settings.model_control_mode == "registry"
+    if not targets and not discover:
+        raise StartupError(
+            "--registry needs --load-model NAME[@ALIAS] (repeatable) or "
+            "--model-control-mode registry"
+        )
+    return RegistryFollower(
+        settings.registry,
+        repository,
+        settings.cache_path,
+        targets,
+        FollowerMetrics(registry),
+        discover_alias=settings.default_alias if discover else None,
+        discovery_s=settings.registry_discovery_s,
+        timeout_s=settings.registry_timeout_s,
+        default_alias=settings.default_alias,
     )
 
 

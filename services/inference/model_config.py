@@ -52,18 +52,28 @@ def read_config(model_dir: Path) -> mc.ModelConfig | None:
     path = model_dir / CONFIG_FILE
     if not path.is_file():
         return None
+    return parse_config(path.read_text(encoding="utf-8"), f"{model_dir.name}/{CONFIG_FILE}")
+
+
+def parse_config(text: str, where: str) -> mc.ModelConfig:
+    """A config.pbtxt's text, from a file or as the registry stores it with a version."""
     config = mc.ModelConfig()
     try:
-        text_format.Parse(path.read_text(encoding="utf-8"), config)
+        text_format.Parse(text, config)
     except text_format.ParseError as exc:
-        raise InvalidArgument(f"{model_dir.name}/{CONFIG_FILE}: {exc}") from None
+        raise InvalidArgument(f"{where}: {exc}") from None
     return config
 
 
 def plan(model_dir: Path, defaults: Defaults) -> ModelPlan:
     """Reads `<model_dir>/config.pbtxt` (if any) and resolves it against the defaults."""
-    config = read_config(model_dir)
-    where = f"{model_dir.name}/{CONFIG_FILE}"
+    return resolve(
+        read_config(model_dir), model_dir.name, f"{model_dir.name}/{CONFIG_FILE}", defaults
+    )
+
+
+def resolve(config: mc.ModelConfig | None, name: str, where: str, defaults: Defaults) -> ModelPlan:
+    """A model's configuration (None: there is none) resolved against the defaults."""
     if config is None:
         config = mc.ModelConfig()
         batching = True
@@ -73,10 +83,8 @@ def plan(model_dir: Path, defaults: Defaults) -> ModelPlan:
         max_batch_size = config.max_batch_size
         if max_batch_size < 0:
             raise InvalidArgument(f"{where}: max_batch_size must not be negative")
-    if config.name and config.name != model_dir.name:
-        raise InvalidArgument(
-            f"{where}: name '{config.name}' differs from its directory '{model_dir.name}'"
-        )
+    if config.name and config.name != name:
+        raise InvalidArgument(f"{where}: name '{config.name}' differs from the model's '{name}'")
 
     dynamic = config.dynamic_batching
     limit = max_batch_size if max_batch_size is not None else defaults.max_batch_size

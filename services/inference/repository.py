@@ -6,6 +6,9 @@ loop), so the hot path takes no lock and a load or unload of one model never tou
 another's batcher.
 A reload builds and warms the new versions before swapping them in; the old ones drain
 their queues before they close, so no accepted request is lost.
+
+Models served from the registry (see registry_follower.py) are installed the same way,
+with a route table: which loaded version answers a request that names no version.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from opentelemetry import trace
 from inference import model_config_pb2 as mc
 from modelplane.kernel.errors import FailedPrecondition, InvalidArgument, NotFound
 from modelplane.services.inference import model_config
+from modelplane.services.inference.artifact_cache import sha256_of
 from modelplane.services.inference.batcher import BatchingPolicy, DynamicBatcher, Tensors
 from modelplane.services.inference.datatypes import Datatype
 from modelplane.services.inference.model_config import Defaults, ModelPlan
+from modelplane.services.inference.routing import Route, RouteTable
 from modelplane.services.inference.runtime import (
     OrtRuntime,
     ProviderChoice,
@@ -85,12 +90,16 @@ class ModelVersion:
     config: mc.ModelConfig
     batcher: DynamicBatcher
     stats: VersionStats
+    sha256: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class ModelEntry:
     versions: dict[str, ModelVersion]
     latest: ModelVersion
+    """What a request naming no version gets when there is no route table."""
+    table: RouteTable[ModelVersion] | None = None
+    """Registry-served models: routes by alias (and weight) to loaded versions."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +128,12 @@ class ModelRepository:
         self._factory = runtime_factory
         self._models: dict[str, ModelEntry] = {}
         self._failures: dict[str, str] = {}
+        # Registry-served versions that were refused (e.g. a digest mismatch), shown by
+        # RepositoryIndex while the previous version keeps serving.
+        self._version_failures: dict[tuple[str, str], str] = {}
+        # In registry mode, the models followed (listed even when none is loaded).
+        self.followed: Callable[[], Iterable[str]] | None = None
+        self.source = f"repository {root}"
         # Loads and unloads run on the event loop; two loads of one model at once would
         # race to install, so they take turns (serving never waits on this).
         self._load_serially = asyncio.Lock()
@@ -139,6 +154,21 @@ class ModelRepository:
             )
         return found
 
+    def route(
+        self, name: str, version: str, routing_key: Callable[[], str | None]
+    ) -> tuple[ModelVersion, Route[ModelVersion] | None]:
+        """The version that answers a request, and the route that chose it (None for a
+        model without a route table, or a request naming its version)."""
+        entry = self._models.get(name)
+        if entry is None or version or entry.table is None:
+            return self.get(name, version), None
+        chosen = entry.table.pick(routing_key() if len(entry.table.routes) > 1 else None)
+        return chosen.version, chosen
+
+    def table(self, name: str) -> RouteTable[ModelVersion] | None:
+        entry = self._models.get(name)
+        return None if entry is None else entry.table
+
     def loaded(self) -> list[ModelVersion]:
         return [v for entry in self._models.values() for v in entry.versions.values()]
 
@@ -151,7 +181,10 @@ class ModelRepository:
     # --- control --------------------------------------------------------------------
 
     def model_names(self) -> list[str]:
-        """Every model directory in the repository, loaded or not."""
+        """Every model directory in the repository (or followed in the registry), loaded
+        or not."""
+        if self.followed is not None:
+            return sorted(self.followed())
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _valid_name(p.name))
@@ -193,6 +226,10 @@ class ModelRepository:
         await self._retire(old.versions.values())
         log.info("model %s unloaded", name, extra={"model": name})
 
+    async def unload_if_loaded(self, name: str) -> None:
+        if name in self._models:
+            await self.unload(name)
+
     async def close(self) -> None:
         old, self._models = self._models, {}
         await self._retire(v for entry in old.values() for v in entry.versions.values())
@@ -206,10 +243,76 @@ class ModelRepository:
                 entries += [
                     IndexEntry(name, v, "READY", "") for v in sorted(entry.versions, key=int)
                 ]
+                if not ready_only:
+                    entries += [
+                        IndexEntry(name, version, "UNAVAILABLE", reason)
+                        for (model, version), reason in sorted(self._version_failures.items())
+                        if model == name and version not in entry.versions
+                    ]
             elif not ready_only:
                 reason = self._failures.get(name, "unloaded")
                 entries.append(IndexEntry(name, "", "UNAVAILABLE", reason))
         return entries
+
+    # --- registry-served models (blocking calls run on a follower thread) -------------
+
+    def loaded_version(self, name: str, version: str) -> ModelVersion | None:
+        entry = self._models.get(name)
+        return None if entry is None else entry.versions.get(version)
+
+    def build_from_file(
+        self, name: str, version: str, path: Path, serving_config: str, sha256: str
+    ) -> ModelVersion:
+        """Builds and warms one registry version from a verified artifact (blocking)."""
+        where = f"{name} version {version} serving_config"
+        config = model_config.parse_config(serving_config, where) if serving_config else None
+        plan = model_config.resolve(config, name, where, self._defaults)
+        providers = choose_providers(plan.execution_provider, available_providers())
+        built = self._build_version(name, version, path, plan, providers)
+        built.sha256 = sha256
+        built.config.parameters["sha256"].string_value = sha256
+        built.config.parameters["source"].string_value = self.source
+        return built
+
+    def refuse_version(self, name: str, version: str, reason: str) -> None:
+        self._version_failures[(name, version)] = reason
+
+    def accept_version(self, name: str, version: str) -> None:
+        self._version_failures.pop((name, version), None)
+
+    def install_routed(
+        self, name: str, versions: dict[str, ModelVersion], table: RouteTable[ModelVersion]
+    ) -> list[ModelVersion]:
+        """Swaps in a registry model's versions and routes (one assignment, on the event
+        loop or before serving); returns the versions no longer served, to retire."""
+        primary = table.routes[0].version
+        models = dict(self._models)
+        old = models.get(name)
+        models[name] = ModelEntry(versions, primary, table)
+        self._models = models
+        self._failures.pop(name, None)
+        log.info(
+            "model %s routes: %s",
+            name,
+            ", ".join(f"{r.alias} v{r.version.version} {r.weight}%" for r in table.routes)
+            + (
+                f"; shadow {table.shadow.alias} v{table.shadow.version.version} "
+                f"{table.shadow.percent}%"
+                if table.shadow
+                else ""
+            ),
+            extra={"model": name, "versions": sorted(versions, key=int)},
+        )
+        if old is None:
+            return []
+        return [v for number, v in old.versions.items() if versions.get(number) is not v]
+
+    async def retire(self, versions: Iterable[ModelVersion]) -> None:
+        """Drains and closes versions that no route reaches any more."""
+        await self._retire(versions)
+
+    def fail_model(self, name: str, reason: str) -> None:
+        self._failures[name] = reason
 
     # --- building ------------------------------------------------------------------
 
@@ -273,7 +376,11 @@ class ModelRepository:
         try:
             for number in chosen:
                 path = model_dir / str(number) / plan.model_file
-                built[str(number)] = self._build_version(name, str(number), path, plan, providers)
+                version = self._build_version(name, str(number), path, plan, providers)
+                version.sha256 = sha256_of(path)
+                version.config.parameters["sha256"].string_value = version.sha256
+                version.config.parameters["source"].string_value = self.source
+                built[str(number)] = version
         except BaseException:
             for version in built.values():
                 version.batcher.close_now()

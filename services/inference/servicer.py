@@ -1,5 +1,11 @@
 """GRPCInferenceService (KServe v2) on grpc.aio: proto → repository / batcher → proto.
 A request waiting for its batch is a suspended coroutine, not a blocked thread.
+
+For models served from the registry, a request that names no version is routed by the
+model's route table (rollout policy); the response's `model_version` is the version that
+computed it and its `route` parameter the alias that chose it. A mirrored (shadow) copy
+runs beside the request and is compared once both finish; the caller never waits for it
+and never sees its failure.
 """
 
 from __future__ import annotations
@@ -8,8 +14,10 @@ import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 import grpc
+import numpy as np
 from opentelemetry import trace
 from opentelemetry.propagate import extract
 
@@ -20,9 +28,32 @@ from modelplane.kernel.errors import InvalidArgument, ModelplaneError, Overloade
 from modelplane.services.inference import codec
 from modelplane.services.inference.batcher import PendingRequest, Unloading
 from modelplane.services.inference.repository import ModelRepository, ModelVersion
-from modelplane.services.inference.stats import StatsSnapshot
+from modelplane.services.inference.routing import Route, Shadow
+from modelplane.services.inference.stats import RoutingMetrics, StatsSnapshot
 
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "schedule_policy"]
+ROUTING_KEY = "routing_key"
+ROUTE = "route"
+
+Routed = Route[ModelVersion] | None
+
+
+class ModelSource(Protocol):
+    """Where models come from in registry mode (registry_follower.RegistryFollower)."""
+
+    async def follow(self, model: str) -> None: ...
+
+    async def unfollow(self, model: str) -> None: ...
+
+
+def _routing_key(request: pb.ModelInferRequest) -> str | None:
+    """The request's `routing_key` parameter as text (string or integer), if any."""
+    parameters = request.parameters
+    if ROUTING_KEY not in parameters:
+        return None
+    value = parameters[ROUTING_KEY]
+    kind = value.WhichOneof("parameter_choice")
+    return None if kind is None else str(getattr(value, kind))
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -31,10 +62,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         repository: ModelRepository,
         is_ready: Callable[[], bool],
         trace_requests: bool = False,
+        routing_metrics: RoutingMetrics | None = None,
+        follower: ModelSource | None = None,
     ) -> None:
+        """`follower`: in registry mode, what RepositoryModelLoad/Unload start and stop
+        following (instead of loading from the repository directory)."""
         self._repository = repository
         self._is_ready = is_ready
         self._trace = trace_requests
+        self._routing = routing_metrics
+        self._follower = follower
+        self._shadow_tasks: set[asyncio.Future[None]] = set()
 
     # --- health and metadata ------------------------------------------------------
 
@@ -96,7 +134,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
         model = self._repository.get(request.name, request.version)
-        return pb.ModelConfigResponse(config=model.config)
+        table = self._repository.table(request.name)
+        if table is None:
+            return pb.ModelConfigResponse(config=model.config)
+        config = type(model.config)()
+        config.CopyFrom(model.config)
+        aliases = [r.alias for r in table.routes if r.version is model]
+        if table.shadow is not None and table.shadow.version is model:
+            aliases.append(f"{table.shadow.alias} (shadow)")
+        config.parameters["aliases"].string_value = ",".join(aliases)
+        return pb.ModelConfigResponse(config=config)
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
@@ -136,14 +183,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 "load parameters (config or file overrides) are not supported; edit the "
                 "model's config.pbtxt in the repository"
             )
-        await self._repository.load(request.model_name)
+        if self._follower is not None:
+            await self._follower.follow(request.model_name)
+        else:
+            await self._repository.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
         _check_repository_name(request.repository_name)
-        await self._repository.unload(request.model_name)
+        if self._follower is not None:
+            await self._follower.unfollow(request.model_name)
+        else:
+            await self._repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     # --- inference ------------------------------------------------------------------
@@ -170,30 +223,106 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             parent = parent if parent.is_valid else None
         return PendingRequest(feeds, rows, key, deadline=deadline, received_ns=received, tag=parent)
 
+    def _route(self, request: pb.ModelInferRequest) -> tuple[ModelVersion, Routed]:
+        return self._repository.route(
+            request.model_name, request.model_version, functools.partial(_routing_key, request)
+        )
+
     def _submit(
-        self, request: pb.ModelInferRequest, model: ModelVersion, pending: PendingRequest
-    ) -> ModelVersion:
-        """Queues a request; returns the version that took it (a reload may swap it)."""
+        self,
+        request: pb.ModelInferRequest,
+        model: ModelVersion,
+        route: Routed,
+        pending: PendingRequest,
+    ) -> tuple[ModelVersion, Routed]:
+        """Queues a request; returns the version that took it (a reload or an alias move
+        may swap it) and the route that chose it."""
         try:
             model.batcher.submit(pending)
         except Overloaded:
             model.stats.request_failed(pending, "rejected")
             raise
         except Unloading:
-            # Looked up just before a reload or unload swapped it out: ask again once.
-            model = self._repository.get(request.model_name, request.model_version)
+            # Looked up just before a reload, an alias move or an unload swapped it out:
+            # ask again once. Its inputs were checked against the old version; a new
+            # version with another signature fails the request in the runtime, alone.
+            model, route = self._route(request)
             model.batcher.submit(pending)
-        return model
+        if route is not None and self._routing is not None:
+            self._routing.routed(model.name, route.alias)
+        return model, route
+
+    def _respond(
+        self,
+        request: pb.ModelInferRequest,
+        model: ModelVersion,
+        route: Routed,
+        outputs: dict[str, np.ndarray],
+    ) -> pb.ModelInferResponse:
+        response = codec.encode_response(request, model, outputs)
+        if route is not None:
+            response.parameters[ROUTE].string_param = route.alias
+        return response
+
+    def _mirror(
+        self, request: pb.ModelInferRequest, model: ModelVersion
+    ) -> tuple[Shadow[ModelVersion], PendingRequest] | None:
+        """Submits a copy of a request to the shadow version when it is in the mirrored
+        share; any problem is counted, never raised."""
+        table = self._repository.table(model.name)
+        shadow = table.mirror() if table is not None else None
+        if shadow is None:
+            return None
+        metrics = self._routing
+        try:
+            feeds, rows, key = codec.decode_inputs(request, shadow.version)
+            copy = PendingRequest(feeds, rows, key)
+            shadow.version.batcher.submit(copy)
+        except Exception:
+            if metrics is not None:
+                metrics.shadow(model.name, "dropped")
+            return None
+        return shadow, copy
+
+    def _compare_later(
+        self,
+        model: ModelVersion,
+        mirrored: tuple[Shadow[ModelVersion], PendingRequest],
+        outputs: dict[str, np.ndarray],
+    ) -> None:
+        task = asyncio.ensure_future(self._compare(model, mirrored, outputs))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _compare(
+        self,
+        model: ModelVersion,
+        mirrored: tuple[Shadow[ModelVersion], PendingRequest],
+        outputs: dict[str, np.ndarray],
+    ) -> None:
+        shadow, copy = mirrored
+        metrics = self._routing
+        try:
+            theirs = await shadow.version.batcher.outputs(copy)
+        except (Exception, asyncio.CancelledError):
+            if metrics is not None:
+                metrics.shadow(model.name, "failed")
+            return
+        if metrics is not None:
+            metrics.compare(model.name, outputs, theirs)
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         received = time.perf_counter_ns()
-        model = self._repository.get(request.model_name, request.model_version)
+        model, route = self._route(request)
         pending = self._pending(request, model, context, received)
-        model = self._submit(request, model, pending)
+        model, route = self._submit(request, model, route, pending)
+        mirrored = self._mirror(request, model) if route is not None else None
         outputs = await model.batcher.outputs(pending)
-        return codec.encode_response(request, model, outputs)
+        if mirrored is not None:
+            self._compare_later(model, mirrored, outputs)
+        return self._respond(request, model, route, outputs)
 
     async def ModelStreamInfer(
         self,
@@ -203,33 +332,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Requests of one stream are batched like any others, so responses come back in
         completion order; clients match them by `id`. A failed request yields a response
         with `error_message`; the stream itself stays open."""
-        done: asyncio.Queue[tuple[pb.ModelInferRequest, ModelVersion | None, object]] = (
-            asyncio.Queue()
-        )
+        done: asyncio.Queue[
+            tuple[pb.ModelInferRequest, tuple[ModelVersion, Routed] | None, object]
+        ] = asyncio.Queue()
         in_flight: dict[PendingRequest, ModelVersion] = {}
 
         def finished(
-            request: pb.ModelInferRequest, model: ModelVersion, pending: PendingRequest, _: object
+            request: pb.ModelInferRequest,
+            model: ModelVersion,
+            route: Routed,
+            pending: PendingRequest,
+            _: object,
         ) -> None:
             in_flight.pop(pending, None)
-            done.put_nowait((request, model, pending))
+            done.put_nowait((request, (model, route), pending))
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
                     received = time.perf_counter_ns()
-                    model: ModelVersion | None = None
                     try:
-                        model = self._repository.get(request.model_name, request.model_version)
+                        model, route = self._route(request)
                         pending = self._pending(request, model, context, received)
-                        model = self._submit(request, model, pending)
+                        model, route = self._submit(request, model, route, pending)
                         assert pending.future is not None
                         in_flight[pending] = model
                         pending.future.add_done_callback(
-                            functools.partial(finished, request, model, pending)
+                            functools.partial(finished, request, model, route, pending)
                         )
                     except Exception as exc:
-                        done.put_nowait((request, model, exc))
+                        done.put_nowait((request, None, exc))
             finally:
                 done.put_nowait((pb.ModelInferRequest(), None, _END))
 
@@ -237,7 +369,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         ended = False
         try:
             while not (ended and not in_flight and done.empty()):
-                request, model, outcome = await done.get()
+                request, routed, outcome = await done.get()
                 if outcome is _END:
                     ended = True
                     if reader.done() and not reader.cancelled() and reader.exception():
@@ -245,8 +377,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     continue
                 if isinstance(outcome, PendingRequest):
                     try:
-                        assert model is not None and outcome.future is not None
-                        response = codec.encode_response(request, model, outcome.future.result())
+                        assert routed is not None and outcome.future is not None
+                        response = self._respond(request, *routed, outcome.future.result())
                     except (Exception, asyncio.CancelledError) as exc:
                         yield _stream_error(request, exc)
                         continue

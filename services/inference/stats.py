@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -283,3 +284,66 @@ class VersionStats:
             if error is not None:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, error))
             span.end(end_time=end_ns + shift)
+
+
+SHADOW_DIFF_BUCKETS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
+
+
+class RoutingMetrics:
+    """Requests per route and what shadow copies did, for models served from the
+    registry. Label children are kept per (model, route): a `labels()` lookup per
+    request would cost more than the routing itself."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._routed = Counter(
+            "modelplane_inference_route_requests",
+            "Requests that named no version, by the route (alias) that answered them",
+            ["model", "route"],
+            registry=registry,
+        )
+        self._shadow = Counter(
+            "modelplane_inference_shadow_requests",
+            "Mirrored requests by outcome: matched or differed (outputs compared with the "
+            "primary's), failed (the shadow erred), dropped (not run: full queue, "
+            "incompatible inputs)",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self._difference = Histogram(
+            "modelplane_inference_shadow_max_abs_difference",
+            "Largest absolute difference between a shadow's outputs and the primary's",
+            ["model"],
+            buckets=SHADOW_DIFF_BUCKETS,
+            registry=registry,
+        )
+        self._children: dict[tuple[str, str], Counter] = {}
+
+    def routed(self, model: str, route: str) -> None:
+        child = self._children.get((model, route))
+        if child is None:
+            child = self._children[(model, route)] = self._routed.labels(model, route)
+        child.inc()
+
+    def shadow(self, model: str, outcome: str) -> None:
+        self._shadow.labels(model, outcome).inc()
+
+    def compare(
+        self, model: str, primary: dict[str, np.ndarray], shadow: dict[str, np.ndarray]
+    ) -> None:
+        """Counts a shadow's outputs as matched (within float tolerance) or differed."""
+        same = primary.keys() == shadow.keys()
+        largest = 0.0
+        for name in primary.keys() & shadow.keys():
+            ours, theirs = np.asarray(primary[name]), np.asarray(shadow[name])
+            if ours.shape != theirs.shape:
+                same = False
+                continue
+            if ours.dtype.kind in "fiub" and theirs.dtype.kind in "fiub":
+                if ours.size:
+                    diff = float(np.max(np.abs(ours.astype(np.float64) - theirs)))
+                    largest = max(largest, diff if np.isfinite(diff) else float("inf"))
+                same = same and bool(np.allclose(ours, theirs, rtol=1e-5, atol=1e-6))
+            else:
+                same = same and bool(np.array_equal(ours, theirs))
+        self._difference.labels(model).observe(largest)
+        self.shadow(model, "matched" if same else "differed")

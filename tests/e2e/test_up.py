@@ -63,12 +63,15 @@ def test_up_serves_all_four_and_stops_cleanly_on_ctrl_c(tmp_path):
     try:
         addresses: dict[str, str] = {}
         snippets: list[list[str]] = []
+        commands: list[str] = []
         inside = False
         assert process.stdout is not None
         for line in process.stdout:
             words = line.split()
             if len(words) >= 3 and words[0] in EXPECTED_SERVICES and words[1] == "grpc":
                 addresses[words[0]] = words[2]
+            if " predict " in line or " models --address " in line:
+                commands.append(line.strip())
             if line.rstrip().endswith("<<'PY'"):
                 snippets.append([])
                 inside = True
@@ -99,6 +102,13 @@ def test_up_serves_all_four_and_stops_cleanly_on_ctrl_c(tmp_path):
         # Three customers' bundle tensors (3, 8), all features present, scored into (3, 2).
         assert features_call.startswith("[[") and numbers(features_call) == 6
         assert "nan" not in features_call
+
+        # The models were registered in the registry and are served from it: the printed
+        # CLI calls say which version and route answered and where the model came from.
+        assert len(commands) == 2, commands
+        predicted, listed = (run_snippet([command]) for command in commands)
+        assert "version 1" in predicted and "route production" in predicted, predicted
+        assert "registry" in listed and "production" in listed, listed
 
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0

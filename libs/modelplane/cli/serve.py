@@ -9,6 +9,7 @@ from typing import Any
 
 from modelplane.cli.services import SERVICES, service_main
 from modelplane.kernel.cpu_affinity import pin_process
+from modelplane.kernel.startup import StartupError
 from modelplane.kernel.state_lock import StateInUse
 
 
@@ -56,7 +57,7 @@ def run_service(args: argparse.Namespace) -> int:
         return 2
     try:
         module.run(settings)
-    except StateInUse as exc:
+    except (StateInUse, StartupError) as exc:
         print(f"modelplane serve {args.service}: {exc}", file=sys.stderr)
         return 2
     return 0

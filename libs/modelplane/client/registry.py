@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +23,20 @@ from modelplane.registry.v1 import registry_pb2_grpc as pb_grpc
 ACTOR_METADATA_KEY = "x-modelplane-actor"
 CHUNK_BYTES = 1024 * 1024
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+Routes = Mapping[str, int] | Sequence[tuple[str, int]] | Sequence[pb.RouteWeight]
+
+
+def _route_weights(routes: Routes) -> list[pb.RouteWeight]:
+    if isinstance(routes, Mapping):
+        return [pb.RouteWeight(alias=alias, weight=weight) for alias, weight in routes.items()]
+    return [
+        route
+        if isinstance(route, pb.RouteWeight)
+        else pb.RouteWeight(alias=route[0], weight=route[1])
+        for route in routes
+    ]
 
 
 class DigestMismatch(Exception):
@@ -60,14 +74,22 @@ class RegistryClient:
         actor: str | None = None,
         timeout: float = 30.0,
         transfer_timeout: float = 3600.0,
+        keepalive_s: float | None = None,
     ) -> None:
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        """`keepalive_s`: ping an idle connection this often, so a long watch learns
+        within about twice that when the registry vanished without closing it."""
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if keepalive_s is not None:
+            options += [
+                ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+                ("grpc.keepalive_timeout_ms", int(keepalive_s * 1000)),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.max_pings_without_data", 0),
+            ]
+        self._channel = grpc.insecure_channel(address, options=options)
         self.stub = pb_grpc.RegistryServiceStub(self._channel)
         self._metadata = ((ACTOR_METADATA_KEY, actor),) if actor else ()
         self.timeout = timeout
@@ -171,11 +193,16 @@ class RegistryClient:
         metadata: pb.UploadMetadata,
         verify: bool = True,
         chunk_bytes: int = CHUNK_BYTES,
+        serving_config: str | None = None,
     ) -> pb.ModelVersion:
         """Uploads `path`; with `verify` the digest is computed first and checked by the
-        server, so bytes damaged on the way are refused rather than registered."""
+        server, so bytes damaged on the way are refused rather than registered.
+        `serving_config` (a Triton config.pbtxt's text), when given, replaces the one in
+        `metadata`."""
         request = pb.UploadMetadata()
         request.CopyFrom(metadata)
+        if serving_config is not None:
+            request.serving_config = serving_config
         if verify and not request.sha256:
             request.sha256 = file_sha256(path)
             request.size_bytes = path.stat().st_size
@@ -309,6 +336,47 @@ class RegistryClient:
         request = pb.GetAliasAtRequest(model=model, alias=alias, time=_timestamp(when))
         response: pb.GetAliasAtResponse = self.stub.GetAliasAt(request, **self._options())
         return response.version
+
+    # --- rollout policies -----------------------------------------------------------------
+
+    def get_rollout(self, model: str) -> pb.RolloutPolicy:
+        """The model's rollout policy; revision 0 and no routes when never set."""
+        response: pb.GetRolloutPolicyResponse = self.stub.GetRolloutPolicy(
+            pb.GetRolloutPolicyRequest(model=model), **self._options()
+        )
+        return response.policy
+
+    def set_rollout(
+        self,
+        model: str,
+        routes: Routes = (),
+        shadow_alias: str = "",
+        shadow_percent: int = 0,
+        expected_revision: int | None = None,
+        reason: str = "",
+    ) -> pb.RolloutPolicy:
+        """Replaces the model's rollout policy: `routes` as {alias: weight} (weights sum to
+        100; empty turns splitting off), `shadow_percent` of requests mirrored to
+        `shadow_alias` (0: none). Compare-and-set on `expected_revision` (ABORTED when the
+        policy is at another revision); None reads the current revision first, i.e.
+        replaces whatever policy holds now (only a change landing between that read and
+        the write is refused)."""
+        if expected_revision is None:
+            expected_revision = self.get_rollout(model).revision
+        request = pb.SetRolloutPolicyRequest(
+            model=model,
+            routes=_route_weights(routes),
+            expected_revision=expected_revision,
+            reason=reason,
+        )
+        if shadow_percent or shadow_alias:
+            request.shadow.CopyFrom(pb.ShadowRoute(alias=shadow_alias, percent=shadow_percent))
+        response: pb.SetRolloutPolicyResponse = self.stub.SetRolloutPolicy(
+            request, **self._options()
+        )
+        return response.policy
+
+    # --- watch and audit ------------------------------------------------------------------
 
     def watch(self, model: str, timeout: float | None = None) -> Iterator[pb.WatchModelResponse]:
         """The snapshot, then changes; cancel the returned iterator to stop watching."""

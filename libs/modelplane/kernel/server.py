@@ -48,6 +48,11 @@ def grpc_options(settings: ServiceSettings) -> list[tuple[str, Any]]:
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         # Two servers must never silently share a port (SO_REUSEPORT).
         ("grpc.so_reuseport", 0),
+        # Long-lived streams (registry watches) are kept alive by their clients' pings
+        # (every 10 s from the inference service); accept them rather than answer with
+        # GOAWAY, as grpc does by default for pings more often than every 5 minutes.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
     ]
 
 

@@ -81,7 +81,7 @@ def test_gpu_instances_or_a_parameter_ask_for_cuda(tmp_path):
     "config, message",
     [
         ("max_batch_size: 8 dynamic_batching { preferred_batch_size: [ 16 ] }", "preferred"),
-        ('name: "other"', "differs from its directory"),
+        ('name: "other"', "differs from the model"),
         ("max_batch_size: oops", "config.pbtxt"),
         ('parameters { key: "intra_op_thread_count" value: { string_value: "x" } }', "integer"),
     ],
