@@ -14,7 +14,6 @@ while the registry is unreachable serves exactly what was served before.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -24,22 +23,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from modelplane.client.registry import file_sha256
+
 log = logging.getLogger("modelplane.inference.cache")
 
-_CHUNK = 1024 * 1024
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
 class CacheCorrupted(Exception):
     """Bytes that do not hash to the digest they were fetched for."""
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class ArtifactCache:
@@ -61,7 +53,7 @@ class ArtifactCache:
         its bytes no longer match (the bad file is then removed)."""
         path = self.blob_path(digest)
         try:
-            actual = sha256_of(path)
+            actual = file_sha256(path)
         except FileNotFoundError:
             return None
         if actual == digest:
@@ -87,7 +79,7 @@ class ArtifactCache:
         partial = final.with_name(f".{digest}.{os.getpid()}.{threading.get_ident()}.part")
         try:
             download(partial)
-            actual = sha256_of(partial)
+            actual = file_sha256(partial)
             if actual != digest:
                 self._on_corrupted(digest)
                 raise CacheCorrupted(

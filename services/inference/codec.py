@@ -14,8 +14,8 @@ import numpy as np
 
 from inference import grpc_service_pb2 as pb
 from modelplane.kernel.errors import InvalidArgument
+from modelplane.kserve_types import CONTENTS_FIELD
 from modelplane.services.inference.datatypes import (
-    CONTENTS_FIELD,
     decode_bytes,
     encode_bytes,
     to_bytes_elements,

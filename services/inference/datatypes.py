@@ -45,23 +45,6 @@ _TYPES = (
 BY_WIRE = {t.wire: t for t in _TYPES}
 BY_ONNX = {t.onnx: t for t in _TYPES}
 
-# Which InferTensorContents field carries each type when a client sends typed contents.
-# FP16 has no typed field in KServe v2: it travels as raw bytes only.
-CONTENTS_FIELD = {
-    "BOOL": "bool_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
-
 _LENGTH = struct.Struct("<I")
 
 

@@ -25,9 +25,9 @@ import numpy as np
 from opentelemetry import trace
 
 from inference import model_config_pb2 as mc
+from modelplane.client.registry import file_sha256
 from modelplane.kernel.errors import FailedPrecondition, InvalidArgument, NotFound
 from modelplane.services.inference import model_config
-from modelplane.services.inference.artifact_cache import sha256_of
 from modelplane.services.inference.batcher import BatchingPolicy, DynamicBatcher, Tensors
 from modelplane.services.inference.datatypes import Datatype
 from modelplane.services.inference.model_config import Defaults, ModelPlan
@@ -377,7 +377,7 @@ class ModelRepository:
             for number in chosen:
                 path = model_dir / str(number) / plan.model_file
                 version = self._build_version(name, str(number), path, plan, providers)
-                version.sha256 = sha256_of(path)
+                version.sha256 = file_sha256(path)
                 version.config.parameters["sha256"].string_value = version.sha256
                 version.config.parameters["source"].string_value = self.source
                 built[str(number)] = version

@@ -31,6 +31,7 @@ from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 from inference import model_config_pb2 as mc
 from modelplane.kernel.settings import MAX_MESSAGE_BYTES
+from modelplane.kserve_types import CONTENTS_FIELD, RAW_DTYPES
 
 DEFAULT_ADDRESS = "127.0.0.1:8001"
 CONNECT_TIMEOUT_S = 5.0
@@ -44,40 +45,10 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 INITIAL_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
 
-# KServe v2 datatypes and the numpy dtype of their raw (little-endian) bytes. FP16 has no
-# typed contents field: it travels raw only, which is how this client sends everything.
-WIRE_DTYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    "BYTES": np.dtype(np.object_),
-}
+# Every KServe v2 datatype the server supports; FP16 has no typed contents field, so
+# this client sends everything raw.
+WIRE_DTYPES: dict[str, np.dtype] = {**RAW_DTYPES, "BYTES": np.dtype(np.object_)}
 DATATYPES = tuple(WIRE_DTYPES)
-
-# Which InferTensorContents field a server uses when it answers with typed contents.
-_CONTENTS_FIELD = {
-    "BOOL": "bool_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
 
 _LENGTH = struct.Struct("<I")
 _T = TypeVar("_T")
@@ -177,7 +148,7 @@ def decode_tensor(datatype: str, shape: Iterable[int], raw: bytes) -> np.ndarray
 
 
 def _decode_typed(tensor: pb.ModelInferResponse.InferOutputTensor) -> np.ndarray:
-    field_name = _CONTENTS_FIELD.get(tensor.datatype)
+    field_name = CONTENTS_FIELD.get(tensor.datatype)
     if field_name is None:
         raise TensorError(f"output '{tensor.name}': {tensor.datatype} cannot travel as contents")
     values = list(getattr(tensor.contents, field_name))

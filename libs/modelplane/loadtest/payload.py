@@ -12,25 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from inference import grpc_service_pb2 as pb
+from modelplane.kserve_types import RAW_DTYPES
 
-# KServe v2 wire datatypes and the numpy dtype of their raw little-endian bytes.
-NUMPY_DTYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    # bfloat16 has no numpy dtype; random 16-bit patterns would include NaNs, so
-    # BF16 data is made from FP32 values truncated to their top 16 bits.
-    "BF16": np.dtype("<u2"),
-}
+# The numpy dtype of each datatype's raw bytes. bfloat16 has no numpy dtype; random
+# 16-bit patterns would include NaNs, so BF16 data is made from FP32 values truncated to
+# their top 16 bits.
+NUMPY_DTYPES: dict[str, np.dtype] = {**RAW_DTYPES, "BF16": np.dtype("<u2")}
 
 
 class PayloadError(ValueError):
