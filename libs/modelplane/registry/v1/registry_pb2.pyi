@@ -58,6 +58,30 @@ VERSION_STATUS_ARCHIVED: VersionStatus.ValueType  # 4
 """Retired; no alias may point at it. Terminal."""
 Global___VersionStatus: _TypeAlias = VersionStatus  # noqa: Y015
 
+class _MissingFeaturePolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MissingFeaturePolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MissingFeaturePolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MISSING_FEATURE_POLICY_UNSPECIFIED: _MissingFeaturePolicy.ValueType  # 0
+    """Not set: the same as REJECT."""
+    MISSING_FEATURE_POLICY_REJECT: _MissingFeaturePolicy.ValueType  # 1
+    """Fail the row's request with FAILED_PRECONDITION naming the entity and feature."""
+    MISSING_FEATURE_POLICY_FILL: _MissingFeaturePolicy.ValueType  # 2
+    """Use the bundle's fill values (NaN where the bundle names none)."""
+
+class MissingFeaturePolicy(_MissingFeaturePolicy, metaclass=_MissingFeaturePolicyEnumTypeWrapper):
+    """What to do with bundle values that are not PRESENT (NOT_FOUND, NULL, STALE)."""
+
+MISSING_FEATURE_POLICY_UNSPECIFIED: MissingFeaturePolicy.ValueType  # 0
+"""Not set: the same as REJECT."""
+MISSING_FEATURE_POLICY_REJECT: MissingFeaturePolicy.ValueType  # 1
+"""Fail the row's request with FAILED_PRECONDITION naming the entity and feature."""
+MISSING_FEATURE_POLICY_FILL: MissingFeaturePolicy.ValueType  # 2
+"""Use the bundle's fill values (NaN where the bundle names none)."""
+Global___MissingFeaturePolicy: _TypeAlias = MissingFeaturePolicy  # noqa: Y015
+
 class _ReviewDecision:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -492,6 +516,7 @@ class ModelVersion(_message.Message):
     ALIASES_FIELD_NUMBER: _builtins.int
     APPROVALS_FIELD_NUMBER: _builtins.int
     SERVING_CONFIG_FIELD_NUMBER: _builtins.int
+    FEATURE_INPUT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name."""
     version: _builtins.int
@@ -534,6 +559,10 @@ class ModelVersion(_message.Message):
     def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Aliases currently held by this version."""
 
+    @_builtins.property
+    def feature_input(self) -> Global___FeatureInput:
+        """Its input from the feature service (see UploadMetadata.feature_input)."""
+
     def __init__(
         self,
         *,
@@ -551,14 +580,50 @@ class ModelVersion(_message.Message):
         aliases: _abc.Iterable[_builtins.str] | None = ...,
         approvals: _builtins.int = ...,
         serving_config: _builtins.str = ...,
+        feature_input: Global___FeatureInput | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "card", b"card", "create_time", b"create_time", "lineage", b"lineage", "signature", b"signature"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "card", b"card", "create_time", b"create_time", "feature_input", b"feature_input", "lineage", b"lineage", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "approvals", b"approvals", "artifact", b"artifact", "card", b"card", "create_time", b"create_time", "created_by", b"created_by", "description", b"description", "feature_statistics", b"feature_statistics", "lineage", b"lineage", "model", b"model", "serving_config", b"serving_config", "signature", b"signature", "status", b"status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "approvals", b"approvals", "artifact", b"artifact", "card", b"card", "create_time", b"create_time", "created_by", b"created_by", "description", b"description", "feature_input", b"feature_input", "feature_statistics", b"feature_statistics", "lineage", b"lineage", "model", b"model", "serving_config", b"serving_config", "signature", b"signature", "status", b"status", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelVersion: _TypeAlias = ModelVersion  # noqa: Y015
+
+@_typing.final
+class FeatureInput(_message.Message):
+    """A model input filled from a feature bundle: requests may send the bundle's
+    entity join keys (one row per entity) instead of the tensor, and the inference
+    service asks the feature service for the whole batch's rows in one call.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUNDLE_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    MISSING_POLICY_FIELD_NUMBER: _builtins.int
+    bundle: _builtins.str
+    """Bundle name in the feature service."""
+    input: _builtins.str
+    """The model input the bundle's tensor feeds: FP32 [batch, bundle width].
+    Empty: the model's only input.
+    """
+    missing_policy: Global___MissingFeaturePolicy.ValueType
+    """Values that are not PRESENT."""
+    def __init__(
+        self,
+        *,
+        bundle: _builtins.str = ...,
+        input: _builtins.str = ...,
+        missing_policy: Global___MissingFeaturePolicy.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "input", b"input", "missing_policy", b"missing_policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureInput: _TypeAlias = FeatureInput  # noqa: Y015
 
 @_typing.final
 class Alias(_message.Message):
@@ -1032,6 +1097,7 @@ class UploadMetadata(_message.Message):
     CARD_FIELD_NUMBER: _builtins.int
     FEATURE_STATISTICS_FIELD_NUMBER: _builtins.int
     SERVING_CONFIG_FIELD_NUMBER: _builtins.int
+    FEATURE_INPUT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model the version belongs to; must exist."""
     sha256: _builtins.str
@@ -1057,6 +1123,12 @@ class UploadMetadata(_message.Message):
     def feature_statistics(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureStatistics]:
         """Reference statistics per input feature."""
 
+    @_builtins.property
+    def feature_input(self) -> Global___FeatureInput:
+        """Where the version's input comes from when callers send entity ids instead of
+        the tensor: a bundle of the feature service. Unset: callers send tensors.
+        """
+
     def __init__(
         self,
         *,
@@ -1068,10 +1140,11 @@ class UploadMetadata(_message.Message):
         card: Global___ModelCard | None = ...,
         feature_statistics: _abc.Iterable[Global___FeatureStatistics] | None = ...,
         serving_config: _builtins.str = ...,
+        feature_input: Global___FeatureInput | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "lineage", b"lineage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "feature_input", b"feature_input", "lineage", b"lineage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "description", b"description", "feature_statistics", b"feature_statistics", "lineage", b"lineage", "model", b"model", "serving_config", b"serving_config", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "description", b"description", "feature_input", b"feature_input", "feature_statistics", b"feature_statistics", "lineage", b"lineage", "model", b"model", "serving_config", b"serving_config", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
