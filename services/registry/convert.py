@@ -24,6 +24,14 @@ DECISION_TO_PB = {
     domain.ReviewDecision.REJECT: pb.REVIEW_DECISION_REJECT,
 }
 DECISION_FROM_PB = {value: key for key, value in DECISION_TO_PB.items()}
+MISSING_POLICY_TO_PB = {
+    domain.MissingFeaturePolicy.REJECT: pb.MISSING_FEATURE_POLICY_REJECT,
+    domain.MissingFeaturePolicy.FILL: pb.MISSING_FEATURE_POLICY_FILL,
+}
+MISSING_POLICY_FROM_PB = {
+    pb.MISSING_FEATURE_POLICY_UNSPECIFIED: domain.MissingFeaturePolicy.REJECT,
+    **{value: key for key, value in MISSING_POLICY_TO_PB.items()},
+}
 
 
 def timestamp(moment: datetime) -> Timestamp:
@@ -88,6 +96,27 @@ def new_model_from_pb(request: pb.CreateModelRequest) -> domain.NewModel:
     )
 
 
+def feature_input_from_pb(message: pb.FeatureInput) -> domain.FeatureInput | None:
+    """None for an unset (or all-default) message; UNSPECIFIED policy means REJECT."""
+    if message == pb.FeatureInput():
+        return None
+    policy = MISSING_POLICY_FROM_PB.get(message.missing_policy)
+    if policy is None:
+        raise InvalidArgument(
+            f"feature_input.missing_policy {message.missing_policy} is not one of"
+            " MISSING_FEATURE_POLICY_REJECT, MISSING_FEATURE_POLICY_FILL"
+        )
+    return domain.FeatureInput(message.bundle, message.input, policy)
+
+
+def feature_input_to_pb(feature_input: domain.FeatureInput) -> pb.FeatureInput:
+    return pb.FeatureInput(
+        bundle=feature_input.bundle,
+        input=feature_input.input,
+        missing_policy=MISSING_POLICY_TO_PB[feature_input.missing_policy],
+    )
+
+
 def metadata_from_pb(upload: pb.UploadMetadata) -> domain.VersionMetadata:
     lineage = upload.lineage
     card = upload.card
@@ -112,6 +141,7 @@ def metadata_from_pb(upload: pb.UploadMetadata) -> domain.VersionMetadata:
             for s in upload.feature_statistics
         ),
         serving_config=upload.serving_config,
+        feature_input=feature_input_from_pb(upload.feature_input),
     )
 
 
@@ -129,7 +159,7 @@ def version_to_pb(version: domain.ModelVersion) -> pb.ModelVersion:
     meta = version.metadata
     lineage = meta.lineage
     card = meta.card
-    return pb.ModelVersion(
+    message = pb.ModelVersion(
         model=version.model,
         version=version.version,
         description=meta.description,
@@ -167,6 +197,9 @@ def version_to_pb(version: domain.ModelVersion) -> pb.ModelVersion:
         approvals=version.approvals,
         serving_config=meta.serving_config,
     )
+    if meta.feature_input is not None:
+        message.feature_input.CopyFrom(feature_input_to_pb(meta.feature_input))
+    return message
 
 
 def alias_to_pb(alias: domain.Alias) -> pb.Alias:

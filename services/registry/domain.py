@@ -6,6 +6,7 @@ against the same state the write then changes.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 import json
@@ -41,6 +42,12 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # ambiguous, so such names are reserved.
 _VERSION_LIKE = re.compile(r"^[vV][0-9]+$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Bundle names follow the feature service's rule for definition names (its
+# NAME_PATTERN and reserved names), restated here: services never import each other.
+MAX_BUNDLE_NAME_LENGTH = 63
+_BUNDLE_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+_RESERVED_BUNDLE_NAMES = frozenset({"_ts", "entity_key", "event_us"})
+FEATURE_INPUT_DATATYPE = "FP32"
 
 
 class VersionStatus(enum.StrEnum):
@@ -53,6 +60,13 @@ class VersionStatus(enum.StrEnum):
 class ReviewDecision(enum.StrEnum):
     APPROVE = "approve"
     REJECT = "reject"
+
+
+class MissingFeaturePolicy(enum.StrEnum):
+    """What inference does with bundle values that are not PRESENT."""
+
+    REJECT = "reject"  # fail the row's request, naming the entity and feature
+    FILL = "fill"  # use the bundle's fill values
 
 
 @dataclass(frozen=True)
@@ -140,6 +154,25 @@ class FeatureStatistics:
 
 
 @dataclass(frozen=True)
+class FeatureInput:
+    """A model input filled from a feature-service bundle, so callers may send entity
+    ids instead of the tensor. `input` empty: the model's only input (resolved to its
+    name when the version is created)."""
+
+    bundle: str
+    input: str = ""
+    missing_policy: MissingFeaturePolicy = MissingFeaturePolicy.REJECT
+
+    def details(self) -> dict[str, object]:
+        """What the audit log (and the store's JSON column) keeps of it."""
+        return {
+            "bundle": self.bundle,
+            "input": self.input,
+            "missing_policy": self.missing_policy.value,
+        }
+
+
+@dataclass(frozen=True)
 class VersionMetadata:
     """What the uploader says about a version, besides its bytes."""
 
@@ -149,6 +182,8 @@ class VersionMetadata:
     feature_statistics: tuple[FeatureStatistics, ...] = ()
     # A Triton config.pbtxt (inference.ModelConfig as protobuf text); empty: defaults.
     serving_config: str = ""
+    # Where callers' entity ids get their tensor from; None: callers send tensors.
+    feature_input: FeatureInput | None = None
 
 
 @dataclass(frozen=True)
@@ -346,6 +381,68 @@ def validate_serving_config(text: str) -> None:
         ) from exc
 
 
+def validate_feature_input(feature_input: FeatureInput | None) -> None:
+    """What can be checked without the model: the bundle's name. The input is checked
+    against the signature (`resolve_feature_input`), the bundle's width by the inference
+    service against the feature service when it loads the version."""
+    if feature_input is None:
+        return
+    bundle = feature_input.bundle
+    if not bundle:
+        raise InvalidArgument("feature_input.bundle is required")
+    if (
+        len(bundle) > MAX_BUNDLE_NAME_LENGTH
+        or not _BUNDLE_NAME.match(bundle)
+        or bundle in _RESERVED_BUNDLE_NAMES
+    ):
+        raise InvalidArgument(
+            f"feature_input.bundle {quote(bundle)} must be 1-{MAX_BUNDLE_NAME_LENGTH}"
+            " lowercase letters, digits or '_', not starting with a digit, and not one of "
+            + ", ".join(sorted(_RESERVED_BUNDLE_NAMES))
+        )
+
+
+def _spec_text(spec: TensorSpec) -> str:
+    return f"{spec.datatype}[{', '.join(str(d) for d in spec.shape)}]"
+
+
+def resolve_feature_input(
+    feature_input: FeatureInput | None, signature: Signature
+) -> FeatureInput | None:
+    """The feature input as stored: its input named (the model's only one when the
+    uploader named none), after checking that input can take a bundle's tensor, FP32
+    [batch, width] with a fixed width."""
+    if feature_input is None:
+        return None
+    validate_feature_input(feature_input)
+    inputs = signature.inputs
+    names = ", ".join(quote(s.name) for s in inputs[:16]) or "none"
+    if len(inputs) > 16:
+        names += f", ... ({len(inputs)} inputs)"
+    if not feature_input.input:
+        if len(inputs) != 1:
+            raise InvalidArgument(
+                f"feature_input.input is required: the model has {len(inputs)} inputs"
+                f" ({names}); name the one bundle {quote(feature_input.bundle)} feeds"
+            )
+        spec = inputs[0]
+    else:
+        found = next((s for s in inputs if s.name == feature_input.input), None)
+        if found is None:
+            raise InvalidArgument(
+                f"feature_input.input {quote(feature_input.input)} is not an input of the"
+                f" model; its inputs: {names}"
+            )
+        spec = found
+    shape = spec.shape
+    if spec.datatype != FEATURE_INPUT_DATATYPE or len(shape) != 2 or shape[1] < 1:
+        raise InvalidArgument(
+            f"feature_input.input {quote(spec.name)} is {_spec_text(spec)}; a bundle feeds"
+            f" {FEATURE_INPUT_DATATYPE} [batch, width] with a fixed width"
+        )
+    return FeatureInput(feature_input.bundle, spec.name, feature_input.missing_policy)
+
+
 def validate_policy(policy: ApprovalPolicy) -> None:
     if policy.required_approvals < 0:
         raise InvalidArgument("required_approvals must not be negative")
@@ -411,6 +508,18 @@ def validate_metadata(metadata: VersionMetadata) -> None:
         validate_labels(f"metric {quote(metric.name)} slice", metric.slice)
     validate_feature_statistics(metadata.feature_statistics)
     validate_serving_config(metadata.serving_config)
+    validate_feature_input(metadata.feature_input)
+
+
+def checked_version(new: NewVersion) -> NewVersion:
+    """`new` as it may be stored: its metadata valid, its feature input resolved against
+    its signature."""
+    validate_metadata(new.metadata)
+    metadata = new.metadata
+    resolved = resolve_feature_input(metadata.feature_input, new.signature)
+    if resolved == metadata.feature_input:
+        return new
+    return dataclasses.replace(new, metadata=dataclasses.replace(metadata, feature_input=resolved))
 
 
 def page_size(requested: int) -> int:

@@ -246,13 +246,17 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             pending = await asyncio.to_thread(writer.finish)
             check_expected(pending, expected_sha, meta.size_bytes)
             signature = await asyncio.to_thread(read_signature, pending.path)
+            # Checked against the signature before the blob is kept: a refused feature
+            # input leaves no artifact behind.
+            new = domain.checked_version(
+                domain.NewVersion(
+                    artifact=domain.Artifact(pending.sha256, pending.size_bytes),
+                    signature=signature,
+                    metadata=metadata,
+                )
+            )
             await asyncio.to_thread(self._artifacts.commit, pending)
             committed = True
-            new = domain.NewVersion(
-                artifact=domain.Artifact(pending.sha256, pending.size_bytes),
-                signature=signature,
-                metadata=metadata,
-            )
             return await asyncio.to_thread(self._store.create_version, meta.model, new, actor)
         finally:
             # Also on cancellation (the client went away): unlinking is quick, so it is

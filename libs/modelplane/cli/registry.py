@@ -78,7 +78,19 @@ _CARD_FIELDS = (
     "ethical_considerations",
     "evaluation_data",
 )
-_FILE_FIELDS = ("description", "lineage", "card", "feature_statistics", "serving_config")
+_FILE_FIELDS = (
+    "description",
+    "lineage",
+    "card",
+    "feature_statistics",
+    "serving_config",
+    "feature_input",
+)
+_FEATURE_INPUT_FIELDS = ("bundle", "input", "missing_policy")
+MISSING_POLICIES = {
+    "reject": pb.MISSING_FEATURE_POLICY_REJECT,
+    "fill": pb.MISSING_FEATURE_POLICY_FILL,
+}
 
 
 def _kind(value: object) -> str:
@@ -152,6 +164,27 @@ def _slice(value: object, field: str) -> dict[str, str]:
     return _labels(value, field)
 
 
+def _missing_policy(value: object, field: str) -> pb.MissingFeaturePolicy.ValueType:
+    text = _text(value, field).strip().lower()
+    if text not in MISSING_POLICIES:
+        raise InputError(f"{field} must be one of {', '.join(MISSING_POLICIES)}, got {value!r}")
+    return MISSING_POLICIES[text]
+
+
+def _feature_input(value: object, field: str) -> pb.FeatureInput | None:
+    """`{bundle, input, missing_policy}`; None when the file has none."""
+    if value is None:
+        return None
+    raw = _mapping(value, field, _FEATURE_INPUT_FIELDS)
+    bundle = _text(raw.get("bundle"), f"{field}.bundle")
+    if not bundle:
+        raise InputError(f"{field}.bundle is required")
+    message = pb.FeatureInput(bundle=bundle, input=_text(raw.get("input"), f"{field}.input"))
+    if raw.get("missing_policy") is not None:
+        message.missing_policy = _missing_policy(raw["missing_policy"], f"{field}.missing_policy")
+    return message
+
+
 def metadata_from_file(path: Path) -> pb.UploadMetadata:
     """The upload metadata a `--metadata` YAML file describes (see the README's schema)."""
     try:
@@ -209,13 +242,17 @@ def _metadata_from_mapping(raw: object) -> pb.UploadMetadata:
                 for i, count in enumerate(_items(raw_stat.get("counts"), f"{field}.counts"))
             ],
         )
+    feature_input = _feature_input(top.get("feature_input"), "feature_input")
+    if feature_input is not None:
+        metadata.feature_input.CopyFrom(feature_input)
     return metadata
 
 
 def upload_metadata(args: argparse.Namespace) -> pb.UploadMetadata:
     """Metadata from the YAML file (if any), then flags on top: a flag replaces that field
     of the file; `--metric` replaces the file's whole metrics list, `--param KEY=VALUE`
-    the file's value of KEY."""
+    the file's value of KEY, `--feature-bundle`/`--feature-input`/`--missing-features`
+    the file's feature_input.bundle/input/missing_policy."""
     metadata = metadata_from_file(Path(args.metadata)) if args.metadata else pb.UploadMetadata()
     metadata.model = args.model
     if args.description:
@@ -237,7 +274,23 @@ def upload_metadata(args: argparse.Namespace) -> pb.UploadMetadata:
             metadata.serving_config = Path(args.serving_config).read_text()
         except UnicodeDecodeError as exc:
             raise InputError(f"{args.serving_config} is not UTF-8 text") from exc
+    _feature_flags(args, metadata)
     return metadata
+
+
+def _feature_flags(args: argparse.Namespace, metadata: pb.UploadMetadata) -> None:
+    feature_input = metadata.feature_input
+    if args.feature_bundle:
+        feature_input.bundle = args.feature_bundle
+    if not feature_input.bundle and (args.feature_input or args.missing_features):
+        raise InputError(
+            "--feature-input and --missing-features need --feature-bundle"
+            " (or feature_input.bundle in the --metadata file)"
+        )
+    if args.feature_input:
+        feature_input.input = args.feature_input
+    if args.missing_features:
+        feature_input.missing_policy = MISSING_POLICIES[args.missing_features]
 
 
 # --- output -------------------------------------------------------------------------------
@@ -307,6 +360,17 @@ def _spec(spec: pb.TensorSpec) -> str:
     return f"{spec.name} {spec.datatype}[{', '.join(str(d) for d in spec.shape)}]"
 
 
+def _feature_input_text(feature_input: pb.FeatureInput) -> str:
+    policy = pb.MissingFeaturePolicy.Name(feature_input.missing_policy)
+    missing = policy.removeprefix("MISSING_FEATURE_POLICY_").lower()
+    if missing == "unspecified":
+        missing = "reject"
+    return (
+        f"bundle {feature_input.bundle} -> input {feature_input.input or '(the only one)'},"
+        f" missing values: {missing}"
+    )
+
+
 def print_version(version: pb.ModelVersion) -> None:
     print(f"{version.model} v{version.version}  ({_status(version.status)})")
     aliases = ", ".join(version.aliases) or "-"
@@ -321,6 +385,8 @@ def print_version(version: pb.ModelVersion) -> None:
         print(f"  input:       {_spec(spec)}")
     for spec in sig.outputs:
         print(f"  output:      {_spec(spec)}")
+    if version.HasField("feature_input"):
+        print(f"  features:    {_feature_input_text(version.feature_input)}")
     if version.description:
         print(f"  description: {version.description}")
     lineage = version.lineage
@@ -699,14 +765,30 @@ def register(commands: Any) -> None:
     reg.add_argument("--create", action="store_true", help="create the model if it is missing")
     reg.add_argument(
         "--metadata",
-        help="YAML file with description, lineage, card, feature_statistics, serving_config"
-        " (schema in the README); a flag replaces that field of the file (--metric the whole"
-        " metrics list, --param that key)",
+        help="YAML file with description, lineage, card, feature_statistics, serving_config,"
+        " feature_input (schema in the README); a flag replaces that field of the file"
+        " (--metric the whole metrics list, --param that key)",
     )
     reg.add_argument(
         "--serving-config",
         metavar="CONFIG_PBTXT",
         help="Triton config.pbtxt the inference server uses for this version",
+    )
+    reg.add_argument(
+        "--feature-bundle",
+        metavar="NAME",
+        help="feature-service bundle whose tensor feeds the model, so callers may send"
+        " entity ids instead of it",
+    )
+    reg.add_argument(
+        "--feature-input",
+        metavar="INPUT",
+        help="the model input the bundle feeds (FP32 [batch, width]); default: the only one",
+    )
+    reg.add_argument(
+        "--missing-features",
+        choices=tuple(MISSING_POLICIES),
+        help="bundle values that are not PRESENT: reject the request (default) or fill them",
     )
     reg.add_argument("--description", help="version description")
     reg.add_argument("--training-data-ref", help="training data URI or name")

@@ -194,15 +194,18 @@ class RegistryClient:
         verify: bool = True,
         chunk_bytes: int = CHUNK_BYTES,
         serving_config: str | None = None,
+        feature_input: pb.FeatureInput | None = None,
     ) -> pb.ModelVersion:
         """Uploads `path`; with `verify` the digest is computed first and checked by the
         server, so bytes damaged on the way are refused rather than registered.
-        `serving_config` (a Triton config.pbtxt's text), when given, replaces the one in
-        `metadata`."""
+        `serving_config` (a Triton config.pbtxt's text) and `feature_input` (the feature
+        bundle feeding one model input), when given, replace those in `metadata`."""
         request = pb.UploadMetadata()
         request.CopyFrom(metadata)
         if serving_config is not None:
             request.serving_config = serving_config
+        if feature_input is not None:
+            request.feature_input.CopyFrom(feature_input)
         if verify and not request.sha256:
             request.sha256 = file_sha256(path)
             request.size_bytes = path.stat().st_size

@@ -7,9 +7,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from modelplane.services.registry.domain import (
+    FeatureInput,
     FeatureStatistics,
     Lineage,
     Metric,
+    MissingFeaturePolicy,
     ModelCard,
     RouteWeight,
     Signature,
@@ -117,3 +119,15 @@ def routes_to_json(routes: tuple[RouteWeight, ...]) -> str:
 
 def routes_from_json(text: str) -> tuple[RouteWeight, ...]:
     return tuple(RouteWeight(str(alias), int(weight)) for alias, weight in json.loads(text))
+
+
+def feature_input_to_json(feature_input: FeatureInput | None) -> str:
+    """'' for none: the column's default, which rows written before it existed hold."""
+    return "" if feature_input is None else dumps(feature_input.details())
+
+
+def feature_input_from_json(text: str) -> FeatureInput | None:
+    if not text:
+        return None
+    raw = json.loads(text)
+    return FeatureInput(raw["bundle"], raw["input"], MissingFeaturePolicy(raw["missing_policy"]))

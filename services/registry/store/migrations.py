@@ -128,6 +128,11 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        5,
+        "versions.feature_input: JSON of the version's FeatureInput, '' for none",
+        ("ALTER TABLE versions ADD COLUMN feature_input TEXT NOT NULL DEFAULT ''",),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

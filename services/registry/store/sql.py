@@ -46,7 +46,7 @@ _MODEL_COLUMNS = (
 )
 _VERSION_COLUMNS = (
     "model, version, description, sha256, size_bytes, format, signature, lineage, card,"
-    " feature_statistics, status, created_us, created_by, serving_config"
+    " feature_statistics, status, created_us, created_by, serving_config, feature_input"
 )
 _EVENT_COLUMNS = "model, alias, from_version, to_version, actor, time_us, reason"
 _EVENT_SELECT = _EVENT_COLUMNS + ", id"
@@ -229,7 +229,7 @@ class SqlStore(ABC):
 
     def create_version(self, model: str, new: NewVersion, actor: str) -> ModelVersion:
         """Registers the next version number; concurrent creators each get their own."""
-        domain.validate_metadata(new.metadata)
+        new = domain.checked_version(new)
         created = now_us()
         with self._transaction(write=True) as tx:
             self._lock_model(tx, model)
@@ -245,7 +245,7 @@ class SqlStore(ABC):
             meta = new.metadata
             tx.execute(
                 f"INSERT INTO versions ({_VERSION_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     model,
                     number,
@@ -261,6 +261,7 @@ class SqlStore(ABC):
                     created,
                     actor,
                     meta.serving_config,
+                    codec.feature_input_to_json(meta.feature_input),
                 ),
             )
             self._notify(tx, {"kind": "version", "model": model, "version": number})
@@ -269,7 +270,13 @@ class SqlStore(ABC):
                 actor,
                 "version.create",
                 f"{model}/v{number}",
-                {"sha256": new.artifact.sha256, "size_bytes": new.artifact.size_bytes},
+                {
+                    "sha256": new.artifact.sha256,
+                    "size_bytes": new.artifact.size_bytes,
+                    "feature_input": (
+                        None if meta.feature_input is None else meta.feature_input.details()
+                    ),
+                },
                 created,
             )
             return self._version(tx, model, number)
@@ -676,6 +683,7 @@ class SqlStore(ABC):
                 card=codec.card_from_json(row[8]),
                 feature_statistics=codec.stats_from_json(row[9]),
                 serving_config=row[13],
+                feature_input=codec.feature_input_from_json(row[14]),
             ),
             status=VersionStatus(row[10]),
             created_at=codec.from_us(row[11]),

@@ -237,6 +237,145 @@ def test_register_with_a_serving_config(
     assert "INVALID_ARGUMENT" in err and 'no field named "batch_me"' in err
 
 
+def test_register_with_a_feature_bundle_by_flags(
+    registry: ThreadedServer, model_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address = registry.address
+    version = json.loads(
+        _run(
+            capsys,
+            address,
+            "--json",
+            "register",
+            "fraud",
+            str(model_file),
+            "--create",
+            "--feature-bundle",
+            "customer_scorer",
+            "--missing-features",
+            "fill",
+        )
+    )
+    assert version["feature_input"] == {
+        "bundle": "customer_scorer",
+        "input": "input",
+        "missing_policy": "MISSING_FEATURE_POLICY_FILL",
+    }
+    shown = json.loads(_run(capsys, address, "--json", "show", "fraud", "--version", "1"))
+    assert shown["feature_input"] == version["feature_input"]
+    listed = json.loads(_run(capsys, address, "--json", "show", "fraud"))
+    assert listed["versions"][0]["feature_input"]["bundle"] == "customer_scorer"
+    out = _run(capsys, address, "show", "fraud", "--version", "1")
+    assert "features:    bundle customer_scorer -> input input, missing values: fill" in out
+    _run(capsys, address, "register", "fraud", str(model_file))
+    out = _run(capsys, address, "show", "fraud", "--version", "2")
+    assert "features:" not in out
+    assert "feature_input" not in json.loads(
+        _run(capsys, address, "--json", "show", "fraud", "--version", "2")
+    )
+    err = _fail(
+        capsys,
+        address,
+        1,
+        "register",
+        "fraud",
+        str(model_file),
+        "--feature-bundle",
+        "customer_scorer",
+        "--feature-input",
+        "amount",
+    )
+    assert "INVALID_ARGUMENT" in err and "feature_input.input 'amount'" in err
+
+
+def test_feature_input_from_the_metadata_file_with_flags_overriding(
+    registry: ThreadedServer,
+    model_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    meta = tmp_path / "meta.yaml"
+    meta.write_text("feature_input:\n  bundle: from_file\n  input: input\n  missing_policy: fill\n")
+    address = registry.address
+    first = json.loads(
+        _run(
+            capsys,
+            address,
+            "--json",
+            "register",
+            "fraud",
+            str(model_file),
+            "--create",
+            "--metadata",
+            str(meta),
+        )
+    )
+    assert first["feature_input"] == {
+        "bundle": "from_file",
+        "input": "input",
+        "missing_policy": "MISSING_FEATURE_POLICY_FILL",
+    }
+    # Each flag replaces its own field; the file's others stay.
+    second = json.loads(
+        _run(
+            capsys,
+            address,
+            "--json",
+            "register",
+            "fraud",
+            str(model_file),
+            "--metadata",
+            str(meta),
+            "--feature-bundle",
+            "from_flag",
+        )
+    )
+    assert second["feature_input"]["bundle"] == "from_flag"
+    assert second["feature_input"]["missing_policy"] == "MISSING_FEATURE_POLICY_FILL"
+    third = json.loads(
+        _run(
+            capsys,
+            address,
+            "--json",
+            "register",
+            "fraud",
+            str(model_file),
+            "--metadata",
+            str(meta),
+            "--missing-features",
+            "reject",
+        )
+    )
+    assert third["feature_input"] == {
+        "bundle": "from_file",
+        "input": "input",
+        "missing_policy": "MISSING_FEATURE_POLICY_REJECT",
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("--feature-input", "input"), "--feature-input and --missing-features need"),
+        (("--missing-features", "fill"), "need --feature-bundle"),
+    ],
+)
+def test_feature_flags_without_a_bundle_exit_2(
+    model_file: Path, capsys: pytest.CaptureFixture[str], args: tuple[str, ...], fragment: str
+) -> None:
+    err = _fail(capsys, "127.0.0.1:1", 2, "register", "fraud", str(model_file), *args)
+    assert fragment in err
+
+
+def test_an_unknown_missing_features_choice_is_refused_by_the_parser(
+    model_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["registry", "register", "fraud", str(model_file), "--missing-features", "zero"])
+    assert info.value.code == 2
+    assert "invalid choice: 'zero'" in capsys.readouterr().err
+
+
 def test_metadata_file_slices_in_flag_form_and_file_metrics_kept_once(
     registry: ThreadedServer,
     model_file: Path,
@@ -286,6 +425,14 @@ def test_metadata_file_slices_in_flag_form_and_file_metrics_kept_once(
         ("feature_statistics:\n  - {name: x, bin_edges: [0, 1], counts: [1.5]}\n", "counts[0]"),
         ("- a\n- b\n", "must hold a mapping"),
         ("lineage: {params: {a: 1}\n", "not valid YAML"),
+        ("feature_input: customer_scorer\n", "feature_input must be a mapping"),
+        ("feature_input:\n  input: x\n", "feature_input.bundle is required"),
+        ("feature_input:\n  bundle: [a]\n", "feature_input.bundle must be text"),
+        ("feature_input:\n  bundle: b\n  policy: fill\n", "feature_input.policy is not a"),
+        (
+            "feature_input:\n  bundle: b\n  missing_policy: zero\n",
+            "feature_input.missing_policy must be one of reject, fill, got 'zero'",
+        ),
     ],
 )
 def test_a_bad_metadata_file_names_the_field_and_exits_2(
@@ -347,4 +494,5 @@ def test_the_readme_metadata_example_is_accepted(tmp_path: Path) -> None:
         "region": "us",
         "segment": "new",
     }
+    assert metadata.feature_input.bundle == "customer_scorer"
     domain.validate_metadata(convert.metadata_from_pb(metadata))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -21,13 +22,14 @@ from modelplane.services.registry import domain
 from modelplane.services.registry.domain import (
     ApprovalPolicy,
     AuditFilter,
+    MissingFeaturePolicy,
     NewModel,
     ReviewDecision,
     RouteWeight,
     ShadowRoute,
     VersionStatus,
 )
-from modelplane.services.registry.store import Store
+from modelplane.services.registry.store import Store, codec
 from modelplane.services.registry.store import sql as sql_store
 from modelplane.services.registry.store.codec import to_us
 from modelplane.services.registry.store.migrations import LATEST_VERSION, MIGRATIONS
@@ -169,6 +171,68 @@ def test_a_bad_serving_config_is_invalid_and_stores_nothing(
     with pytest.raises(InvalidArgument, match=fragment) as info:
         store.create_version("fraud", fake_version(serving_config=config), "bob")
     assert len(info.value.message) < 400
+    assert store.get_model("fraud").latest_version == 0
+    assert store.list_audit(AuditFilter(action="version.create")) == []
+
+
+def _two_inputs(new: domain.NewVersion) -> domain.NewVersion:
+    inputs = (
+        domain.TensorSpec("ids", "INT64", (-1, 1)),
+        domain.TensorSpec("dense", "FP32", (-1, 6)),
+    )
+    return dataclasses.replace(new, signature=dataclasses.replace(new.signature, inputs=inputs))
+
+
+def test_feature_input_round_trips_with_its_input_named(store: Store) -> None:
+    _model(store)
+    fill = domain.FeatureInput("customer_scorer", "dense", MissingFeaturePolicy.FILL)
+    created = store.create_version(
+        "fraud", _two_inputs(fake_version("a", feature_input=fill)), "bob"
+    )
+    # Empty input on a one-input model: stored as that input's name, policy REJECT.
+    only = store.create_version(
+        "fraud", fake_version("b", feature_input=domain.FeatureInput("customer_scorer")), "bob"
+    )
+    plain = store.create_version("fraud", fake_version("c"), "bob")
+    assert created.metadata.feature_input == fill
+    assert store.get_version("fraud", 1) == created
+    assert only.metadata.feature_input == domain.FeatureInput(
+        "customer_scorer", "input", MissingFeaturePolicy.REJECT
+    )
+    assert plain.metadata.feature_input is None
+    listed = {v.version: v.metadata.feature_input for v in store.list_versions("fraud")}
+    assert listed == {1: fill, 2: only.metadata.feature_input, 3: None}
+    store.set_alias("fraud", "production", 1, 0, "", "carol")
+    assert store.get_version_by_alias("fraud", "production").metadata.feature_input == fill
+    audited = {
+        e.target: e.details["feature_input"]
+        for e in store.list_audit(AuditFilter(action="version.create"))
+    }
+    assert audited == {
+        "fraud/v1": {"bundle": "customer_scorer", "input": "dense", "missing_policy": "fill"},
+        "fraud/v2": {"bundle": "customer_scorer", "input": "input", "missing_policy": "reject"},
+        "fraud/v3": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("feature_input", "two_inputs", "fragment"),
+    [
+        (domain.FeatureInput(""), False, "feature_input.bundle is required"),
+        (domain.FeatureInput("Customer-Scorer"), False, "feature_input.bundle"),
+        (domain.FeatureInput("entity_key"), False, "feature_input.bundle"),
+        (domain.FeatureInput("scorer", "nope"), False, "feature_input.input 'nope'"),
+        (domain.FeatureInput("scorer"), True, "feature_input.input is required"),
+        (domain.FeatureInput("scorer", "ids"), True, "INT64"),
+    ],
+)
+def test_a_bad_feature_input_is_invalid_and_stores_nothing(
+    store: Store, feature_input: domain.FeatureInput, two_inputs: bool, fragment: str
+) -> None:
+    _model(store)
+    new = fake_version(feature_input=feature_input)
+    with pytest.raises(InvalidArgument, match=fragment):
+        store.create_version("fraud", _two_inputs(new) if two_inputs else new, "bob")
     assert store.get_model("fraud").latest_version == 0
     assert store.list_audit(AuditFilter(action="version.create")) == []
 
@@ -562,10 +626,49 @@ def test_a_release_1_database_is_migrated_with_its_aliases(
     (alias,) = new.list_aliases("fraud")
     assert alias.event_id == history[-1].id > history[0].id > 0
     assert new.get_version("fraud", 2).metadata.serving_config == ""
+    assert new.get_version("fraud", 2).metadata.feature_input is None
     assert new.get_rollout("fraud").revision == 0
     new.set_rollout("fraud", (RouteWeight("production", 100),), NO_SHADOW, 0, "", "carol")
     moved, event = new.set_alias("fraud", "production", 1, 2, "", "carol")
     assert moved.event_id == event.id > alias.event_id
+
+
+def test_versions_stored_before_feature_inputs_read_as_none(
+    store_factory: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Schema 4 (serving configs, no feature inputs): its rows read back with none, and
+    new versions beside them keep theirs."""
+    monkeypatch.setattr(sql_store, "MIGRATIONS", MIGRATIONS[:4])
+    monkeypatch.setattr(sql_store, "LATEST_VERSION", 4)
+    old = store_factory()
+    assert old.schema_version() == 4
+    _model(old)
+    with old._transaction(write=True) as tx:  # type: ignore[attr-defined]
+        tx.execute(
+            "INSERT INTO versions (model, version, description, sha256, size_bytes, format,"
+            " signature, lineage, card, feature_statistics, status, created_us, created_by,"
+            " serving_config)"
+            " VALUES ('fraud', 1, '', ?, 1, 'onnx', ?, ?, ?, '[]', 'registered', 1, 'bob', ?)",
+            (
+                "cd" * 32,
+                codec.signature_to_json(fake_version().signature),
+                codec.lineage_to_json(domain.Lineage()),
+                codec.card_to_json(domain.ModelCard()),
+                SERVING_CONFIG,
+            ),
+        )
+        tx.execute("UPDATE models SET latest_version = 1 WHERE name = 'fraud'")
+    monkeypatch.undo()
+
+    new = store_factory()
+    assert new.schema_version() == LATEST_VERSION == 5
+    migrated = new.get_version("fraud", 1)
+    assert migrated.metadata.feature_input is None
+    assert migrated.metadata.serving_config == SERVING_CONFIG
+    wanted = domain.FeatureInput("scorer", "input", MissingFeaturePolicy.FILL)
+    new.create_version("fraud", fake_version("d", feature_input=wanted), "bob")
+    listed = {v.version: v.metadata.feature_input for v in new.list_versions("fraud")}
+    assert listed == {1: None, 2: wanted}
 
 
 def test_migrations_are_applied_once(store_factory: StoreFactory) -> None:

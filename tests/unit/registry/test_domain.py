@@ -268,3 +268,101 @@ def test_rollout_revision_compare_and_set() -> None:
     domain.check_rollout_revision("m", 3, 3)
     with pytest.raises(Conflict, match="at revision 3 \\(expected 2\\)"):
         domain.check_rollout_revision("m", 3, 2)
+
+
+# --- feature input --------------------------------------------------------------------
+
+
+def _signature(*inputs: tuple[str, str, tuple[int, ...]]) -> domain.Signature:
+    return domain.Signature(
+        inputs=tuple(domain.TensorSpec(name, dtype, shape) for name, dtype, shape in inputs),
+        outputs=(domain.TensorSpec("out", "FP32", (-1, 1)),),
+        ir_version=10,
+        opset_version=17,
+    )
+
+
+ONE_INPUT = _signature(("x", "FP32", (-1, 4)))
+
+
+@pytest.mark.parametrize(
+    "bundle",
+    ["customer_scorer", "_private", "b", "a" * 63, "scorer_v2"],
+)
+def test_bundle_names_the_feature_service_accepts_are_accepted(bundle: str) -> None:
+    domain.validate_feature_input(domain.FeatureInput(bundle))
+
+
+@pytest.mark.parametrize(
+    ("bundle", "fragment"),
+    [
+        ("", "feature_input.bundle is required"),
+        ("Customer", "feature_input.bundle 'Customer'"),
+        ("2fast", "lowercase"),
+        ("customer-scorer", "lowercase"),
+        ("customer.scorer", "lowercase"),
+        ("a" * 64, "1-63"),
+        ("entity_key", "not one of"),
+        ("_ts", "not one of"),
+    ],
+)
+def test_bad_bundle_names_are_refused_naming_the_field(bundle: str, fragment: str) -> None:
+    with pytest.raises(InvalidArgument, match=r"feature_input\.bundle") as info:
+        domain.validate_feature_input(domain.FeatureInput(bundle))
+    assert fragment in info.value.message
+
+
+def test_an_empty_input_resolves_to_the_only_one_with_reject_kept() -> None:
+    resolved = domain.resolve_feature_input(domain.FeatureInput("scorer"), ONE_INPUT)
+    assert resolved == domain.FeatureInput("scorer", "x", domain.MissingFeaturePolicy.REJECT)
+    assert domain.resolve_feature_input(None, ONE_INPUT) is None
+
+
+def test_a_named_input_of_a_two_input_model_is_kept_with_its_policy() -> None:
+    signature = _signature(("ids", "INT64", (-1, 1)), ("dense", "FP32", (-1, 7)))
+    wanted = domain.FeatureInput("scorer", "dense", domain.MissingFeaturePolicy.FILL)
+    assert domain.resolve_feature_input(wanted, signature) == wanted
+
+
+@pytest.mark.parametrize(
+    ("signature", "input_name", "fragment"),
+    [
+        (ONE_INPUT, "y", "feature_input.input 'y' is not an input of the model; its inputs: 'x'"),
+        (
+            _signature(("a", "FP32", (-1, 3)), ("b", "FP32", (-1, 3))),
+            "",
+            "feature_input.input is required: the model has 2 inputs ('a', 'b')",
+        ),
+        (_signature(), "", "the model has 0 inputs"),
+        (_signature(("x", "INT64", (-1, 4))), "x", "is INT64[-1, 4]"),
+        (_signature(("x", "FP64", (-1, 4))), "", "is FP64[-1, 4]"),
+        (_signature(("x", "FP32", (-1, 4, 2))), "", "is FP32[-1, 4, 2]"),
+        (_signature(("x", "FP32", (-1,))), "", "is FP32[-1]"),
+        (_signature(("x", "FP32", (-1, -1))), "", "fixed width"),
+    ],
+)
+def test_an_input_that_cannot_take_a_bundle_is_refused(
+    signature: domain.Signature, input_name: str, fragment: str
+) -> None:
+    with pytest.raises(InvalidArgument, match=r"feature_input\.input") as info:
+        domain.resolve_feature_input(domain.FeatureInput("scorer", input_name), signature)
+    assert fragment in info.value.message
+
+
+def test_a_long_unknown_input_name_is_quoted_short() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        domain.resolve_feature_input(domain.FeatureInput("scorer", "z" * 5000), ONE_INPUT)
+    assert len(info.value.message) < 300
+
+
+def test_checked_version_resolves_the_input_and_validates_the_rest() -> None:
+    new = domain.NewVersion(
+        artifact=domain.Artifact("ab" * 32, 1),
+        signature=ONE_INPUT,
+        metadata=domain.VersionMetadata(feature_input=domain.FeatureInput("scorer")),
+    )
+    checked = domain.checked_version(new)
+    assert checked.metadata.feature_input == domain.FeatureInput("scorer", "x")
+    assert domain.checked_version(checked) == checked
+    plain = domain.NewVersion(new.artifact, ONE_INPUT, domain.VersionMetadata())
+    assert domain.checked_version(plain) is plain
