@@ -87,17 +87,32 @@ def scan_source(
     start_us: int | None = None,
     end_us: int | None = None,
     batch_rows: int = SLICE_ROWS,
+    dataset: ds.Dataset | None = None,
 ) -> Iterator[SourceRows]:
     """Rows of the view's source with start_us <= event time < end_us, in slices of at
     most `batch_rows` rows and in file order, so a large source never has to fit in
-    memory at once."""
+    memory at once. `dataset` (from `open_source`) scans a file list fixed earlier."""
     with _readable(view):
-        scanner = _scanner(view, entity, features, start_us, end_us, batch_rows)
+        if dataset is None:
+            dataset = _dataset(view)
+        scanner = _scanner(view, dataset, entity, features, start_us, end_us, batch_rows)
         # Arrow's scanner yields batches in file order (its unordered scan is a
         # separate call), which keeps "a later file row wins a tie" true across slices.
         for batch in scanner.to_batches():
             if batch.num_rows:
                 yield _in_range(view, pa.Table.from_batches([batch]), start_us, end_us)
+
+
+def open_source(view: FeatureView) -> ds.Dataset:
+    """The view's source as one list of files, listed now: scans of it see the same rows
+    in the same order even if files are added to the source's directory meanwhile."""
+    with _readable(view):
+        return _dataset(view)
+
+
+def _dataset(view: FeatureView) -> ds.Dataset:
+    assert view.source is not None
+    return ds.dataset(Path(view.source.path), format="parquet")
 
 
 @contextmanager
@@ -118,6 +133,7 @@ def _readable(view: FeatureView) -> Iterator[None]:
 
 def _scanner(
     view: FeatureView,
+    dataset: ds.Dataset,
     entity: Entity,
     features: Sequence[Feature],
     start_us: int | None,
@@ -125,7 +141,6 @@ def _scanner(
     batch_rows: int,
 ) -> ds.Scanner:
     assert view.source is not None
-    dataset = ds.dataset(Path(view.source.path), format="parquet")
     columns = [k.name for k in entity.join_keys] + [view.source.timestamp_field]
     columns += [f.name for f in features]
     missing = [c for c in columns if c not in dataset.schema.names]

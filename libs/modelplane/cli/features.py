@@ -6,20 +6,23 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import grpc
 import yaml
-from google.protobuf.timestamp_pb2 import Timestamp
 
+from modelplane.client.feature import (
+    DEFAULT_ADDRESS,
+    CannotConnect,
+    FeatureClient,
+    FeatureDataError,
+    FeatureServiceError,
+)
 from modelplane.feature.v1 import feature_pb2 as pb
-from modelplane.feature.v1 import feature_pb2_grpc as pb_grpc
 
-DEFAULT_ADDRESS = "127.0.0.1:50052"
-STATUS_NAMES = {v: k.removeprefix("FEATURE_STATUS_") for k, v in pb.FeatureStatus.items()}
-CHANGE_NAMES = {v: k.removeprefix("CHANGE_KIND_").lower() for k, v in pb.ChangeKind.items()}
+STATUS_NAMES = {int(v): k.removeprefix("FEATURE_STATUS_") for k, v in pb.FeatureStatus.items()}
 
 EPILOG = """\
 examples:
@@ -126,65 +129,50 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--bundle", help="a feature bundle name")
 
 
-def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, pb_grpc.FeatureServiceStub]:
-    channel = grpc.insecure_channel(args.address)
-    return channel, pb_grpc.FeatureServiceStub(channel)
-
-
 def _timeout(args: argparse.Namespace) -> float:
     # Long commands get a longer deadline unless --timeout was changed.
     default = getattr(args, "timeout_default", None)
     return default if default is not None and args.timeout == 30.0 else args.timeout
 
 
-def _call(args: argparse.Namespace, method: str, request: Any) -> Any:
-    channel, stub = _stub(args)
+def _with_client(args: argparse.Namespace, action: Callable[[FeatureClient], int]) -> int:
+    """Runs `action` with a client (the command's deadline for every call); the service's
+    errors end the command with one line on stderr and exit code 1."""
+    timeout = _timeout(args)
     try:
-        return getattr(stub, method)(request, timeout=_timeout(args))
-    except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        raise SystemExit(1) from None
-    finally:
-        channel.close()
-
-
-def resolve_source_paths(document: Any, base: Path) -> Any:
-    """Source paths in the YAML are relative to the YAML file, not to the server."""
-    if isinstance(document, dict):
-        for view in document.get("feature_views") or []:
-            source = view.get("source") if isinstance(view, dict) else None
-            if isinstance(source, dict) and isinstance(source.get("path"), str):
-                path = Path(source["path"])
-                if not path.is_absolute():
-                    source["path"] = str((base / path).resolve())
-    return document
+        with FeatureClient(args.address, timeout=timeout, long_timeout=timeout) as client:
+            return action(client)
+    except CannotConnect as exc:
+        print(f"error: {exc.details}", file=sys.stderr)
+    except FeatureServiceError as exc:
+        print(f"error: {exc.code.name}: {exc.details}", file=sys.stderr)
+    except FeatureDataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    raise SystemExit(1)
 
 
 def apply_definitions(args: argparse.Namespace) -> int:
-    try:
-        document = yaml.safe_load(args.file.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        print(f"error: cannot read {args.file}: {exc}", file=sys.stderr)
-        return 1
-    document = resolve_source_paths(document, args.file.resolve().parent)
-    request = pb.ApplyDefinitionsRequest(yaml=yaml.safe_dump(document), dry_run=args.dry_run)
-    response = _call(args, "ApplyDefinitions", request)
-    for change in response.changes:
-        print(
-            f"{change.kind:<13} {change.name:<30} v{change.version:<4} "
-            f"{CHANGE_NAMES[change.change]}"
-        )
-    if args.dry_run:
-        print("(dry run: nothing stored)")
-    return 0
+    def apply(client: FeatureClient) -> int:
+        try:
+            # The client reads the file; its relative source paths are taken from its folder.
+            changes = client.apply(args.file, dry_run=args.dry_run)
+        except OSError as exc:
+            print(f"error: cannot read {args.file}: {exc}", file=sys.stderr)
+            return 1
+        for change in changes:
+            print(f"{change.kind:<13} {change.name:<30} v{change.version:<4} {change.change}")
+        if args.dry_run:
+            print("(dry run: nothing stored)")
+        return 0
 
-
-def _definitions(args: argparse.Namespace) -> pb.Definitions:
-    return _call(args, "ListDefinitions", pb.ListDefinitionsRequest()).definitions
+    return _with_client(args, apply)
 
 
 def list_definitions(args: argparse.Namespace) -> int:
-    d = _definitions(args)
+    return _with_client(args, lambda client: _print_definitions(client.list_definitions()))
+
+
+def _print_definitions(d: pb.Definitions) -> int:
     type_name = {v: k.removeprefix("VALUE_TYPE_").lower() for k, v in pb.ValueType.items()}
     document = {
         "entities": [
@@ -215,38 +203,39 @@ def list_definitions(args: argparse.Namespace) -> int:
     return 0
 
 
-def _timestamp(text: str | None) -> Timestamp | None:
+def _moment(text: str | None) -> datetime | None:
     if not text:
         return None
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    ts = Timestamp()
-    ts.FromDatetime(moment)
-    return ts
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _json_time(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 def materialize_views(args: argparse.Namespace) -> int:
     try:
-        start, end = _timestamp(args.start), _timestamp(args.end)
+        start, end = _moment(args.start), _moment(args.end)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    request = pb.MaterializeRequest(feature_views=args.view, start_time=start, end_time=end)
-    response = _call(args, "Materialize", request)
-    for view in response.views:
-        print(
-            f"{view.feature_view}: {view.start_time.ToJsonString()} → "
-            f"{view.end_time.ToJsonString()}  read {view.rows_read}, "
-            f"written {view.rows_written}, ignored {view.rows_ignored}"
-        )
-    return 0
+
+    def materialize(client: FeatureClient) -> int:
+        for run in client.materialize(args.view, start, end):
+            print(
+                f"{run.view}: {_json_time(run.start)} → {_json_time(run.end)}  "
+                f"read {run.rows_read}, written {run.rows_written}, ignored {run.rows_ignored}"
+            )
+        return 0
+
+    return _with_client(args, materialize)
 
 
-def key_columns(args: argparse.Namespace) -> list[pb.EntityKeyColumn]:
-    """Join key columns typed as the definitions declare them."""
-    declared = {k.name: k.type for e in _definitions(args).entities for k in e.join_keys}
-    columns = []
+def key_columns(args: argparse.Namespace, client: FeatureClient) -> dict[str, list[Any]]:
+    """Join key values typed as the definitions declare them."""
+    declared = {k.name: k.type for e in client.list_definitions().entities for k in e.join_keys}
+    columns: dict[str, list[Any]] = {}
     for item in args.key:
         name, sep, values = item.partition("=")
         if not sep or not values:
@@ -254,24 +243,12 @@ def key_columns(args: argparse.Namespace) -> list[pb.EntityKeyColumn]:
         parts = values.split(",")
         if declared.get(name) == pb.VALUE_TYPE_INT64:
             try:
-                typed = pb.Values(type=pb.VALUE_TYPE_INT64, int64_values=[int(p) for p in parts])
+                columns[name] = [int(p) for p in parts]
             except ValueError:
                 raise SystemExit(f"error: join key {name!r} takes integers") from None
         else:
-            typed = pb.Values(type=pb.VALUE_TYPE_STRING, string_values=parts)
-        columns.append(pb.EntityKeyColumn(name=name, values=typed))
+            columns[name] = parts
     return columns
-
-
-def _column_values(column: pb.OnlineFeatureColumn) -> list[Any]:
-    kind = column.values.type
-    if kind == pb.VALUE_TYPE_DOUBLE:
-        return list(column.values.double_values)
-    if kind == pb.VALUE_TYPE_INT64:
-        return list(column.values.int64_values)
-    if kind == pb.VALUE_TYPE_BOOL:
-        return list(column.values.bool_values)
-    return list(column.values.string_values)
 
 
 def _plain(value: Any) -> Any:
@@ -279,59 +256,51 @@ def _plain(value: Any) -> Any:
 
 
 def get_features(args: argparse.Namespace) -> int:
-    keys = key_columns(args)
+    if args.tensor and not args.bundle:
+        print("error: --tensor needs --bundle", file=sys.stderr)
+        return 1
+    return _with_client(args, lambda client: _get(args, client))
+
+
+def _get(args: argparse.Namespace, client: FeatureClient) -> int:
+    keys = key_columns(args, client)
     if args.tensor:
-        if not args.bundle:
-            print("error: --tensor needs --bundle", file=sys.stderr)
-            return 1
-        tensor = _call(
-            args, "GetBundleTensor", pb.GetBundleTensorRequest(bundle=args.bundle, entity_keys=keys)
-        )
-        rows, width = tensor.shape
-        values = [_plain(v) for v in tensor.values]
-        statuses = [STATUS_NAMES[s] for s in tensor.statuses]
+        tensor = client.get_bundle_tensor(args.bundle, keys)
         print(
             json.dumps(
                 {
-                    "features": list(tensor.features),
-                    "shape": [rows, width],
-                    "values": [values[r * width : (r + 1) * width] for r in range(rows)],
-                    "statuses": [statuses[r * width : (r + 1) * width] for r in range(rows)],
+                    "features": tensor.features,
+                    "shape": list(tensor.values.shape),
+                    "values": [[_plain(v) for v in row] for row in tensor.values.tolist()],
+                    "statuses": [
+                        [STATUS_NAMES[s] for s in row] for row in tensor.statuses.tolist()
+                    ],
                     "bundle_version": tensor.bundle_version,
                 },
                 indent=2,
             )
         )
         return 0
-    request = pb.GetOnlineFeaturesRequest(
-        entity_keys=keys,
-        features=args.features.split(",") if args.features else [],
-        bundle=args.bundle or "",
-    )
-    response = _call(args, "GetOnlineFeatures", request)
+    online = client.get_online(args.features.split(",") if args.features else args.bundle, keys)
     records = []
-    for row in range(response.entity_count):
-        record: dict[str, Any] = {}
-        for key in keys:
-            typed: Any = key.values.int64_values or key.values.string_values
-            record[key.name] = typed[row]
-        for column in response.columns:
-            record[column.feature] = {
-                "value": _plain(_column_values(column)[row]),
-                "status": STATUS_NAMES[column.statuses[row]],
-                "event_time": _iso(column.event_time_unix_us[row]),
+    for row in range(online.entity_count):
+        record: dict[str, Any] = {name: values[row] for name, values in keys.items()}
+        for ref in online.features:
+            record[ref] = {
+                "value": _plain(online[ref][row : row + 1].tolist()[0]),  # a Python value
+                "status": STATUS_NAMES[int(online.statuses[ref][row])],
+                "event_time": _iso(int(online.event_time_us[ref][row])),
             }
         records.append(record)
     if args.json:
         print(json.dumps(records, indent=2))
         return 0
     for record in records:
-        key_text = " ".join(f"{k.name}={record[k.name]}" for k in keys)
-        print(key_text)
-        for column in response.columns:
-            cell = record[column.feature]
+        print(" ".join(f"{name}={record[name]}" for name in keys))
+        for ref in online.features:
+            cell = record[ref]
             print(
-                f"  {column.feature:<40} {cell['value']!s:<20} {cell['status']:<10} "
+                f"  {ref:<40} {cell['value']!s:<20} {cell['status']:<10} "
                 f"{cell['event_time'] or '-'}"
             )
     return 0
@@ -344,23 +313,22 @@ def _iso(micros: int) -> str | None:
 
 
 def training_set(args: argparse.Namespace) -> int:
-    try:
-        data = args.entities.read_bytes()
-    except OSError as exc:
-        print(f"error: cannot read {args.entities}: {exc}", file=sys.stderr)
+    if not args.entities.is_file():
+        print(f"error: cannot read {args.entities}: no such file", file=sys.stderr)
         return 1
-    request = pb.GetTrainingSetRequest(
-        features=args.features.split(",") if args.features else [],
-        bundle=args.bundle or "",
-        timestamp_column=args.timestamp_column,
-        include_statuses=args.statuses,
-    )
-    if args.entities.suffix.lower() == ".csv":
-        request.entity_csv = data
-    else:
-        request.entity_parquet = data
-    response = _call(args, "GetTrainingSet", request)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_bytes(response.parquet)
-    print(f"{response.rows} rows, columns: {', '.join(response.columns)} → {args.output}")
-    return 0
+
+    def build(client: FeatureClient) -> int:
+        import pyarrow.parquet as pq
+
+        table = client.training_set(
+            args.entities,
+            args.features.split(",") if args.features else args.bundle,
+            timestamp_column=args.timestamp_column,
+            statuses=args.statuses,
+        )
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, args.output)
+        print(f"{table.num_rows} rows, columns: {', '.join(table.column_names)} → {args.output}")
+        return 0
+
+    return _with_client(args, build)

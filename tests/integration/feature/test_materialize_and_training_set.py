@@ -24,6 +24,7 @@ from tests.integration.feature.messages import (
     STATUS,
     customers,
     now_us,
+    stats_write,
 )
 
 FEATURES = ["trips", "rating", "orders", "vip", "city"]
@@ -271,3 +272,47 @@ def test_a_missing_or_unreadable_source_fails_the_precondition_by_name(defined):
     with pytest.raises(grpc.RpcError) as error:
         stub.Materialize(pb.MaterializeRequest(), timeout=30)
     assert "city" in error.value.details()
+
+
+def test_each_entity_counts_once_across_row_groups_and_files(stub, tmp_path):
+    """1,898 source rows of 300 customers, in row groups of 700 over two files, each
+    customer's newer rows further on: 300 written (the latest per entity), not one per
+    row group an entity appears in (481)."""
+    source = tmp_path / "stats"
+    source.mkdir()
+    ids = np.concatenate([np.arange(700) % 300, np.arange(700) % 100, 100 + np.arange(498) % 81])
+    start = now_us() - HOUR_US // 2
+    times = start + np.arange(len(ids))  # later in the files is newer
+    rows = [
+        {"customer_id": int(c), "t": int(t), "trips": float(i)}
+        for i, (c, t) in enumerate(zip(ids, times, strict=True))
+    ]
+    table = source_table(rows)
+    pq.write_table(table.slice(0, 1400), source / "part-0.parquet", row_group_size=700)
+    pq.write_table(table.slice(1400), source / "part-1.parquet", row_group_size=700)
+    groups = [pq.ParquetFile(source / f"part-{n}.parquet").num_row_groups for n in (0, 1)]
+    assert groups == [2, 1] and len(set(ids.tolist())) == 300
+    stub.ApplyDefinitions(pb.ApplyDefinitionsRequest(yaml=DEFINITIONS.format(source=source)))
+
+    first = stub.Materialize(pb.MaterializeRequest(), timeout=60).views[0]
+    assert (first.rows_read, first.rows_written, first.rows_ignored) == (1898, 300, 0)
+    latest = {int(c): float(i) for i, c in enumerate(ids)}
+    keys = sorted(latest)
+    read = pb.GetOnlineFeaturesRequest(
+        entity_keys=customers(*keys), features=["customer_stats:trips"]
+    )
+    trips = stub.GetOnlineFeatures(read).columns[0]
+    assert list(trips.values.double_values) == [latest[k] for k in keys]
+
+    # Five customers already hold newer (pushed) values: each counts once, as ignored.
+    pushed = keys[:5]
+    stub.WriteFeatures(
+        stats_write(pushed, [now_us()] * 5, pb.Values(type=pb.VALUE_TYPE_DOUBLE,
+                                                      double_values=[-1.0] * 5))
+    )  # fmt: skip
+    replay = stub.Materialize(
+        pb.MaterializeRequest(start_time=ts(start), end_time=ts(now_us())), timeout=60
+    ).views[0]
+    assert (replay.rows_read, replay.rows_written, replay.rows_ignored) == (1898, 295, 5)
+    trips = stub.GetOnlineFeatures(read).columns[0]
+    assert list(trips.values.double_values) == [-1.0] * 5 + [latest[k] for k in keys[5:]]
