@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from modelplane.kernel.cpu_share import pin_thread, thread_affinity
 from modelplane.kernel.errors import FailedPrecondition, InvalidArgument
 from modelplane.services.inference.batcher import Tensors
 from modelplane.services.inference.datatypes import Datatype, from_onnx
@@ -77,7 +78,9 @@ class OrtRuntime:
         providers: ProviderChoice,
         intra_op_threads: int,
         allow_spinning: bool = False,
+        cpus: frozenset[int] = frozenset(),
     ) -> None:
+        self.cpus = cpus
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, intra_op_threads)
         options.inter_op_num_threads = 1
@@ -88,9 +91,13 @@ class OrtRuntime:
             "session.intra_op.allow_spinning", "1" if allow_spinning else "0"
         )
         try:
-            self.session = ort.InferenceSession(
-                str(path), sess_options=options, providers=list(providers.providers)
-            )
+            # ONNX Runtime starts its intra-op threads here; they inherit this thread's
+            # CPUs. (Given an explicit thread count it sets no affinity of its own; left
+            # at 0 it would pin one thread per core, whatever CPUs the process may use.)
+            with thread_affinity(cpus):
+                self.session = ort.InferenceSession(
+                    str(path), sess_options=options, providers=list(providers.providers)
+                )
         except Exception as exc:
             raise FailedPrecondition(f"ONNX Runtime cannot load {path.name}: {exc}") from exc
         self.provider = self.session.get_providers()[0]
@@ -98,6 +105,12 @@ class OrtRuntime:
         self.outputs = tuple(_signature(arg) for arg in self.session.get_outputs())
         self._output_names = [output.name for output in self.outputs]
         self._run = self.session.run
+
+    def prepare_thread(self) -> None:
+        """Called by the thread that will run this instance's batches (the batcher's):
+        it computes too (ONNX Runtime's calling thread takes a share of each operator),
+        so it runs on the same CPUs as the intra-op threads."""
+        pin_thread(self.cpus)
 
     def __call__(self, feeds: Tensors) -> dict[str, np.ndarray]:
         values = self._run(self._output_names, feeds)

@@ -35,7 +35,9 @@ server that stalls cannot hide its queueing (no coordinated omission).
 The request is built once from the model's metadata (random data of each input's
 datatype and shape) and sent as pre-serialized bytes, so the generator stays cheap.
 With --metrics-url the server's process_cpu_seconds_total is read before and after each
-level to report server CPU per request; the generator's own CPU is reported too.
+level to report server CPU per request (summed over every process the endpoint reports,
+and over every endpoint of a comma-separated list); the generator's own CPU is reported
+too.
 """
 
 EPILOG = """\
@@ -105,7 +107,8 @@ def register(commands: Any) -> None:
     target.add_argument(
         "--metrics-url",
         help="server's Prometheus endpoint (host:port or http://host:port/metrics) "
-        "for server CPU per request",
+        "for server CPU per request; comma-separated endpoints are summed (one per "
+        "server process)",
     )
     load = parser.add_argument_group("load")
     levels = load.add_mutually_exclusive_group()

@@ -41,13 +41,14 @@ log = logging.getLogger("modelplane.server")
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
-def grpc_options(settings: ServiceSettings) -> list[tuple[str, Any]]:
-    """Channel options every server uses: large messages, no port sharing."""
+def grpc_options(settings: ServiceSettings, reuse_port: bool = False) -> list[tuple[str, Any]]:
+    """Channel options every server uses: large messages, no port sharing unless asked."""
     return [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
-        # Two servers must never silently share a port (SO_REUSEPORT).
-        ("grpc.so_reuseport", 0),
+        # Two servers must never silently share a port (SO_REUSEPORT); only the worker
+        # processes of one supervisor do, which reserved the port for them.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
         # Long-lived streams (registry watches) are kept alive by their clients' pings
         # (every 10 s from the inference service); accept them rather than answer with
         # GOAWAY, as grpc does by default for pings more often than every 5 minutes.
@@ -74,6 +75,8 @@ class _ServiceServerBase:
         self.port = 0
         self.metrics_port: int | None = None
         self._metrics: MetricsServer | None = None
+        # True only in the worker processes of one supervisor (SO_REUSEPORT).
+        self.reuse_port = False
 
     @property
     def address(self) -> str:
@@ -146,7 +149,9 @@ class AioServiceServer(_ServiceServerBase):
         if self.settings.spans_enabled:
             interceptors.append(aio_tracing_interceptor(self.name, self.settings.otlp_endpoint))
         interceptors.append(AioErrorInterceptor())
-        server = grpc.aio.server(interceptors=interceptors, options=grpc_options(self.settings))
+        server = grpc.aio.server(
+            interceptors=interceptors, options=grpc_options(self.settings, self.reuse_port)
+        )
         self._add_servicers(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -228,7 +233,7 @@ class SyncServiceServer(_ServiceServerBase):
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix=self.name),
             interceptors=interceptors,
-            options=grpc_options(self.settings),
+            options=grpc_options(self.settings, self.reuse_port),
             # Calls beyond this many in flight are refused at once with RESOURCE_EXHAUSTED.
             maximum_concurrent_rpcs=self._max_workers * 4,
         )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import queue
@@ -41,7 +42,7 @@ from google.protobuf import text_format
 from inference import model_config_pb2 as mc
 from modelplane.examples.models import HEAVY_MLP, LIGHT_MLP, mlp, write_model
 from modelplane.kernel import grpc_defaults
-from modelplane.loadtest import LevelPlan, LevelResult, SweepConfig, build_payload
+from modelplane.loadtest import LevelPlan, LevelResult, SweepConfig, build_payload, starts
 from modelplane.loadtest import floor as floor_server
 from modelplane.loadtest.report import Report, format_table, write_report
 from modelplane.loadtest.stats import percentile
@@ -160,12 +161,12 @@ def _pump(stream: object, lines: queue.Queue[str | None]) -> None:
     lines.put(None)
 
 
-def inference_command(repository: Path) -> list[str]:
+def inference_command(repository: Path, workers: int = 1) -> list[str]:
     """The real service, as `modelplane serve inference` starts it."""
     return [
         sys.executable, "-m", "modelplane.cli.main", "serve", "inference",
         "--model-repository", str(repository), "--port", "0", "--metrics-port", "0",
-        "--log-level", "WARNING",
+        "--log-level", "WARNING", *(["--workers", str(workers)] if workers > 1 else []),
     ]  # fmt: skip
 
 
@@ -228,6 +229,7 @@ def measure(
     levels: Sequence[LevelPlan],
     duration_s: float,
     args: argparse.Namespace,
+    channels: int = 1,
 ) -> tuple[list[LevelResult], int]:
     """Sweeps `levels` against one served model; returns the levels and the request size."""
     payload = build_payload(fetch_metadata(served.address, model), batch_rows=1)
@@ -238,6 +240,7 @@ def measure(
         warmup_s=args.warmup,
         metrics_url=served.metrics_url,
         processes=args.processes,
+        channels=channels,
         timeout_s=30.0,
     )
     return asyncio.run(sweep(config, payload, progress=sys.stderr.isatty())), payload.size
@@ -359,6 +362,61 @@ def print_targets(
     )
 
 
+def run_stability(tmp: Path, args: argparse.Namespace) -> None:
+    """Issue 19's scenario: the heavy MLP with default settings, started `args.starts`
+    times, each start at c=1 then c=64 (starts.py), beside the transport floor with the
+    heavy model's request and response sizes at both levels."""
+    root = starts.write_default_repository(tmp / "default-models")
+    with serving(floor_command(HEAVY_MLP[0], HEAVY_MLP[-1]), tmp / "floor-heavy.log") as floor:
+        floor_levels, _size = measure(
+            floor, floor_server.MODEL, starts.levels(1, 64), args.stability_duration, args
+        )
+    print(
+        f"\n== stability: {args.starts} starts of `modelplane serve inference` with the heavy "
+        f"MLP and default settings (no config.pbtxt), each at c=1 then c=64, "
+        f"{args.stability_duration:g}s per level"
+    )
+    runs = []
+    for index in range(args.starts):
+        with serving(inference_command(root), tmp / f"start{index}.log") as served:
+
+            def at(concurrency: int, served: Served = served) -> list[LevelResult]:
+                plans = starts.levels(concurrency)
+                return measure(served, starts.MODEL, plans, args.stability_duration, args)[0]
+
+            ruler = starts.ruler_us_per_row(root / starts.MODEL / "1" / "model.onnx")
+            measured = starts.measure_with_noise(
+                served.metrics_url, [lambda: at(1), lambda: at(64)]
+            )
+            runs.append(dataclasses.replace(measured, ruler_us=ruler))
+        sys.stdout.flush()
+    starts.print_stability(runs, *(level.server_cpu_us_per_request for level in floor_levels))
+
+
+def run_workers(tmp: Path, args: argparse.Namespace) -> None:
+    """Issue 14's figure: the heavy MLP at c=64 with --workers 1 and --workers 2 (the
+    generator opens several connections: the kernel hands each to one worker)."""
+    root = tmp / "default-models"
+    if not (root / starts.MODEL).is_dir():
+        starts.write_default_repository(root)
+    print(
+        f"\n== workers: the same model at c=64, `--workers 1` then `--workers 2`, "
+        f"{starts.WORKER_CHANNELS} connections, {args.duration:g}s"
+    )
+    measured = []
+    for workers in (1, 2):
+        with serving(inference_command(root, workers), tmp / f"workers{workers}.log") as served:
+
+            def c64(served: Served = served) -> list[LevelResult]:
+                plans = starts.levels(64)
+                return measure(
+                    served, starts.MODEL, plans, args.duration, args, starts.WORKER_CHANNELS
+                )[0]
+
+            measured.append(starts.measure_with_noise(served.metrics_url, [c64]))
+    starts.print_workers(measured[0], measured[1], len(os.sched_getaffinity(0)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -367,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per level")
     parser.add_argument("--processes", type=int, default=1, help="load generator processes")
     parser.add_argument("--json-dir", type=Path, help="also write one loadtest JSON per model")
+    starts.stability_args(parser)
     args = parser.parse_args(argv)
     started = time.monotonic()
     specs = model_specs()
@@ -416,6 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "(light model's request and response sizes)",
             )
         print_targets(results, c1_p50, floor_level)
+        run_stability(Path(tmp), args)
+        run_workers(Path(tmp), args)
     # Other work on the machine takes CPU from both server and generator: say how much.
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     print(

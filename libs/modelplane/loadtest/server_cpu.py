@@ -56,11 +56,24 @@ def metrics_url(value: str) -> str:
     return url
 
 
+def metrics_urls(value: str) -> list[str]:
+    """A comma-separated list of endpoints (one per server process: workers that each
+    expose their own), each in any form `metrics_url` takes."""
+    urls = [metrics_url(part.strip()) for part in value.split(",") if part.strip()]
+    if not urls:
+        raise MetricsError(f"no metrics endpoint in {value!r}")
+    return urls
+
+
 class ServerCpuProbe:
-    """Reads the server's CPU counter off the event loop (urllib blocks)."""
+    """Reads the server's CPU counter off the event loop (urllib blocks): the sum over
+    every endpoint given, so a server of several processes counts all of them."""
 
     def __init__(self, url: str) -> None:
-        self.url = metrics_url(url)
+        self.urls = metrics_urls(url)
 
     async def read(self) -> float:
-        return await asyncio.to_thread(read_cpu_seconds, self.url)
+        values = await asyncio.gather(
+            *(asyncio.to_thread(read_cpu_seconds, url) for url in self.urls)
+        )
+        return float(sum(values))

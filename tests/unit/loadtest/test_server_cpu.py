@@ -2,7 +2,13 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from modelplane.kernel.metrics import new_registry
-from modelplane.loadtest.server_cpu import MetricsError, metrics_url, parse_cpu_seconds
+from modelplane.loadtest.server_cpu import (
+    MetricsError,
+    ServerCpuProbe,
+    metrics_url,
+    metrics_urls,
+    parse_cpu_seconds,
+)
 
 
 def test_reads_the_process_cpu_counter() -> None:
@@ -40,3 +46,14 @@ def test_metrics_url_forms() -> None:
     assert metrics_url("127.0.0.1:8002") == "http://127.0.0.1:8002/metrics"
     assert metrics_url("http://h:1") == "http://h:1/metrics"
     assert metrics_url("http://h:1/custom") == "http://h:1/custom"
+
+
+def test_several_endpoints_are_one_probe() -> None:
+    # One endpoint per server process (workers that each expose their own): summed.
+    assert metrics_urls("127.0.0.1:9001, http://h:9002") == [
+        "http://127.0.0.1:9001/metrics",
+        "http://h:9002/metrics",
+    ]
+    assert ServerCpuProbe("h:1,h:2").urls == ["http://h:1/metrics", "http://h:2/metrics"]
+    with pytest.raises(MetricsError):
+        metrics_urls(" , ")
