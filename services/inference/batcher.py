@@ -63,6 +63,13 @@ Runner = Callable[[Tensors], dict[str, np.ndarray]]
 """Runs one batch on one runtime instance: inputs stacked on axis 0 → all outputs."""
 
 _batch_ids = itertools.count(1)
+_running = threading.local()
+
+
+def running_batch() -> Sequence[PendingRequest]:
+    """The batch the calling instance thread is running (empty elsewhere): a runner that
+    calls another service uses it to carry its callers' trace context along."""
+    return getattr(_running, "batch", ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +227,13 @@ class _Instance:
 
     def _run(self) -> None:
         batcher = self._batcher
+        # A runner may place the thread that runs it (OrtRuntime: on its model's CPUs).
+        prepare = getattr(self._runner, "prepare_thread", None)
+        if prepare is not None:
+            try:
+                prepare()
+            except Exception:
+                log.exception("runner thread setup failed", extra={"model": batcher.name})
         while (batch := self._inbox.get()) is not None:
             timing = _Timing()
             try:
@@ -512,6 +526,7 @@ class DynamicBatcher:
 
 def _execute(batch: list[PendingRequest], runner: Runner, timing: _Timing, name: str) -> None:
     """Runs a batch on an instance thread: stack, run, split; on failure each alone."""
+    _running.batch = batch
     batch_id = next(_batch_ids)
     start = time.perf_counter_ns()
     rows = 0
@@ -532,13 +547,18 @@ def _execute(batch: list[PendingRequest], runner: Runner, timing: _Timing, name:
     try:
         outputs = runner(feeds)
     except Exception as exc:
-        if len(batch) > 1:
+        if len(batch) > 1 and not isinstance(exc, Unavailable | DeadlineExceeded):
             # One bad request must not fail its neighbours: run each alone.
             for request in batch:
                 _execute([request], runner, timing, name)
             return
-        batch[0].error = _execution_error(exc, name)
-        batch[0].finished_ns = time.perf_counter_ns()
+        # Alone, or a dependency of the whole batch failed (the feature service of an
+        # enriched model): running each request again would only fail each again.
+        error = _execution_error(exc, name)
+        finished = time.perf_counter_ns()
+        for request in batch:
+            request.error = error
+            request.finished_ns = finished
         return
     computed = time.perf_counter_ns()
     if len(batch) == 1:

@@ -16,6 +16,7 @@ from inference import grpc_service_pb2 as pb
 from modelplane.kernel.errors import InvalidArgument
 from modelplane.kserve_types import CONTENTS_FIELD
 from modelplane.services.inference.datatypes import (
+    BY_WIRE,
     decode_bytes,
     encode_bytes,
     to_bytes_elements,
@@ -57,6 +58,9 @@ def decode_inputs(
     """The request's inputs as arrays, its row count and its batching shape key."""
     specs = model.inputs
     tensors = request.inputs
+    binding = model.feature_input
+    if binding is not None and all(tensor.name != binding.input for tensor in tensors):
+        return _decode_entity_keys(request, model, binding.input)
     raw = request.raw_input_contents
     if raw and len(raw) != len(tensors):
         raise InvalidArgument(
@@ -82,22 +86,7 @@ def decode_inputs(
             )
         shape = tuple(tensor.shape)
         _check_shape(spec, shape, model)
-        count = math.prod(shape)
-        if raw:
-            data = raw[index]
-            if datatype.is_bytes:
-                array = decode_bytes(data, count, name).reshape(shape)
-            else:
-                expected = count * datatype.dtype.itemsize
-                if len(data) != expected:
-                    raise InvalidArgument(
-                        f"input '{name}': {len(data)} bytes of raw data, but shape "
-                        f"{_dims_text(list(shape))} of {datatype.wire} needs {expected}"
-                    )
-                array = np.frombuffer(data, dtype=datatype.dtype).reshape(shape)
-        else:
-            array = _typed(tensor, datatype.wire, count, shape, name, datatype.dtype)
-        feeds[name] = array
+        feeds[name] = _array(tensor, raw[index] if raw else None, spec, shape)
         if model.max_batch_size > 0:
             if index == 0:
                 rows = shape[0]
@@ -122,6 +111,90 @@ def decode_inputs(
     if model.variable_dims:
         key = tuple(feeds[n].shape[1:] for n in specs)
     return feeds, rows, key
+
+
+KEY_DATATYPES = ("INT64", "BYTES")
+
+
+def _decode_entity_keys(
+    request: pb.ModelInferRequest, model: ModelVersion, feature_input: str
+) -> tuple[dict[str, np.ndarray], int, Hashable]:
+    """A request to an enriched model that sends entity keys in place of the feature
+    input: every input that is not one of the model's is a join key column, INT64 or
+    BYTES, shaped [rows] or [rows, 1]. Key requests batch only with requests sending
+    the same key columns (the shape key), never with tensor requests."""
+    tensors = request.inputs
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(tensors):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries for {len(tensors)} inputs"
+        )
+    feeds: dict[str, np.ndarray] = {}
+    rows = -1
+    for index, tensor in enumerate(tensors):
+        name = tensor.name
+        if name in feeds:
+            raise InvalidArgument(f"input '{name}' appears more than once")
+        spec = model.inputs.get(name)
+        shape = tuple(tensor.shape)
+        if spec is None:
+            if tensor.datatype not in KEY_DATATYPES:
+                raise InvalidArgument(
+                    f"input '{name}': model '{model.name}' takes '{feature_input}' or the "
+                    f"entity keys of its feature bundle (INT64 or BYTES), not {tensor.datatype}"
+                )
+            if len(shape) == 2 and shape[1] == 1:
+                shape = shape[:1]
+            if len(shape) != 1 or not 1 <= shape[0] <= max(model.max_batch_size, 1):
+                raise InvalidArgument(
+                    f"entity key '{name}': shape {_dims_text(list(tensor.shape))} must be "
+                    f"[rows] or [rows,1] with 1..{max(model.max_batch_size, 1)} rows"
+                )
+            spec = TensorSpec(name, BY_WIRE[tensor.datatype], ())
+        else:
+            _check_shape(spec, shape, model)
+        feeds[name] = _array(tensor, raw[index] if raw else None, spec, shape)
+        if rows == -1:
+            rows = shape[0]
+        elif shape[0] != rows:
+            raise InvalidArgument(
+                f"input '{name}': {shape[0]} rows differ from the {rows} of the other inputs"
+            )
+    others = [n for n in model.inputs if n != feature_input and n not in feeds]
+    if others or not any(n not in model.inputs for n in feeds):
+        raise InvalidArgument(
+            f"model '{model.name}' expects '{feature_input}' or its entity keys"
+            + (f", and {', '.join(repr(n) for n in others)}" if others else "")
+        )
+    for output in request.outputs:
+        if output.name not in model.outputs:
+            raise InvalidArgument(
+                f"unexpected inference output '{output.name}' for model '{model.name}'; "
+                f"it has {', '.join(repr(n) for n in model.outputs)}"
+            )
+    return feeds, rows, ("entity keys", tuple(feeds))
+
+
+def _array(
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    data: bytes | None,
+    spec: TensorSpec,
+    shape: tuple[int, ...],
+) -> np.ndarray:
+    """One input's values as an array of `shape` (raw bytes when `data` is given)."""
+    name, datatype = spec.name, spec.datatype
+    count = math.prod(shape)
+    if data is None:
+        return _typed(tensor, datatype.wire, count, shape, name, datatype.dtype)
+    if datatype.is_bytes:
+        return decode_bytes(data, count, name).reshape(shape)
+    expected = count * datatype.dtype.itemsize
+    if len(data) != expected:
+        raise InvalidArgument(
+            f"input '{name}': {len(data)} bytes of raw data, but shape "
+            f"{_dims_text(list(shape))} of {datatype.wire} needs {expected}"
+        )
+    return np.frombuffer(data, dtype=datatype.dtype).reshape(shape)
 
 
 def _typed(
@@ -179,3 +252,14 @@ def encode_response(
         else:
             getattr(tensor.contents, CONTENTS_FIELD[datatype.wire]).extend(value.ravel().tolist())
     return response
+
+
+def append_output(response: pb.ModelInferResponse, name: str, value: np.ndarray) -> None:
+    """Adds a numeric tensor the model does not declare (e.g. feature statuses) in the
+    form the response's other outputs took: raw bytes or typed contents."""
+    datatype = {np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32"}[value.dtype]
+    tensor = response.outputs.add(name=name, datatype=datatype, shape=value.shape)
+    if response.raw_output_contents:
+        response.raw_output_contents.append(np.ascontiguousarray(value).tobytes())
+    else:
+        getattr(tensor.contents, CONTENTS_FIELD[datatype]).extend(value.ravel().tolist())

@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 from pathlib import Path
 from typing import Any, Literal
 
+from opentelemetry import trace
 from prometheus_client import CollectorRegistry
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from inference import grpc_service_pb2, grpc_service_pb2_grpc
-from modelplane.kernel.gc_tuning import SERVING_THRESHOLD, tune_gc
+from modelplane.client.monitoring import MAX_RECORDS_PER_CALL
+from modelplane.kernel.cpu_share import process_share, thread_layout
+from modelplane.kernel.gc_tuning import SERVING_THRESHOLD
 from modelplane.kernel.metrics import new_registry
 from modelplane.kernel.server import AioServiceServer
 from modelplane.kernel.settings import ServiceSettings
 from modelplane.kernel.startup import StartupError
 from modelplane.kernel.telemetry import tracer_provider
+from modelplane.services.inference.enrichment import EnrichmentMetrics, FeatureSource
 from modelplane.services.inference.model_config import Defaults
+from modelplane.services.inference.prediction_log import (
+    PredictionLog,
+    PredictionLogConfig,
+    parse_rates,
+)
 from modelplane.services.inference.registry_follower import (
     FollowerMetrics,
     RegistryFollower,
@@ -32,6 +40,7 @@ from modelplane.services.inference.repository import (
 )
 from modelplane.services.inference.servicer import InferenceServicer
 from modelplane.services.inference.stats import InferenceMetrics, RoutingMetrics
+from modelplane.services.inference.workers import serve_share, supervise
 
 SERVICE_NAME = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -70,6 +79,14 @@ class Settings(ServiceSettings):
         description="In registry control mode, how often the registry is asked for models "
         "that newly have the default alias.",
     )
+    feature_service: str | None = Field(
+        None,
+        description="Feature service address HOST:PORT, for registry versions that name a "
+        "feature bundle: their requests may then send entity keys instead of the tensor.",
+    )
+    feature_timeout_s: float = Field(
+        1.0, gt=0, description="Deadline of each feature-service call (one per batch)."
+    )
     artifact_cache_dir: Path | None = Field(
         None,
         description="Registry artifacts cached by digest, and the last known aliases; "
@@ -99,7 +116,7 @@ class Settings(ServiceSettings):
         0,
         ge=0,
         description="ONNX Runtime intra-op threads per model, split across its instances; "
-        "0 means the number of CPUs.",
+        "0: the CPUs this process (or worker) may use, less the event loop's one.",
     )
     gc_threshold: int = Field(
         SERVING_THRESHOLD,
@@ -107,6 +124,45 @@ class Settings(ServiceSettings):
         description="Python GC young-generation threshold for `serve` (0 keeps Python's 700); "
         "see modelplane.kernel.gc_tuning.",
     )
+    monitoring: str | None = Field(
+        None,
+        description="Monitoring service HOST:PORT; set, successful predictions are logged "
+        "there (sampled, batched, off the request path); unset, prediction logging is off.",
+    )
+    prediction_log_sample_rate: float = Field(
+        1.0, ge=0, le=1, description="Share of predictions logged, for models without a rate."
+    )
+    prediction_log_sample: dict[str, float] = Field(
+        {},
+        description="Share of predictions logged per model: MODEL=RATE flags (repeatable) "
+        "or a JSON object in the env.",
+    )
+    prediction_log_buffer_rows: int = Field(
+        20_000,
+        gt=0,
+        description="Prediction records waiting to be sent at most; beyond it new ones are "
+        "dropped and counted.",
+    )
+    prediction_log_batch_rows: int = Field(
+        1_000,
+        gt=0,
+        le=MAX_RECORDS_PER_CALL,
+        description="Records that make the prediction log send at once; also the most one "
+        "LogPredictions call carries.",
+    )
+    prediction_log_interval_ms: int = Field(
+        200, gt=0, description="Longest a prediction record waits before it is sent (ms)."
+    )
+    prediction_log_timeout_s: float = Field(
+        2.0, gt=0, description="Deadline of each LogPredictions call, retries included."
+    )
+
+    @field_validator("prediction_log_sample", mode="before")
+    @classmethod
+    def _sample_rates(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple | dict):
+            return parse_rates(value)
+        return value
 
     @property
     def repository_path(self) -> Path:
@@ -150,6 +206,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--artifact-cache-dir", type=Path, metavar="DIR", help="registry artifact cache"
     )
+    parser.add_argument(
+        "--feature-service",
+        metavar="HOST:PORT",
+        help="feature service for models that take entity ids (a registry FeatureInput)",
+    )
+    parser.add_argument(
+        "--feature-timeout-s", type=float, help="deadline of each feature-service call (1)"
+    )
     parser.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
     parser.add_argument(
         "--max-batch-size", type=int, help="max_batch_size for models without config.pbtxt"
@@ -163,6 +227,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--execution-provider", choices=["auto", "cpu", "cuda"], help="default provider"
     )
     parser.add_argument("--thread-budget", type=int, help="intra-op threads per model")
+    parser.add_argument(
+        "--monitoring", metavar="HOST:PORT", help="log predictions to this monitoring service"
+    )
+    parser.add_argument(
+        "--prediction-log-sample-rate",
+        type=float,
+        metavar="RATE",
+        help="share of predictions logged, 0..1 (1)",
+    )
+    parser.add_argument(
+        "--prediction-log-sample",
+        action="append",
+        metavar="MODEL=RATE",
+        help="share of one model's predictions logged (repeatable)",
+    )
+    parser.add_argument(
+        "--prediction-log-buffer-rows",
+        type=int,
+        metavar="ROWS",
+        help="prediction records queued at most (20000)",
+    )
+    parser.add_argument(
+        "--prediction-log-batch-rows",
+        type=int,
+        metavar="ROWS",
+        help="records per LogPredictions call (1000)",
+    )
+    parser.add_argument(
+        "--prediction-log-interval-ms",
+        type=int,
+        metavar="MS",
+        help="longest a record waits to be sent (200)",
+    )
+    parser.add_argument(
+        "--prediction-log-timeout-s",
+        type=float,
+        metavar="SECONDS",
+        help="deadline of each LogPredictions call (2)",
+    )
 
 
 class InferenceServer(AioServiceServer):
@@ -196,11 +299,12 @@ class InferenceServer(AioServiceServer):
 def build(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime) -> InferenceServer:
     registry = new_registry()
     tracer = None
-    if settings.spans_enabled and settings.otlp_endpoint:
-        # One span per request, opened by the batcher with its batch id, instead of the
-        # kernel's per-RPC interceptor; only when spans are exported: creating them costs
-        # ~100 µs of CPU per request (measured), more than the batcher itself, and the
-        # service makes no downstream call that would need the context propagated.
+    if settings.spans_enabled:
+        # One span per request, made by the batcher with its batch id, instead of the
+        # kernel's per-RPC interceptor, and one per feature call (enrichment.py), which
+        # carries the first caller's trace context to the feature service. Only when
+        # spans are on (by default: when exported): creating them costs ~100 µs of CPU
+        # per request (measured), more than the batcher itself.
         tracer = tracer_provider("inference", settings.otlp_endpoint).get_tracer(
             "modelplane.inference"
         )
@@ -212,13 +316,21 @@ def build(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime) -> 
             max_queue_rows=settings.max_queue_rows,
             instance_count=settings.instance_count,
             execution_provider=settings.execution_provider,
-            thread_budget=settings.thread_budget or os.cpu_count() or 1,
+            thread_budget=settings.thread_budget or thread_layout(process_share()).intra_op_threads,
         ),
         InferenceMetrics(registry),
         tracer,
         runtime_factory,
     )
+    if settings.feature_service:
+        repository.features = FeatureSource(
+            settings.feature_service,
+            settings.feature_timeout_s,
+            EnrichmentMetrics(registry),
+            tracer,
+        )
     follower = _registry_follower(settings, repository, registry)
+    prediction_log = _prediction_log(settings, registry, tracer)
     ready = asyncio.Event()
     servicer = InferenceServicer(
         repository,
@@ -226,6 +338,7 @@ def build(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime) -> 
         trace_requests=tracer is not None,
         routing_metrics=RoutingMetrics(registry) if follower is not None else None,
         follower=follower,
+        prediction_log=prediction_log,
     )
 
     def add_servicers(server: object) -> None:
@@ -238,10 +351,16 @@ def build(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime) -> 
             for name in settings.load_model:
                 repository.load_at_start(name)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        if prediction_log is not None:
+            prediction_log.start()
         ready.set()
 
     async def not_ready() -> None:
         ready.clear()
+
+    async def close_features() -> None:
+        if repository.features is not None:
+            repository.features.close()
 
     return InferenceServer(
         repository,
@@ -250,8 +369,36 @@ def build(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime) -> 
         "inference",
         [SERVICE_NAME],
         add_servicers,
-        on_stop=[not_ready, *([follower.stop] if follower else []), repository.close],
+        on_stop=[
+            not_ready,
+            *([follower.stop] if follower else []),
+            repository.close,
+            close_features,
+            # After the repository drained: the last requests' records are queued.
+            *([prediction_log.aclose] if prediction_log else []),
+        ],
         registry=registry,
+    )
+
+
+def _prediction_log(
+    settings: Settings, registry: CollectorRegistry, tracer: trace.Tracer | None
+) -> PredictionLog | None:
+    """The prediction log, when a monitoring service is set; none costs nothing."""
+    if not settings.monitoring:
+        return None
+    return PredictionLog(
+        PredictionLogConfig(
+            address=settings.monitoring,
+            buffer_rows=settings.prediction_log_buffer_rows,
+            batch_rows=settings.prediction_log_batch_rows,
+            interval_s=settings.prediction_log_interval_ms / 1000,
+            timeout_s=settings.prediction_log_timeout_s,
+            default_rate=settings.prediction_log_sample_rate,
+            rates=settings.prediction_log_sample,
+        ),
+        registry,
+        tracer=tracer,
     )
 
 
@@ -286,7 +433,11 @@ def _registry_follower(
 
 
 def run(settings: Settings) -> None:
-    """Serves until SIGTERM/SIGINT."""
-    server = build(settings)
-    tune_gc(settings.gc_threshold)  # after build: what it made lives as long as the process
-    server.run()
+    """Serves until SIGTERM/SIGINT: this process, its threads laid out on the CPUs it may
+    use, or with `workers` > 1 a supervisor and that many worker processes (workers.py)."""
+    if settings.workers > 1:
+        status = supervise(settings)
+        if status:
+            raise SystemExit(status)
+        return
+    serve_share(settings, process_share(), build)

@@ -34,6 +34,7 @@ from modelplane.kernel.errors import NotFound, Unavailable
 from modelplane.kernel.startup import StartupError
 from modelplane.registry.v1 import registry_pb2 as pb
 from modelplane.services.inference.artifact_cache import ArtifactCache, CacheCorrupted
+from modelplane.services.inference.enrichment import FeatureRequest
 from modelplane.services.inference.registry_state import ModelState, Plan
 from modelplane.services.inference.repository import ModelRepository, ModelVersion
 from modelplane.services.inference.routing import Route, RouteTable, Shadow
@@ -64,6 +65,41 @@ def parse_target(text: str, default_alias: str) -> Target:
 class VersionInfo:
     sha256: str
     serving_config: str
+    feature: FeatureRequest | None = None
+
+    @classmethod
+    def from_pb(cls, version: pb.ModelVersion) -> VersionInfo:
+        feature = None
+        if version.feature_input.bundle:
+            feature = FeatureRequest(
+                version.feature_input.bundle,
+                version.feature_input.input,
+                version.feature_input.missing_policy != pb.MISSING_FEATURE_POLICY_FILL,
+            )
+        return cls(version.artifact.sha256, version.serving_config, feature)
+
+    def to_json(self) -> dict[str, Any]:
+        feature = None
+        if self.feature is not None:
+            feature = {
+                "bundle": self.feature.bundle,
+                "input": self.feature.input,
+                "reject_missing": self.feature.reject_missing,
+            }
+        return {"sha256": self.sha256, "serving_config": self.serving_config, "feature": feature}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VersionInfo:
+        feature = data.get("feature")
+        return cls(
+            str(data["sha256"]),
+            str(data.get("serving_config", "")),
+            FeatureRequest(
+                str(feature["bundle"]), str(feature["input"]), bool(feature["reject_missing"])
+            )
+            if feature
+            else None,
+        )
 
 
 class FollowerMetrics:
@@ -167,7 +203,7 @@ class ModelFollower:
             return False
         self.state = ModelState.from_json(self.model, cached.get("state", {}))
         self._infos = {
-            int(number): VersionInfo(str(info["sha256"]), str(info.get("serving_config", "")))
+            int(number): VersionInfo.from_json(info)
             for number, info in dict(cached.get("versions", {})).items()
         }
         self.reconcile(offline=True)
@@ -310,8 +346,7 @@ class ModelFollower:
         owner = self._owner
         info = self._infos.get(number)
         if info is None:
-            version = owner.client.get_version(self.model, version=number)
-            info = VersionInfo(version.artifact.sha256, version.serving_config)
+            info = VersionInfo.from_pb(owner.client.get_version(self.model, version=number))
             self._infos[number] = info
         if offline:
             path = owner.cache.verified(info.sha256)
@@ -324,7 +359,7 @@ class ModelFollower:
 
             path = owner.cache.fetch(info.sha256, download)
         return owner.repository.build_from_file(
-            self.model, str(number), path, info.serving_config, info.sha256
+            self.model, str(number), path, info.serving_config, info.sha256, info.feature
         )
 
     def _refuse(self, number: int, exc: Exception) -> None:
@@ -361,11 +396,7 @@ class ModelFollower:
             {
                 "alias": self.target.alias,
                 "state": self.state.to_json(),
-                "versions": {
-                    str(n): {"sha256": i.sha256, "serving_config": i.serving_config}
-                    for n, i in self._infos.items()
-                    if n in served
-                },
+                "versions": {str(n): i.to_json() for n, i in self._infos.items() if n in served},
             },
         )
 

@@ -28,8 +28,19 @@ from inference import model_config_pb2 as mc
 from modelplane.client.registry import file_sha256
 from modelplane.kernel.errors import FailedPrecondition, InvalidArgument, NotFound
 from modelplane.services.inference import model_config
-from modelplane.services.inference.batcher import BatchingPolicy, DynamicBatcher, Tensors
+from modelplane.services.inference.batcher import (
+    BatchingPolicy,
+    DynamicBatcher,
+    Runner,
+    Tensors,
+)
 from modelplane.services.inference.datatypes import Datatype
+from modelplane.services.inference.enrichment import (
+    FeatureBinding,
+    FeatureRequest,
+    FeatureSource,
+    enriching_runner,
+)
 from modelplane.services.inference.model_config import Defaults, ModelPlan
 from modelplane.services.inference.routing import Route, RouteTable
 from modelplane.services.inference.runtime import (
@@ -91,6 +102,8 @@ class ModelVersion:
     batcher: DynamicBatcher
     stats: VersionStats
     sha256: str = ""
+    feature_input: FeatureBinding | None = None
+    """Set when requests may send entity keys in place of this input (enrichment.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +146,8 @@ class ModelRepository:
         self._version_failures: dict[tuple[str, str], str] = {}
         # In registry mode, the models followed (listed even when none is loaded).
         self.followed: Callable[[], Iterable[str]] | None = None
+        # The feature service, for versions that take entity keys (enrichment.py).
+        self.features: FeatureSource | None = None
         self.source = f"repository {root}"
         # Loads and unloads run on the event loop; two loads of one model at once would
         # race to install, so they take turns (serving never waits on this).
@@ -261,14 +276,29 @@ class ModelRepository:
         return None if entry is None else entry.versions.get(version)
 
     def build_from_file(
-        self, name: str, version: str, path: Path, serving_config: str, sha256: str
+        self,
+        name: str,
+        version: str,
+        path: Path,
+        serving_config: str,
+        sha256: str,
+        feature: FeatureRequest | None = None,
     ) -> ModelVersion:
         """Builds and warms one registry version from a verified artifact (blocking)."""
         where = f"{name} version {version} serving_config"
         config = model_config.parse_config(serving_config, where) if serving_config else None
         plan = model_config.resolve(config, name, where, self._defaults)
         providers = choose_providers(plan.execution_provider, available_providers())
-        built = self._build_version(name, version, path, plan, providers)
+        if feature is not None and self.features is None:
+            log.warning(
+                "model %s version %s names feature bundle %s, but no --feature-service is "
+                "set: it takes tensors only",
+                name,
+                version,
+                feature.bundle,
+            )
+            feature = None
+        built = self._build_version(name, version, path, plan, providers, feature)
         built.sha256 = sha256
         built.config.parameters["sha256"].string_value = sha256
         built.config.parameters["source"].string_value = self.source
@@ -388,7 +418,13 @@ class ModelRepository:
         return built
 
     def _build_version(
-        self, name: str, version: str, path: Path, plan: ModelPlan, providers: ProviderChoice
+        self,
+        name: str,
+        version: str,
+        path: Path,
+        plan: ModelPlan,
+        providers: ProviderChoice,
+        feature: FeatureRequest | None = None,
     ) -> ModelVersion:
         instances = [
             self._factory(path, providers, plan.intra_op_threads)
@@ -400,6 +436,15 @@ class ModelRepository:
         inputs = {s.name: _spec(s, batched) for s in first.inputs}
         outputs = {s.name: _spec(s, batched) for s in first.outputs}
         _check_declared(name, plan.config, inputs, outputs)
+        binding = None
+        runners: list[Runner] = list(instances)
+        if feature is not None:
+            assert self.features is not None
+            binding = _bind_features(name, feature, inputs, batched, self.features)
+            runners = [
+                enriching_runner(instance, name, binding, frozenset(inputs), self.features)
+                for instance in instances
+            ]
         policy = dataclasses.replace(
             plan.policy,
             max_batch_size=max_batch_size,
@@ -412,7 +457,7 @@ class ModelRepository:
         for instance in instances:
             _warm_up(instance, inputs, policy)
         stats = VersionStats(name, version, self._metrics, self._tracer)
-        batcher = DynamicBatcher(f"{name}:{version}", instances, policy, stats)
+        batcher = DynamicBatcher(f"{name}:{version}", runners, policy, stats)
         self._metrics.queue_rows.labels(name, version).set_function(lambda: batcher.queued_rows)
         self._metrics.queue_limit.labels(name, version).set(policy.max_queue_rows)
         self._metrics.instances.labels(name, version, first.provider).set(len(instances))
@@ -436,7 +481,40 @@ class ModelRepository:
             config=_full_config(name, plan, policy, inputs, outputs, first.provider, providers),
             batcher=batcher,
             stats=stats,
+            feature_input=binding,
         )
+
+
+def _bind_features(
+    name: str,
+    feature: FeatureRequest,
+    inputs: dict[str, TensorSpec],
+    batched: bool,
+    source: FeatureSource,
+) -> FeatureBinding:
+    """Checks a version's FeatureInput against the model (and, when it answers, the
+    feature service): the input exists and is FP32 [batch, width] with the bundle's
+    width. A mismatch refuses the version."""
+    input_name = feature.input or (next(iter(inputs)) if len(inputs) == 1 else "")
+    spec = inputs.get(input_name)
+    if spec is None:
+        raise FailedPrecondition(
+            f"model '{name}': feature input '{feature.input}' is not one of its inputs "
+            f"({', '.join(inputs)})"
+        )
+    if not batched or spec.datatype.wire != "FP32" or len(spec.dims) != 1 or not spec.dims[0]:
+        raise FailedPrecondition(
+            f"model '{name}': input '{input_name}' must be FP32 [batch, width] to take a "
+            "feature bundle"
+        )
+    width = int(spec.dims[0])
+    served = source.bundle_width(feature.bundle)
+    if served is not None and served != width:
+        raise FailedPrecondition(
+            f"model '{name}': bundle '{feature.bundle}' has {served} features, input "
+            f"'{input_name}' takes {width}"
+        )
+    return FeatureBinding(feature.bundle, input_name, width, feature.reject_missing)
 
 
 def _valid_name(name: str) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
@@ -27,13 +28,22 @@ from modelplane import __version__
 from modelplane.kernel.errors import InvalidArgument, ModelplaneError, Overloaded, status_for
 from modelplane.services.inference import codec
 from modelplane.services.inference.batcher import PendingRequest, Unloading
+from modelplane.services.inference.enrichment import FEATURE_STATUS, FEATURE_VALUES
+from modelplane.services.inference.prediction_log import PredictionLog
 from modelplane.services.inference.repository import ModelRepository, ModelVersion
 from modelplane.services.inference.routing import Route, Shadow
 from modelplane.services.inference.stats import RoutingMetrics, StatsSnapshot
 
+log = logging.getLogger("modelplane.inference.servicer")
+
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "schedule_policy"]
 ROUTING_KEY = "routing_key"
 ROUTE = "route"
+FEATURE_STATUSES = "feature_statuses"
+"""Request parameter (bool): also return the statuses of the features an enriched
+request used, as the INT32 [rows, features] output `feature_status` (FeatureStatus
+numbers: 1 PRESENT, 2 NOT_FOUND, 3 NULL, 4 STALE)."""
+FEATURE_STATUSES_OUTPUT = "feature_status"
 
 Routed = Route[ModelVersion] | None
 
@@ -64,14 +74,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         trace_requests: bool = False,
         routing_metrics: RoutingMetrics | None = None,
         follower: ModelSource | None = None,
+        prediction_log: PredictionLog | None = None,
     ) -> None:
         """`follower`: in registry mode, what RepositoryModelLoad/Unload start and stop
-        following (instead of loading from the repository directory)."""
+        following (instead of loading from the repository directory). `prediction_log`:
+        where successful predictions are recorded for the monitoring service."""
         self._repository = repository
         self._is_ready = is_ready
         self._trace = trace_requests
         self._routing = routing_metrics
         self._follower = follower
+        self._log = prediction_log
         self._shadow_tasks: set[asyncio.Future[None]] = set()
 
     # --- health and metadata ------------------------------------------------------
@@ -262,6 +275,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         response = codec.encode_response(request, model, outputs)
         if route is not None:
             response.parameters[ROUTE].string_param = route.alias
+        if model.feature_input is not None and FEATURE_STATUS in outputs:
+            parameter = request.parameters.get(FEATURE_STATUSES)
+            if parameter is not None and parameter.bool_param:
+                codec.append_output(response, FEATURE_STATUSES_OUTPUT, outputs[FEATURE_STATUS])
         return response
 
     def _mirror(
@@ -311,6 +328,40 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if metrics is not None:
             metrics.compare(model.name, outputs, theirs)
 
+    def _log_prediction(
+        self,
+        request: pb.ModelInferRequest,
+        response: pb.ModelInferResponse,
+        model: ModelVersion,
+        route: Routed,
+        pending: PendingRequest,
+        outputs: dict[str, np.ndarray],
+    ) -> None:
+        """Hands a successful prediction to the prediction log (an O(1) append); a request
+        without an id gets one in its response, the key its record is stored under."""
+        assert self._log is not None
+        inputs = pending.inputs
+        binding = model.feature_input
+        if binding is not None and FEATURE_VALUES in outputs:
+            inputs = {binding.input: outputs[FEATURE_VALUES]}  # the tensor the model ran on
+        try:
+            request_id = self._log.record(
+                model.name,
+                model.version,
+                route.alias if route is not None else "",
+                request.id,
+                pending.received_ns,
+                inputs,
+                outputs,
+                pending.rows,
+                pending.tag,
+            )
+        except Exception:  # the prediction stands whatever happens to its record
+            log.exception("prediction log failed", extra={"model": model.name})
+            return
+        if not request.id:
+            response.id = request_id
+
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
@@ -322,7 +373,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         outputs = await model.batcher.outputs(pending)
         if mirrored is not None:
             self._compare_later(model, mirrored, outputs)
-        return self._respond(request, model, route, outputs)
+        response = self._respond(request, model, route, outputs)
+        if self._log is not None:
+            self._log_prediction(request, response, model, route, pending, outputs)
+        return response
 
     async def ModelStreamInfer(
         self,
@@ -378,10 +432,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if isinstance(outcome, PendingRequest):
                     try:
                         assert routed is not None and outcome.future is not None
-                        response = self._respond(request, *routed, outcome.future.result())
+                        outputs = outcome.future.result()
+                        response = self._respond(request, *routed, outputs)
                     except (Exception, asyncio.CancelledError) as exc:
                         yield _stream_error(request, exc)
                         continue
+                    if self._log is not None:
+                        self._log_prediction(request, response, *routed, outcome, outputs)
                     yield pb.ModelStreamInferResponse(infer_response=response)
                 else:
                     assert isinstance(outcome, BaseException)

@@ -1,27 +1,76 @@
-"""Prediction records and summaries: the rules, free of gRPC and SQL."""
+"""Prediction records and summaries: the rules, free of gRPC and SQL.
+
+Records arrive in columnar batches of one model version (`PredictionBatch`): one entry
+per row in each column, numeric tensors as float32 matrices. A record is one row of one
+request, keyed by (model name, request id, row index): the store keeps the first copy
+of a key and counts later ones as duplicates, so a retried batch is stored once.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
+
+import numpy as np
 
 from modelplane.kernel.errors import InvalidArgument
 
-# A single LogPredictions call is bounded so one caller cannot hold the store.
-MAX_RECORDS_PER_CALL = 10_000
+# One LogPredictions call is bounded so one caller cannot hold the store for long.
+MAX_RECORDS_PER_CALL = 65_536
+# Feature (or output) values per row; a wider batch is refused.
+MAX_COLUMNS = 16_384
+MAX_REQUEST_ID_CHARS = 256
+MAX_NAME_CHARS = 256
+
+FLOAT32 = np.dtype("<f4")
 
 
 @dataclass(frozen=True)
-class PredictionRecord:
+class PredictionBatch:
+    """Records of one model version, validated (see `decode_batch`)."""
+
     model_name: str
     model_version: str
+    route: str
+    request_ids: Sequence[str]
+    row_indices: np.ndarray  # int64 [rows]
+    time_us: np.ndarray  # int64 [rows], microseconds since the epoch
+    latency_ms: np.ndarray  # float64 [rows]
+    feature_names: tuple[str, ...]
+    features: np.ndarray  # float32 [rows, len(feature_names)]
+    output_names: tuple[str, ...]
+    output_widths: tuple[int, ...]
+    outputs: np.ndarray  # float32 [rows, sum(output_widths)]
+    slices: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return len(self.request_ids)
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    """One stored record, as read back."""
+
+    model_name: str
+    model_version: str
+    route: str
     request_id: str
+    row_index: int
     time: datetime
-    features: tuple[float, ...]
-    outputs: tuple[float, ...]
     latency_ms: float
+    features: dict[str, float]
+    outputs: dict[str, tuple[float, ...]]
+    slices: dict[str, str]
+
+
+@dataclass(frozen=True)
+class VersionRouteCount:
+    model_version: str
+    route: str
+    count: int
 
 
 @dataclass(frozen=True)
@@ -32,21 +81,134 @@ class PredictionSummary:
     mean_latency_ms: float
     p50_latency_ms: float
     p99_latency_ms: float
+    by_version_route: tuple[VersionRouteCount, ...] = ()
 
 
-def validate_records(records: Sequence[PredictionRecord]) -> None:
-    """Rejects the whole batch if any record is malformed, naming the first bad one."""
-    if len(records) > MAX_RECORDS_PER_CALL:
+def _names(where: str, names: Sequence[str]) -> tuple[str, ...]:
+    result = tuple(names)
+    if len(result) > MAX_COLUMNS:
+        raise InvalidArgument(f"{where}: at most {MAX_COLUMNS} names, got {len(result)}")
+    seen: set[str] = set()
+    for index, name in enumerate(result):
+        if not name or len(name) > MAX_NAME_CHARS:
+            raise InvalidArgument(f"{where}[{index}]: a name of 1..{MAX_NAME_CHARS} characters")
+        if name in seen:
+            raise InvalidArgument(f"{where}[{index}]: '{name[:64]}' appears more than once")
+        seen.add(name)
+    return result
+
+
+def _matrix(where: str, data: bytes, rows: int, width: int) -> np.ndarray:
+    expected = rows * width * FLOAT32.itemsize
+    if len(data) != expected:
         raise InvalidArgument(
-            f"at most {MAX_RECORDS_PER_CALL} records per call, got {len(records)}"
+            f"{where}: {len(data)} bytes, but {rows} rows x {width} float32 values need {expected}"
         )
-    for index, record in enumerate(records):
-        if not record.model_name:
-            raise InvalidArgument(f"records[{index}].model_name is empty")
-        if not math.isfinite(record.latency_ms) or record.latency_ms < 0:
+    return np.frombuffer(data, dtype=FLOAT32).reshape(rows, width)
+
+
+def decode_batch(
+    where: str,
+    *,
+    model_name: str,
+    model_version: str,
+    route: str,
+    request_ids: Sequence[str],
+    row_indices: Sequence[int],
+    time_unix_us: Sequence[int],
+    latency_ms: Sequence[float],
+    feature_names: Sequence[str],
+    feature_values: bytes,
+    output_names: Sequence[str],
+    output_widths: Sequence[int],
+    output_values: bytes,
+    slices: Mapping[str, Sequence[str]],
+    now_us: int,
+) -> PredictionBatch:
+    """One batch's columns, checked: every column has one entry per row, the value
+    matrices match their names and widths, latencies are finite and non-negative.
+    `where` (e.g. "batches[2]") starts every error message, naming the field."""
+    if not model_name:
+        raise InvalidArgument(f"{where}.model_name is empty")
+    if not model_version:
+        raise InvalidArgument(f"{where}.model_version is empty")
+    ids = list(request_ids)
+    rows = len(ids)
+    if rows == 0:
+        raise InvalidArgument(f"{where}.request_ids is empty: a batch has at least one row")
+    if not all(ids):
+        raise InvalidArgument(f"{where}.request_ids[{ids.index('')}] is empty")
+    if max(map(len, ids)) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument(
+            f"{where}.request_ids: an id is longer than {MAX_REQUEST_ID_CHARS} characters"
+        )
+
+    def column(name: str, values: Sequence[float] | Sequence[int], dtype: type) -> np.ndarray:
+        if len(values) != rows:
             raise InvalidArgument(
-                f"records[{index}].latency_ms must be a finite non-negative number"
+                f"{where}.{name} has {len(values)} entries for {rows} rows (request_ids)"
             )
+        return np.fromiter(values, dtype=dtype, count=rows)
+
+    indices = (
+        column("row_indices", row_indices, np.int64)
+        if len(row_indices)
+        else np.zeros(rows, np.int64)
+    )
+    times = (
+        column("time_unix_us", time_unix_us, np.int64)
+        if len(time_unix_us)
+        else np.full(rows, now_us, np.int64)
+    )
+    latencies = column("latency_ms", latency_ms, np.float64)
+    if not (np.isfinite(latencies).all() and (latencies >= 0).all()):
+        bad = int(np.flatnonzero(~(np.isfinite(latencies) & (latencies >= 0)))[0])
+        raise InvalidArgument(
+            f"{where}.latency_ms[{bad}] is {latencies[bad]}: it must be a finite number >= 0"
+        )
+    features_names = _names(f"{where}.feature_names", feature_names)
+    features = _matrix(f"{where}.feature_values", feature_values, rows, len(features_names))
+    outputs_names = _names(f"{where}.outputs.name", output_names)
+    widths = tuple(int(w) for w in output_widths)
+    if len(widths) != len(outputs_names):
+        raise InvalidArgument(f"{where}.outputs: {len(outputs_names)} names, {len(widths)} widths")
+    for index, width in enumerate(widths):
+        if width < 1:
+            raise InvalidArgument(f"{where}.outputs[{index}].width is 0: at least 1")
+    if sum(widths) > MAX_COLUMNS:
+        raise InvalidArgument(f"{where}.outputs: at most {MAX_COLUMNS} values per row in all")
+    outputs = _matrix(f"{where}.output_values", output_values, rows, sum(widths))
+    slice_names = _names(f"{where}.slices.name", list(slices))
+    checked_slices: dict[str, Sequence[str]] = {}
+    for name in slice_names:
+        values = slices[name]
+        if len(values) != rows:
+            raise InvalidArgument(
+                f"{where}.slices '{name[:64]}' has {len(values)} values for {rows} rows"
+            )
+        checked_slices[name] = list(values)
+    return PredictionBatch(
+        model_name=model_name,
+        model_version=model_version,
+        route=route,
+        request_ids=ids,
+        row_indices=indices,
+        time_us=times,
+        latency_ms=latencies,
+        feature_names=features_names,
+        features=features,
+        output_names=outputs_names,
+        output_widths=widths,
+        outputs=outputs,
+        slices=checked_slices,
+    )
+
+
+def check_call_size(rows: int) -> None:
+    if rows > MAX_RECORDS_PER_CALL:
+        raise InvalidArgument(
+            f"at most {MAX_RECORDS_PER_CALL} records per call, got {rows}; split the batches"
+        )
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -57,7 +219,12 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return float(sorted_values[rank - 1])
 
 
-def summarize(times: Sequence[datetime], latencies: Sequence[float]) -> PredictionSummary:
+def summarize(
+    times: Sequence[datetime],
+    latencies: Sequence[float],
+    by_version_route: Sequence[VersionRouteCount] = (),
+) -> PredictionSummary:
+    """`times`: the window's record times, or just its first and last."""
     if not latencies:
         return PredictionSummary(0, None, None, 0.0, 0.0, 0.0)
     ordered = sorted(latencies)
@@ -68,4 +235,7 @@ def summarize(times: Sequence[datetime], latencies: Sequence[float]) -> Predicti
         mean_latency_ms=sum(ordered) / len(ordered),
         p50_latency_ms=percentile(ordered, 50),
         p99_latency_ms=percentile(ordered, 99),
+        by_version_route=tuple(
+            sorted(by_version_route, key=lambda c: (-c.count, c.model_version, c.route))
+        ),
     )

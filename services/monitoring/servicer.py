@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime
 
 import grpc
@@ -37,42 +38,62 @@ class MonitoringServicer(pb_grpc.MonitoringServiceServicer):
             ["model"],
             registry=registry,
         )
+        self._duplicates = Counter(
+            "modelplane_monitoring_prediction_duplicates",
+            "Prediction records received again (a retried batch) and not stored twice",
+            ["model"],
+            registry=registry,
+        )
 
     async def LogPredictions(
         self, request: pb.LogPredictionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.LogPredictionsResponse:
-        now = datetime.now(UTC)
-        records = [
-            domain.PredictionRecord(
-                model_name=r.model_name,
-                model_version=r.model_version,
-                request_id=r.request_id,
-                time=_time(r.time, now) or now,
-                features=tuple(r.features),
-                outputs=tuple(r.outputs),
-                latency_ms=r.latency_ms,
+        now_us = time.time_ns() // 1000
+        domain.check_call_size(sum(len(b.request_ids) for b in request.batches))
+        batches = [
+            domain.decode_batch(
+                f"batches[{index}]",
+                model_name=b.model_name,
+                model_version=b.model_version,
+                route=b.route,
+                request_ids=b.request_ids,
+                row_indices=b.row_indices,
+                time_unix_us=b.time_unix_us,
+                latency_ms=b.latency_ms,
+                feature_names=b.feature_names,
+                feature_values=b.feature_values,
+                output_names=[o.name for o in b.outputs],
+                output_widths=[o.width for o in b.outputs],
+                output_values=b.output_values,
+                slices={s.name: s.values for s in b.slices},
+                now_us=now_us,
             )
-            for r in request.records
+            for index, b in enumerate(request.batches)
         ]
-        domain.validate_records(records)
-        stored = await asyncio.to_thread(self._store.append, records)
-        for record in records:
-            self._logged.labels(record.model_name).inc()
-        return pb.LogPredictionsResponse(stored=stored)
+        stored = await asyncio.to_thread(self._store.append, batches)
+        for batch, new in zip(batches, stored, strict=True):
+            if new:
+                self._logged.labels(batch.model_name).inc(new)
+            if batch.rows - new:
+                self._duplicates.labels(batch.model_name).inc(batch.rows - new)
+        total = sum(stored)
+        return pb.LogPredictionsResponse(
+            stored=total, duplicates=sum(b.rows for b in batches) - total
+        )
 
     async def GetPredictionSummary(
         self, request: pb.GetPredictionSummaryRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetPredictionSummaryResponse:
         if not request.model_name:
             raise InvalidArgument("model_name is required")
-        times, latencies = await asyncio.to_thread(
-            self._store.window,
+        window = (
             request.model_name,
             request.model_version,
             _time(request.start_time, None),
             _time(request.end_time, None),
         )
-        summary = domain.summarize(times, latencies)
+        times, latencies, counts = await asyncio.to_thread(self._store.window, *window)
+        summary = domain.summarize(times, latencies, counts)
         return pb.GetPredictionSummaryResponse(
             count=summary.count,
             first_time=_timestamp(summary.first_time),
@@ -80,4 +101,8 @@ class MonitoringServicer(pb_grpc.MonitoringServiceServicer):
             mean_latency_ms=summary.mean_latency_ms,
             p50_latency_ms=summary.p50_latency_ms,
             p99_latency_ms=summary.p99_latency_ms,
+            by_version_route=[
+                pb.VersionRouteCount(model_version=c.model_version, route=c.route, count=c.count)
+                for c in summary.by_version_route
+            ],
         )

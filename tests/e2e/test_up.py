@@ -3,12 +3,17 @@ listing its API through reflection, the demo model answering, Ctrl-C stops all."
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import grpc
+import numpy as np
+import onnxruntime as ort
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -44,6 +49,30 @@ def numbers(printed: str) -> int:
     return len(re.findall(r"-?\d+\.\d*(?:e[-+]?\d+)?", printed))
 
 
+TRITON_BY_ID = """
+import sys, json
+import numpy as np
+import tritonclient.grpc as tc
+client = tc.InferenceServerClient(sys.argv[1])
+ids = tc.InferInput("customer_id", [3], "INT64")
+ids.set_data_from_numpy(np.array([1, 2, 3], dtype=np.int64))
+result = client.infer("fraud", [ids])
+print(json.dumps({"version": result.get_response().model_version,
+                  "probabilities": result.as_numpy("probabilities").tolist()}))
+"""
+
+
+def expected_fraud(feature: str, data_dir: Path) -> np.ndarray:
+    """The fraud model (version 1, as `up` trained it) on customers 1-3's bundle tensor."""
+    from modelplane.client.feature import FeatureClient
+
+    with FeatureClient(feature, timeout=10) as client:
+        tensor = client.get_bundle_tensor("customer_scorer", {"customer_id": [1, 2, 3]})
+    model = data_dir / "training" / "fraud-v1.onnx"
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return session.run(["probabilities"], {"input": tensor.values})[0]
+
+
 def test_up_serves_all_four_and_stops_cleanly_on_ctrl_c(tmp_path):
     process = subprocess.Popen(
         [
@@ -70,7 +99,7 @@ def test_up_serves_all_four_and_stops_cleanly_on_ctrl_c(tmp_path):
             words = line.split()
             if len(words) >= 3 and words[0] in EXPECTED_SERVICES and words[1] == "grpc":
                 addresses[words[0]] = words[2]
-            if " predict " in line or " models --address " in line:
+            if any(word in line for word in (" predict ", " models --", " rollout ", " summary ")):
                 commands.append(line.strip())
             if line.rstrip().endswith("<<'PY'"):
                 snippets.append([])
@@ -105,14 +134,69 @@ def test_up_serves_all_four_and_stops_cleanly_on_ctrl_c(tmp_path):
 
         # The models were registered in the registry and are served from it: the printed
         # CLI calls say which version and route answered and where the model came from.
-        assert len(commands) == 2, commands
-        predicted, listed = (run_snippet([command]) for command in commands)
+        assert len(commands) == 5, commands
+        predicted, listed, by_id = (run_snippet([command]) for command in commands[:3])
         assert "version 1" in predicted and "route production" in predicted, predicted
         assert "registry" in listed and "production" in listed, listed
+        # The fraud model, trained and registered by `up`, predicts by customer id: the
+        # inference service fetched customers 42 and 7's features, all present.
+        assert "model fraud  version 1  route production" in by_id, by_id
+        assert "probabilities  FP32 [2, 2]" in by_id and "feature_status  INT32 [2, 8]" in by_id
+        assert "2" not in by_id.split("feature_status  INT32 [2, 8]")[1]  # every status is 1
+
+        # The unmodified tritonclient predicts by customer id too, and gets what the model
+        # computes on the bundle tensor the feature service serves.
+        by_triton = subprocess.run(
+            [sys.executable, "-c", TRITON_BY_ID, addresses["inference"]],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert by_triton.returncode == 0, by_triton.stderr
+        answer = json.loads(by_triton.stdout)
+        assert answer["version"] == "1"
+        np.testing.assert_allclose(
+            answer["probabilities"], expected_fraud(addresses["feature"], tmp_path), rtol=1e-5
+        )
+
+        # Every one of those five predictions reached monitoring, once.
+        def logged() -> int:
+            return int(json.loads(run_snippet([commands[3] + " --json"])).get("count", 0))
+
+        deadline = time.monotonic() + 30
+        while logged() < 5:  # customers 42 and 7, then 1, 2 and 3
+            assert time.monotonic() < deadline, "the fraud predictions never reached monitoring"
+            time.sleep(0.2)  # ok-sleep: polling monitoring until the records arrive
+        assert logged() == 5
+
+        assert "canary" in run_snippet([commands[4]])
+
+        # The printed canary command sends about 10% of requests to version 2.
+        from modelplane.client.inference import InferenceClient
+
+        with InferenceClient(addresses["inference"], timeout=10) as client:
+
+            def versions() -> set[str]:
+                return {
+                    client.predict_entities(
+                        "fraud", {"customer_id": [1]}, routing_key=f"user-{n}"
+                    ).model_version
+                    for n in range(200)
+                }
+
+            deadline = time.monotonic() + 30
+            while versions() != {"1", "2"}:
+                assert time.monotonic() < deadline, "version 2 never answered"
 
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
     finally:
         if process.poll() is None:
-            process.kill()
-            process.wait()
+            # Ctrl-C first: `up` then stops its four children, which run in sessions of
+            # their own and would outlive a killed `up`.
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "modelplane.cli.loadtest",
     "modelplane.cli.predict",
     "modelplane.cli.models",
+    "modelplane.cli.monitor",
 )
 
 

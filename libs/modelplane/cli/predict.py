@@ -22,6 +22,7 @@ from modelplane.client.inference import (
     Prediction,
     TensorError,
     decode_tensor,
+    entity_keys,
 )
 from modelplane.loadtest.payload import PayloadError, random_raw, resolve_shape
 
@@ -38,9 +39,12 @@ inputs:
   --random [--rows 4]                 random data for every input not given, of the model's
                                       datatypes and shapes (-1: --rows for the first dimension,
                                       1 for the others)
+  --entity customer_id=42,43          entity ids, for a model whose input comes from a feature
+                                      bundle (the server fetches the features; one row each)
 examples:
   modelplane predict demo --random --rows 2
   modelplane predict fraud --input input=@rows.json --routing-key customer-42 --json
+  modelplane predict fraud --entity customer_id=42 --feature-statuses
 """
 
 
@@ -285,6 +289,20 @@ def register(commands: Any) -> None:
         help="an input: inline JSON, @FILE.json or @FILE.npy (repeatable)",
     )
     parser.add_argument(
+        "-e",
+        "--entity",
+        action="append",
+        default=[],
+        metavar="KEY=ID[,ID...]",
+        help="entity ids instead of the input tensor, for a model fed by a feature bundle "
+        "(integers are INT64, anything else BYTES; repeatable for composite keys)",
+    )
+    parser.add_argument(
+        "--feature-statuses",
+        action="store_true",
+        help="with --entity: also return each feature's status (output feature_status)",
+    )
+    parser.add_argument(
         "--random", action="store_true", help="random data for every input not given"
     )
     parser.add_argument(
@@ -301,14 +319,29 @@ def register(commands: Any) -> None:
     parser.set_defaults(handler=run_predict)
 
 
+def _entity(text: str) -> tuple[str, list[int] | list[str]]:
+    name, value = _split(text)
+    ids = [part.strip() for part in value.split(",") if part.strip()]
+    if not ids:
+        raise InputError(f"--entity {name}: give at least one id")
+    if all(part.lstrip("-").isdigit() for part in ids):
+        return name, [int(part) for part in ids]
+    return name, ids
+
+
 def run_predict(args: argparse.Namespace) -> int:
     if args.rows < 1:
         print("error: --rows must be at least 1", file=sys.stderr)
         return 2
 
     def predict(client: InferenceClient) -> int:
-        metadata = client.metadata(args.model, args.version)
-        inputs = build_inputs(metadata, args.input, args.random, args.rows, args.seed)
+        if args.entity:
+            if args.input or args.random:
+                raise InputError("--entity replaces the input tensor: drop --input/--random")
+            inputs = entity_keys(dict(_entity(text) for text in args.entity))
+        else:
+            metadata = client.metadata(args.model, args.version)
+            inputs = build_inputs(metadata, args.input, args.random, args.rows, args.seed)
         prediction = client.predict(
             args.model,
             inputs,
@@ -316,6 +349,7 @@ def run_predict(args: argparse.Namespace) -> int:
             routing_key=args.routing_key,
             outputs=args.output,
             request_id=args.id,
+            feature_statuses=args.feature_statuses,
         )
         if args.json:
             print(json.dumps(prediction_json(prediction)))

@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelplane.cli.services import DEFAULT_PORTS, SERVICES
 from modelplane.client.registry import RegistryClient
+from modelplane.examples import fraud
 from modelplane.examples.features import SCORER, ensure_demo_features
 from modelplane.examples.models import DEMO_MODEL_NAME, ensure_demo_repository
 from modelplane.feature.v1 import feature_pb2, feature_pb2_grpc
@@ -80,7 +81,7 @@ def _read_serving_line(stream: IO[str], found: dict[str, Any]) -> None:
             return
 
 
-def _start(name: str, args: argparse.Namespace, registry: str = "") -> Child:
+def _start(name: str, args: argparse.Namespace, peers: dict[str, str] | None = None) -> Child:
     port, metrics_port = (0, 0) if args.any_ports else DEFAULT_PORTS[name]
     command = [
         sys.executable,
@@ -98,7 +99,9 @@ def _start(name: str, args: argparse.Namespace, registry: str = "") -> Child:
         str(args.data_dir),
     ]
     if name == "inference":
-        command += ["--registry", registry, "--model-control-mode", "registry"]
+        peers = peers or {}
+        command += ["--registry", peers["registry"], "--model-control-mode", "registry"]
+        command += ["--feature-service", peers["feature"], "--monitoring", peers["monitoring"]]
     if name == "feature":
         command += ["--definitions-file", str(args.data_dir / "features" / "features.yaml")]
     env = dict(os.environ)
@@ -148,11 +151,14 @@ def _stop_all(children: list[Child], grace: float = 15.0) -> bool:
     return clean
 
 
-def _register_demo(registry: Child, repository: Path) -> list[str]:
+def _register_demo(registry: Child, data_dir: Path) -> list[str]:
     """Registers the demo models on the first run and points `production` at them; a
-    later run finds them there (and leaves any alias you moved where it is)."""
+    later run finds them there (and leaves any alias you moved where it is). The fraud
+    model is trained here, on the demo feature view's history."""
+    repository = data_dir / "models"
     said = []
     with RegistryClient(registry.address, actor="modelplane-up", timeout=30) as client:
+        said += _register_fraud(client, data_dir)
         for name in (DEMO_MODEL_NAME, SCORER):
             try:
                 client.get_model(name)
@@ -173,6 +179,34 @@ def _register_demo(registry: Child, repository: Path) -> list[str]:
     return said
 
 
+def _register_fraud(client: RegistryClient, data_dir: Path) -> list[str]:
+    try:
+        aliases = {a.alias: a.version for a in client.list_aliases(fraud.MODEL)}
+        return [f"{fraud.MODEL}@production is version {aliases.get('production', '-')}"]
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+    trained = fraud.train(data_dir / "features", data_dir / "training")
+    client.create_model(
+        fraud.MODEL,
+        description="demo fraud risk per customer, fed by the customer_scorer bundle",
+        owner="modelplane demo",
+    )
+    said = []
+    for number, version in enumerate(trained, start=1):
+        registered = client.upload_file(version.path, version.metadata)
+        auc = next(m.value for m in version.metadata.lineage.metrics if m.name == "auc")
+        said.append(
+            f"trained and registered {fraud.MODEL} version {registered.version} (AUC {auc:.3f})"
+        )
+        if number == 1:
+            client.set_alias(
+                fraud.MODEL, "production", registered.version, expected_version=0, reason="demo"
+            )
+            said[-1] += f" as {fraud.MODEL}@production"
+    return said
+
+
 def _materialize_demo(feature: Child) -> str:
     """Copies the demo source's rows into the online store (incremental: a later run
     reads only rows newer than the last) and says what it did."""
@@ -189,9 +223,15 @@ def _materialize_demo(feature: Child) -> str:
 
 def _usage(children: list[Child]) -> str:
     address = {c.name: c.address for c in children}
-    inference, feature = address["inference"], address["feature"]
+    inference, feature, registry = address["inference"], address["feature"], address["registry"]
+    monitoring = address["monitoring"]
     script = Path(sys.executable).with_name("modelplane")
     cli = str(script) if script.exists() else "modelplane"
+    registry_cli = f"{cli} registry --address {registry}"
+    canary = (
+        f"{registry_cli} promote {fraud.MODEL} canary 2 && "
+        f"{registry_cli} rollout {fraud.MODEL} --canary 10"
+    )
     # Unindented so it can be pasted as is (a heredoc's end marker must start its line).
     return f"""
 Try it (paste into a shell):
@@ -209,6 +249,20 @@ and what inference serves with versions, digests and routes:
 
 {cli} predict {DEMO_MODEL_NAME} --random --address {inference}
 {cli} models --address {inference}
+
+The fraud model (trained just now, registered with its card, lineage, metrics and
+reference statistics) takes customer ids: inference fetches their features from the
+feature service, one call per batch.
+
+{cli} predict {fraud.MODEL} --entity customer_id=42,7 --feature-statuses --address {inference}
+
+Every prediction is logged to the monitoring service (off the request path):
+
+{cli} monitor summary {fraud.MODEL} --address {monitoring}
+
+Put version 2 on canary for 10% of requests (a request's routing_key keeps it on one):
+
+{canary}
 
 Features into a model: customers 1-3's "{SCORER}" bundle as a tensor, then scored.
 
@@ -237,15 +291,18 @@ def up(args: argparse.Namespace) -> int:
     children: list[Child] = []
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        # The registry first: inference is started with its address and serves what
-        # its aliases say.
-        registry = _start("registry", args)
-        children = [registry]
-        _wait_serving(registry, deadline)
-        registered = _register_demo(registry, args.data_dir / "models")
-        children += [_start(n, args, registry.address) for n in SERVICES if n != "registry"]
-        for child in children[1:]:
+        # Inference last: it is started with the others' addresses, serves what the
+        # registry's aliases say and fetches features for models that name a bundle.
+        children = [_start(name, args) for name in SERVICES if name != "inference"]
+        for child in children:
             _wait_serving(child, deadline)
+        peers = {child.name: child.address for child in children}
+        registry = next(child for child in children if child.name == "registry")
+        registered = _register_demo(registry, args.data_dir)
+        inference = _start("inference", args, peers)
+        children.append(inference)
+        _wait_serving(inference, deadline)
+        children.sort(key=lambda child: SERVICES.index(child.name))
         for child in children:
             print(
                 f"{child.name:<11} grpc {child.address:<18} metrics "

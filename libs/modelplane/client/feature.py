@@ -45,11 +45,11 @@ import grpc
 import numpy as np
 import yaml
 from google.protobuf.timestamp_pb2 import Timestamp
-from opentelemetry.propagate import inject
 
 from modelplane.feature.v1 import feature_pb2 as pb
 from modelplane.feature.v1 import feature_pb2_grpc as pb_grpc
 from modelplane.kernel.settings import MAX_MESSAGE_BYTES
+from modelplane.kernel.telemetry import trace_metadata
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -625,12 +625,6 @@ def definitions_yaml(definitions: str | Path | Mapping[str, Any]) -> str:
 # --- the client ---------------------------------------------------------------------------
 
 
-def _trace_metadata() -> tuple[tuple[str, str], ...]:
-    carrier: dict[str, str] = {}
-    inject(carrier)
-    return tuple(carrier.items())
-
-
 class FeatureClient:
     """`timeout` bounds each call, retries included; `long_timeout` bounds materialization
     and training sets; `connect_timeout` bounds the wait for the connection before the
@@ -707,7 +701,7 @@ class FeatureClient:
                 return method(
                     request,
                     timeout=max(deadline - time.monotonic(), 0.001),
-                    metadata=_trace_metadata(),
+                    metadata=trace_metadata(),
                 )
             except grpc.RpcError as exc:
                 code = exc.code()  # type: ignore[attr-defined]
@@ -733,11 +727,13 @@ class FeatureClient:
         response = self._call("GetOnlineFeatures", request, retry=True)
         return online_features(response, keys)
 
-    def get_bundle_tensor(self, bundle: str, keys: Keys) -> BundleTensor:
+    def get_bundle_tensor(self, bundle: str, keys: Keys, retry: bool = True) -> BundleTensor:
         """The bundle's features for the entities, as a float32 [entities, features]
-        tensor with a status per value."""
+        tensor with a status per value. `retry=False` fails at once when the service is
+        unavailable (for callers, such as a batch of waiting requests, that would rather
+        fail fast than wait out the deadline)."""
         request = pb.GetBundleTensorRequest(bundle=bundle, entity_keys=key_columns(keys))
-        return bundle_tensor(self._call("GetBundleTensor", request, retry=True))
+        return bundle_tensor(self._call("GetBundleTensor", request, retry=retry))
 
     def list_definitions(self) -> pb.Definitions:
         """The current version of every entity, feature view and bundle."""

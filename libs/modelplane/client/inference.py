@@ -19,7 +19,7 @@ import random
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
@@ -39,6 +39,7 @@ CONNECT_TIMEOUT_S = 5.0
 # Request and response parameters of modelplane's inference service.
 ROUTING_KEY_PARAMETER = "routing_key"
 ROUTE_PARAMETER = "route"
+FEATURE_STATUSES_PARAMETER = "feature_statuses"
 
 # Idempotent reads retry these; everything else is the server's answer.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
@@ -219,6 +220,7 @@ def infer_request(
     routing_key: str | None = None,
     outputs: Iterable[str] | None = None,
     request_id: str = "",
+    feature_statuses: bool = False,
 ) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
     for name, value in inputs.items():
@@ -233,7 +235,27 @@ def infer_request(
         request.outputs.add(name=name)
     if routing_key is not None:
         request.parameters[ROUTING_KEY_PARAMETER].string_param = routing_key
+    if feature_statuses:
+        request.parameters[FEATURE_STATUSES_PARAMETER].bool_param = True
     return request
+
+
+def entity_keys(keys: Mapping[str, Sequence[int | str] | np.ndarray]) -> dict[str, np.ndarray]:
+    """Join key columns as the inputs an enriched model takes: integers as INT64,
+    strings as BYTES, one row per entity."""
+    columns: dict[str, np.ndarray] = {}
+    for name, values in keys.items():
+        array = np.asarray(values)
+        if array.dtype.kind in "iu":
+            columns[name] = array.astype(np.int64).reshape(-1)
+        elif array.dtype.kind in "USO":
+            columns[name] = np.array(
+                [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in array.ravel()],
+                dtype=object,
+            )
+        else:
+            raise TensorError(f"entity key '{name}': integers or strings, not {array.dtype}")
+    return columns
 
 
 def config_parameter(config: mc.ModelConfig, name: str) -> str | None:
@@ -328,14 +350,39 @@ class InferenceClient:
         routing_key: str | None = None,
         outputs: Iterable[str] | None = None,
         request_id: str = "",
+        feature_statuses: bool = False,
     ) -> Prediction:
         """One inference. Each input's datatype follows its array's dtype (str or bytes
         arrays are BYTES); `outputs` names the outputs wanted (default: all);
         `routing_key` is sent as the request parameter `routing_key`. Never retried."""
-        request = infer_request(model, inputs, version, routing_key, outputs, request_id)
+        request = infer_request(
+            model, inputs, version, routing_key, outputs, request_id, feature_statuses
+        )
         self.connect()
         response: pb.ModelInferResponse = self.stub.ModelInfer(request, timeout=self.timeout)
         return prediction_of(response)
+
+    def predict_entities(
+        self,
+        model: str,
+        keys: Mapping[str, Sequence[int | str] | np.ndarray],
+        version: str = "",
+        routing_key: str | None = None,
+        feature_statuses: bool = False,
+        request_id: str = "",
+    ) -> Prediction:
+        """One inference of a model whose input comes from a feature bundle, by entity
+        ids (e.g. {"customer_id": [1, 2]}): the server fetches the features.
+        `feature_statuses` adds the INT32 output `feature_status` ([rows, features]:
+        1 PRESENT, 2 NOT_FOUND, 3 NULL, 4 STALE). Never retried."""
+        return self.predict(
+            model,
+            entity_keys(keys),
+            version,
+            routing_key,
+            request_id=request_id,
+            feature_statuses=feature_statuses,
+        )
 
     def metadata(self, model: str, version: str = "") -> pb.ModelMetadataResponse:
         """The model's versions, platform, inputs and outputs (-1: a variable dimension)."""

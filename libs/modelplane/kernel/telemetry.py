@@ -13,6 +13,7 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters, server_interceptor
+from opentelemetry.propagate import inject
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -58,3 +59,11 @@ def sync_tracing_interceptor(service: str, otlp_endpoint: str | None) -> Any:
     return server_interceptor(
         tracer_provider=tracer_provider(service, otlp_endpoint), filter_=_not_health()
     )
+
+
+def trace_metadata() -> tuple[tuple[str, str], ...]:
+    """The current span's W3C trace context as gRPC metadata (empty when there is none),
+    so a call made inside a span continues its trace in the service called."""
+    carrier: dict[str, str] = {}
+    inject(carrier)
+    return tuple(carrier.items())

@@ -1,79 +1,188 @@
+"""The monitoring service over gRPC with its SQLite store: columnar batches stored once
+per record key, refused whole when malformed, kept across restarts."""
+
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from pathlib import Path
+
 import grpc
+import numpy as np
 import pytest
-from google.protobuf.timestamp_pb2 import Timestamp
 
+from modelplane.client.monitoring import MonitoringClient, prediction_batch
 from modelplane.monitoring.v1 import monitoring_pb2 as pb
-from modelplane.monitoring.v1 import monitoring_pb2_grpc as pb_grpc
+from modelplane.services.monitoring.domain import MAX_RECORDS_PER_CALL
 from modelplane.services.monitoring.main import Settings, build
-from tests.support import running_aio
+from modelplane.services.monitoring.store import SqlitePredictionStore
+from tests.support import running_aio_in_thread
+
+FEATURES = ["amount", "age"]
 
 
-def ts(seconds: int) -> Timestamp:
-    return Timestamp(seconds=seconds)
+def batch(
+    ids: list[str],
+    version: str = "1",
+    route: str = "",
+    start_s: int = 1_000,
+    model: str = "fraud",
+) -> pb.PredictionBatch:
+    rows = len(ids)
+    return prediction_batch(
+        model,
+        version,
+        ids,
+        latency_ms=[float(i + 1) for i in range(rows)],
+        features=np.arange(rows * 2, dtype=np.float32).reshape(rows, 2),
+        feature_names=FEATURES,
+        outputs={
+            "score": np.full((rows, 1), 0.5, np.float32),
+            "probs": np.tile(np.array([[0.25, 0.75]], np.float32), (rows, 1)),
+        },
+        route=route,
+        time_unix_us=[(start_s + i) * 1_000_000 for i in range(rows)],
+        slices={"region": ["eu" if i % 2 else "us" for i in range(rows)]},
+    )
 
 
-async def test_logged_predictions_are_summarised_per_version(tmp_path):
-    server = build(Settings(port=0, data_dir=tmp_path))
-    async with running_aio(server) as address, grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.MonitoringServiceStub(channel)
-        records = [
-            pb.PredictionRecord(
-                model_name="fraud",
-                model_version=v,
-                request_id=f"r{i}",
-                time=ts(1_000 + i),
-                features=[0.1, 0.2],
-                outputs=[0.9],
-                latency_ms=float(i),
-            )
-            for i, v in enumerate(["1", "1", "1", "2"], start=1)
+@pytest.fixture
+def monitoring(tmp_path: Path):
+    server = build(Settings(port=0, data_dir=tmp_path, log_json=False, log_level="WARNING"))
+    with running_aio_in_thread(server) as address, MonitoringClient(address, timeout=10) as c:
+        yield c
+
+
+def stored(tmp_path: Path, model: str = "fraud"):
+    store = SqlitePredictionStore(tmp_path / "monitoring.db")
+    try:
+        return store.records(model)
+    finally:
+        store.close()
+
+
+def test_batches_are_summarised_per_version_and_route(monitoring):
+    result = monitoring.log_predictions(
+        [
+            batch(["a", "b", "c"], version="1", route="production"),
+            batch(["d"], version="2", route="canary", start_s=1_003),
         ]
-        assert (await stub.LogPredictions(pb.LogPredictionsRequest(records=records))).stored == 4
+    )
+    assert (result.stored, result.duplicates) == (4, 0)
 
-        v1 = await stub.GetPredictionSummary(
-            pb.GetPredictionSummaryRequest(model_name="fraud", model_version="1")
-        )
-        assert v1.count == 3
-        assert v1.mean_latency_ms == pytest.approx(2.0)
-        assert v1.first_time.seconds == 1_001 and v1.last_time.seconds == 1_003
+    v1 = monitoring.summary("fraud", "1")
+    assert v1.count == 3
+    assert v1.mean_latency_ms == pytest.approx(2.0)
+    assert v1.p50_latency_ms == 2.0 and v1.p99_latency_ms == 3.0
+    assert v1.first_time.seconds == 1_000 and v1.last_time.seconds == 1_002
 
-        windowed = await stub.GetPredictionSummary(
-            pb.GetPredictionSummaryRequest(
-                model_name="fraud", start_time=ts(1_002), end_time=ts(1_004)
-            )
-        )
-        assert windowed.count == 2
-
-
-async def test_a_malformed_batch_stores_nothing(tmp_path):
-    server = build(Settings(port=0, data_dir=tmp_path))
-    async with running_aio(server) as address, grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.MonitoringServiceStub(channel)
-        good = pb.PredictionRecord(model_name="fraud", model_version="1", latency_ms=1.0)
-        bad = pb.PredictionRecord(model_name="", model_version="1", latency_ms=1.0)
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            await stub.LogPredictions(pb.LogPredictionsRequest(records=[good, bad]))
-        assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-        assert "records[1].model_name" in error.value.details()
-        summary = await stub.GetPredictionSummary(
-            pb.GetPredictionSummaryRequest(model_name="fraud")
-        )
-        assert summary.count == 0
+    every = monitoring.summary("fraud")
+    assert every.count == 4
+    assert [(c.model_version, c.route, c.count) for c in every.by_version_route] == [
+        ("1", "production", 3),
+        ("2", "canary", 1),
+    ]
+    windowed = monitoring.summary(
+        "fraud",
+        start=datetime.fromtimestamp(1_001, UTC),
+        end=datetime.fromtimestamp(1_003, UTC),
+    )
+    assert windowed.count == 2
+    assert monitoring.summary("other").count == 0
 
 
-async def test_records_survive_a_restart(tmp_path):
-    for expected in (1, 2):
-        server = build(Settings(port=0, data_dir=tmp_path))
-        async with running_aio(server) as address, grpc.aio.insecure_channel(address) as ch:
-            stub = pb_grpc.MonitoringServiceStub(ch)
-            await stub.LogPredictions(
-                pb.LogPredictionsRequest(
-                    records=[pb.PredictionRecord(model_name="m", latency_ms=1.0)]
-                )
-            )
-            summary = await stub.GetPredictionSummary(
-                pb.GetPredictionSummaryRequest(model_name="m")
-            )
-            assert summary.count == expected
+def test_the_same_batch_three_times_is_stored_once(monitoring, tmp_path):
+    records = batch([f"r{i}" for i in range(10)])
+    results = [monitoring.log_predictions([records]) for _ in range(3)]
+    assert [(r.stored, r.duplicates) for r in results] == [(10, 0), (0, 10), (0, 10)]
+    assert monitoring.summary("fraud").count == 10
+    # A batch that overlaps stored records stores only the new ones.
+    overlap = monitoring.log_predictions([batch(["r8", "r9", "r10"])])
+    assert (overlap.stored, overlap.duplicates) == (1, 2)
+    assert monitoring.summary("fraud").count == 11
+    assert len(stored(tmp_path)) == 11
+
+
+def test_rows_of_one_request_are_distinct_records(monitoring, tmp_path):
+    multi = batch(["req", "req", "req"])
+    multi.row_indices[:] = [0, 1, 2]
+    assert monitoring.log_predictions([multi]).stored == 3
+    assert monitoring.log_predictions([multi]).duplicates == 3
+    # Same request id, another model: another record.
+    assert monitoring.log_predictions([batch(["req"], model="other")]).stored == 1
+    assert [r.row_index for r in stored(tmp_path)] == [0, 1, 2]
+
+
+def test_records_are_stored_with_their_columns(monitoring, tmp_path):
+    monitoring.log_predictions([batch(["a", "b"], route="production")])
+    first, second = stored(tmp_path)
+    assert (first.request_id, first.model_version, first.route) == ("a", "1", "production")
+    assert first.features == {"amount": 0.0, "age": 1.0}
+    assert second.features == {"amount": 2.0, "age": 3.0}
+    assert second.outputs == {"score": (0.5,), "probs": (0.25, 0.75)}
+    assert (first.slices, second.slices) == ({"region": "us"}, {"region": "eu"})
+    assert first.time == datetime.fromtimestamp(1_000, UTC)
+    assert second.latency_ms == 2.0
+
+
+def _bad(change) -> pb.PredictionBatch:
+    broken = batch(["x", "y"])
+    change(broken)
+    return broken
+
+
+BAD_BATCHES = {
+    "feature width": (
+        lambda b: setattr(b, "feature_values", b.feature_values[:-4]),
+        "batches[1].feature_values",
+    ),
+    "output width": (
+        lambda b: b.outputs[1].__setattr__("width", 3),
+        "batches[1].output_values",
+    ),
+    "nan latency": (lambda b: b.latency_ms.__setitem__(1, float("nan")), "latency_ms[1]"),
+    "inf latency": (lambda b: b.latency_ms.__setitem__(0, float("inf")), "latency_ms[0]"),
+    "negative latency": (lambda b: b.latency_ms.__setitem__(0, -1.0), "latency_ms[0]"),
+    "latency count": (lambda b: b.latency_ms.append(1.0), "batches[1].latency_ms has 3"),
+    "time count": (lambda b: b.time_unix_us.pop(), "batches[1].time_unix_us has 1"),
+    "slice count": (lambda b: b.slices[0].values.pop(), "slices 'region'"),
+    "empty id": (lambda b: b.request_ids.__setitem__(1, ""), "request_ids[1] is empty"),
+    "no model": (lambda b: setattr(b, "model_name", ""), "batches[1].model_name"),
+    "repeated feature": (
+        lambda b: b.feature_names.__setitem__(1, "amount"),
+        "'amount' appears more than once",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BATCHES))
+def test_a_malformed_batch_is_refused_and_nothing_is_stored(monitoring, case):
+    change, message = BAD_BATCHES[case]
+    good = batch(["g1", "g2"])
+    with pytest.raises(grpc.RpcError) as error:
+        monitoring.log_predictions([good, _bad(change)])
+    assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.value.details()
+    assert monitoring.summary("fraud").count == 0
+
+
+def test_a_call_is_bounded(monitoring):
+    ids = [f"r{i}" for i in range(MAX_RECORDS_PER_CALL // 2 + 1)]
+    too_many = pb.PredictionBatch(
+        model_name="fraud",
+        model_version="1",
+        request_ids=ids,
+        latency_ms=[1.0] * len(ids),
+    )
+    with pytest.raises(grpc.RpcError) as error:
+        monitoring.log_predictions([too_many, too_many])
+    assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert f"at most {MAX_RECORDS_PER_CALL} records" in error.value.details()
+
+
+def test_records_survive_a_restart_and_stay_idempotent(tmp_path):
+    records = batch(["a", "b"])
+    for expected_new in (2, 0):
+        server = build(Settings(port=0, data_dir=tmp_path, log_json=False))
+        with running_aio_in_thread(server) as address, MonitoringClient(address) as client:
+            assert client.log_predictions([records]).stored == expected_new
+            assert client.summary("fraud").count == 2

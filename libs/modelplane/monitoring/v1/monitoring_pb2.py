@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)modelplane/monitoring/v1/monitoring.proto\x12\x18modelplane.monitoring.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb2\x01\n\x10PredictionRecord\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x03(\x02\x12\x0f\n\x07outputs\x18\x06 \x03(\x02\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\"T\n\x15LogPredictionsRequest\x12;\n\x07records\x18\x01 \x03(\x0b\x32*.modelplane.monitoring.v1.PredictionRecord\"(\n\x16LogPredictionsResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x03\"\xa6\x01\n\x1bGetPredictionSummaryRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd5\x01\n\x1cGetPredictionSummaryResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12.\n\nfirst_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fmean_latency_ms\x18\x04 \x01(\x01\x12\x16\n\x0ep50_latency_ms\x18\x05 \x01(\x01\x12\x16\n\x0ep99_latency_ms\x18\x06 \x01(\x01\x32\x94\x02\n\x11MonitoringService\x12u\n\x0eLogPredictions\x12/.modelplane.monitoring.v1.LogPredictionsRequest\x1a\x30.modelplane.monitoring.v1.LogPredictionsResponse\"\x00\x12\x87\x01\n\x14GetPredictionSummary\x12\x35.modelplane.monitoring.v1.GetPredictionSummaryRequest\x1a\x36.modelplane.monitoring.v1.GetPredictionSummaryResponse\"\x00\x42n\n\x1bio.modelplane.monitoring.v1P\x01ZMgithub.com/modelplane/modelplane/gen/go/modelplane/monitoring/v1;monitoringv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)modelplane/monitoring/v1/monitoring.proto\x12\x18modelplane.monitoring.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"+\n\x0cOutputColumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\"+\n\x0bSliceColumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"\xd5\x02\n\x0fPredictionBatch\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05route\x18\x03 \x01(\t\x12\x13\n\x0brequest_ids\x18\x04 \x03(\t\x12\x13\n\x0brow_indices\x18\x05 \x03(\r\x12\x14\n\x0ctime_unix_us\x18\x06 \x03(\x03\x12\x12\n\nlatency_ms\x18\x07 \x03(\x01\x12\x15\n\rfeature_names\x18\x08 \x03(\t\x12\x16\n\x0e\x66\x65\x61ture_values\x18\t \x01(\x0c\x12\x37\n\x07outputs\x18\n \x03(\x0b\x32&.modelplane.monitoring.v1.OutputColumn\x12\x15\n\routput_values\x18\x0b \x01(\x0c\x12\x35\n\x06slices\x18\x0c \x03(\x0b\x32%.modelplane.monitoring.v1.SliceColumn\"b\n\x15LogPredictionsRequest\x12:\n\x07\x62\x61tches\x18\x02 \x03(\x0b\x32).modelplane.monitoring.v1.PredictionBatchJ\x04\x08\x01\x10\x02R\x07records\"<\n\x16LogPredictionsResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x03\x12\x12\n\nduplicates\x18\x02 \x01(\x03\"\xa6\x01\n\x1bGetPredictionSummaryRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9c\x02\n\x1cGetPredictionSummaryResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12.\n\nfirst_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fmean_latency_ms\x18\x04 \x01(\x01\x12\x16\n\x0ep50_latency_ms\x18\x05 \x01(\x01\x12\x16\n\x0ep99_latency_ms\x18\x06 \x01(\x01\x12\x45\n\x10\x62y_version_route\x18\x07 \x03(\x0b\x32+.modelplane.monitoring.v1.VersionRouteCount\"H\n\x11VersionRouteCount\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\r\n\x05route\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x32\x94\x02\n\x11MonitoringService\x12u\n\x0eLogPredictions\x12/.modelplane.monitoring.v1.LogPredictionsRequest\x1a\x30.modelplane.monitoring.v1.LogPredictionsResponse\"\x00\x12\x87\x01\n\x14GetPredictionSummary\x12\x35.modelplane.monitoring.v1.GetPredictionSummaryRequest\x1a\x36.modelplane.monitoring.v1.GetPredictionSummaryResponse\"\x00\x42n\n\x1bio.modelplane.monitoring.v1P\x01ZMgithub.com/modelplane/modelplane/gen/go/modelplane/monitoring/v1;monitoringv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +33,22 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelplane.monitoring.v1.mo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\033io.modelplane.monitoring.v1P\001ZMgithub.com/modelplane/modelplane/gen/go/modelplane/monitoring/v1;monitoringv1'
-  _globals['_PREDICTIONRECORD']._serialized_start=105
-  _globals['_PREDICTIONRECORD']._serialized_end=283
-  _globals['_LOGPREDICTIONSREQUEST']._serialized_start=285
-  _globals['_LOGPREDICTIONSREQUEST']._serialized_end=369
-  _globals['_LOGPREDICTIONSRESPONSE']._serialized_start=371
-  _globals['_LOGPREDICTIONSRESPONSE']._serialized_end=411
-  _globals['_GETPREDICTIONSUMMARYREQUEST']._serialized_start=414
-  _globals['_GETPREDICTIONSUMMARYREQUEST']._serialized_end=580
-  _globals['_GETPREDICTIONSUMMARYRESPONSE']._serialized_start=583
-  _globals['_GETPREDICTIONSUMMARYRESPONSE']._serialized_end=796
-  _globals['_MONITORINGSERVICE']._serialized_start=799
-  _globals['_MONITORINGSERVICE']._serialized_end=1075
+  _globals['_OUTPUTCOLUMN']._serialized_start=104
+  _globals['_OUTPUTCOLUMN']._serialized_end=147
+  _globals['_SLICECOLUMN']._serialized_start=149
+  _globals['_SLICECOLUMN']._serialized_end=192
+  _globals['_PREDICTIONBATCH']._serialized_start=195
+  _globals['_PREDICTIONBATCH']._serialized_end=536
+  _globals['_LOGPREDICTIONSREQUEST']._serialized_start=538
+  _globals['_LOGPREDICTIONSREQUEST']._serialized_end=636
+  _globals['_LOGPREDICTIONSRESPONSE']._serialized_start=638
+  _globals['_LOGPREDICTIONSRESPONSE']._serialized_end=698
+  _globals['_GETPREDICTIONSUMMARYREQUEST']._serialized_start=701
+  _globals['_GETPREDICTIONSUMMARYREQUEST']._serialized_end=867
+  _globals['_GETPREDICTIONSUMMARYRESPONSE']._serialized_start=870
+  _globals['_GETPREDICTIONSUMMARYRESPONSE']._serialized_end=1154
+  _globals['_VERSIONROUTECOUNT']._serialized_start=1156
+  _globals['_VERSIONROUTECOUNT']._serialized_end=1228
+  _globals['_MONITORINGSERVICE']._serialized_start=1231
+  _globals['_MONITORINGSERVICE']._serialized_end=1507
 # @@protoc_insertion_point(module_scope)

@@ -23,56 +23,148 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
-class PredictionRecord(_message.Message):
-    """One prediction as the serving side saw it."""
+class OutputColumn(_message.Message):
+    """The name and width of one output in PredictionBatch.output_values."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Output name (the model's output tensor name)."""
+    width: _builtins.int
+    """Values per row this output contributes, at least 1."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        width: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputColumn: _TypeAlias = OutputColumn  # noqa: Y015
+
+@_typing.final
+class SliceColumn(_message.Message):
+    """One string value per row, such as a slice key (`region`, `segment`)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Column name; unique within a batch."""
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """One value per row, in row order."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        values: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SliceColumn: _TypeAlias = SliceColumn  # noqa: Y015
+
+@_typing.final
+class PredictionBatch(_message.Message):
+    """Prediction records of one model version, one column per field, one entry per row.
+    A record is one row of one request: its key is (model_name, request_id, row_index).
+    Numeric tensors travel as raw little-endian float32 bytes, row-major, so both sides
+    build and read them as arrays without a loop over values.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
-    REQUEST_ID_FIELD_NUMBER: _builtins.int
-    TIME_FIELD_NUMBER: _builtins.int
-    FEATURES_FIELD_NUMBER: _builtins.int
-    OUTPUTS_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
+    REQUEST_IDS_FIELD_NUMBER: _builtins.int
+    ROW_INDICES_FIELD_NUMBER: _builtins.int
+    TIME_UNIX_US_FIELD_NUMBER: _builtins.int
     LATENCY_MS_FIELD_NUMBER: _builtins.int
+    FEATURE_NAMES_FIELD_NUMBER: _builtins.int
+    FEATURE_VALUES_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    OUTPUT_VALUES_FIELD_NUMBER: _builtins.int
+    SLICES_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """Model name."""
     model_version: _builtins.str
-    """Model version that answered."""
-    request_id: _builtins.str
-    """Request id, to join labels later."""
-    latency_ms: _builtins.float
-    """End-to-end latency the server measured, in milliseconds."""
+    """Model version that computed the records."""
+    route: _builtins.str
+    """Route (alias) that chose the version; empty when none did."""
+    feature_values: _builtins.bytes
+    """Input feature values: rows x len(feature_names) little-endian float32, row-major.
+    NaN marks a missing value.
+    """
+    output_values: _builtins.bytes
+    """Output values: rows x (sum of outputs' widths) little-endian float32, row-major."""
     @_builtins.property
-    def time(self) -> _timestamp_pb2.Timestamp:
-        """When the prediction was made."""
+    def request_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Request id of each row; the row count of the batch. Never empty."""
 
     @_builtins.property
-    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Input feature values, flattened, in the model's input order."""
+    def row_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Row of each record within its request (0 for a single-row request); empty means
+        every row is 0.
+        """
 
     @_builtins.property
-    def outputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Output values, flattened."""
+    def time_unix_us(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """When each request was received, in microseconds since the Unix epoch; empty means
+        the time the monitoring service received the batch.
+        """
+
+    @_builtins.property
+    def latency_ms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Latency of each record's request inside the server, in milliseconds; finite, >= 0."""
+
+    @_builtins.property
+    def feature_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of the input feature columns, in the order of feature_values' columns."""
+
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutputColumn]:
+        """The outputs, in the order of output_values' columns."""
+
+    @_builtins.property
+    def slices(self) -> _containers.RepeatedCompositeFieldContainer[Global___SliceColumn]:
+        """Optional per-row string columns such as slice keys."""
 
     def __init__(
         self,
         *,
         model_name: _builtins.str = ...,
         model_version: _builtins.str = ...,
-        request_id: _builtins.str = ...,
-        time: _timestamp_pb2.Timestamp | None = ...,
-        features: _abc.Iterable[_builtins.float] | None = ...,
-        outputs: _abc.Iterable[_builtins.float] | None = ...,
-        latency_ms: _builtins.float = ...,
+        route: _builtins.str = ...,
+        request_ids: _abc.Iterable[_builtins.str] | None = ...,
+        row_indices: _abc.Iterable[_builtins.int] | None = ...,
+        time_unix_us: _abc.Iterable[_builtins.int] | None = ...,
+        latency_ms: _abc.Iterable[_builtins.float] | None = ...,
+        feature_names: _abc.Iterable[_builtins.str] | None = ...,
+        feature_values: _builtins.bytes = ...,
+        outputs: _abc.Iterable[Global___OutputColumn] | None = ...,
+        output_values: _builtins.bytes = ...,
+        slices: _abc.Iterable[Global___SliceColumn] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "latency_ms", b"latency_ms", "model_name", b"model_name", "model_version", b"model_version", "outputs", b"outputs", "request_id", b"request_id", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature_names", b"feature_names", "feature_values", b"feature_values", "latency_ms", b"latency_ms", "model_name", b"model_name", "model_version", b"model_version", "output_values", b"output_values", "outputs", b"outputs", "request_ids", b"request_ids", "route", b"route", "row_indices", b"row_indices", "slices", b"slices", "time_unix_us", b"time_unix_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___PredictionRecord: _TypeAlias = PredictionRecord  # noqa: Y015
+Global___PredictionBatch: _TypeAlias = PredictionBatch  # noqa: Y015
 
 @_typing.final
 class LogPredictionsRequest(_message.Message):
@@ -80,19 +172,21 @@ class LogPredictionsRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    RECORDS_FIELD_NUMBER: _builtins.int
+    BATCHES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___PredictionRecord]:
-        """The records to store."""
+    def batches(self) -> _containers.RepeatedCompositeFieldContainer[Global___PredictionBatch]:
+        """The batches to store, all or none; each of one model version. At most 65,536
+        records in all.
+        """
 
     def __init__(
         self,
         *,
-        records: _abc.Iterable[Global___PredictionRecord] | None = ...,
+        batches: _abc.Iterable[Global___PredictionBatch] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -105,16 +199,20 @@ class LogPredictionsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     STORED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
     stored: _builtins.int
-    """How many records were stored."""
+    """Records stored by this call."""
+    duplicates: _builtins.int
+    """Records already stored (by an earlier call, or earlier in this one), left as they were."""
     def __init__(
         self,
         *,
         stored: _builtins.int = ...,
+        duplicates: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["stored", b"stored"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicates", b"duplicates", "stored", b"stored"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -170,6 +268,7 @@ class GetPredictionSummaryResponse(_message.Message):
     MEAN_LATENCY_MS_FIELD_NUMBER: _builtins.int
     P50_LATENCY_MS_FIELD_NUMBER: _builtins.int
     P99_LATENCY_MS_FIELD_NUMBER: _builtins.int
+    BY_VERSION_ROUTE_FIELD_NUMBER: _builtins.int
     count: _builtins.int
     """Records in the window."""
     mean_latency_ms: _builtins.float
@@ -186,6 +285,10 @@ class GetPredictionSummaryResponse(_message.Message):
     def last_time(self) -> _timestamp_pb2.Timestamp:
         """Time of the last record in the window."""
 
+    @_builtins.property
+    def by_version_route(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionRouteCount]:
+        """Records in the window per version and route, most first."""
+
     def __init__(
         self,
         *,
@@ -195,11 +298,42 @@ class GetPredictionSummaryResponse(_message.Message):
         mean_latency_ms: _builtins.float = ...,
         p50_latency_ms: _builtins.float = ...,
         p99_latency_ms: _builtins.float = ...,
+        by_version_route: _abc.Iterable[Global___VersionRouteCount] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first_time", b"first_time", "last_time", b"last_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "first_time", b"first_time", "last_time", b"last_time", "mean_latency_ms", b"mean_latency_ms", "p50_latency_ms", b"p50_latency_ms", "p99_latency_ms", b"p99_latency_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_version_route", b"by_version_route", "count", b"count", "first_time", b"first_time", "last_time", b"last_time", "mean_latency_ms", b"mean_latency_ms", "p50_latency_ms", b"p50_latency_ms", "p99_latency_ms", b"p99_latency_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetPredictionSummaryResponse: _TypeAlias = GetPredictionSummaryResponse  # noqa: Y015
+
+@_typing.final
+class VersionRouteCount(_message.Message):
+    """How many records one version answered through one route."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    model_version: _builtins.str
+    """Model version."""
+    route: _builtins.str
+    """Route (alias) that chose the version; empty when none did."""
+    count: _builtins.int
+    """Records in the window."""
+    def __init__(
+        self,
+        *,
+        model_version: _builtins.str = ...,
+        route: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "model_version", b"model_version", "route", b"route"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionRouteCount: _TypeAlias = VersionRouteCount  # noqa: Y015

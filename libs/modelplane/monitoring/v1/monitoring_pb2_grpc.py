@@ -52,7 +52,11 @@ class MonitoringServiceServicer:
     """
 
     def LogPredictions(self, request, context):
-        """Stores a batch of prediction records; all or none are stored.
+        """Stores columnar batches of prediction records, idempotently: a record whose key
+        (model_name, request_id, row_index) is already stored is counted as a duplicate and
+        left as it is, so a retried call stores nothing twice. Answers only once the
+        records are committed; a malformed request (INVALID_ARGUMENT names the field)
+        stores nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

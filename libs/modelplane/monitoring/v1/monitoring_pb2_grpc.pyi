@@ -37,7 +37,12 @@ class MonitoringServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> MonitoringServiceAsyncStub: ...
     LogPredictions: _grpc.UnaryUnaryMultiCallable[_monitoring_pb2.LogPredictionsRequest, _monitoring_pb2.LogPredictionsResponse]
-    """Stores a batch of prediction records; all or none are stored."""
+    """Stores columnar batches of prediction records, idempotently: a record whose key
+    (model_name, request_id, row_index) is already stored is counted as a duplicate and
+    left as it is, so a retried call stores nothing twice. Answers only once the
+    records are committed; a malformed request (INVALID_ARGUMENT names the field)
+    stores nothing.
+    """
     GetPredictionSummary: _grpc.UnaryUnaryMultiCallable[_monitoring_pb2.GetPredictionSummaryRequest, _monitoring_pb2.GetPredictionSummaryResponse]
     """Summarises the records of one model (version) over a time window."""
 
@@ -47,7 +52,12 @@ class MonitoringServiceAsyncStub(MonitoringServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     LogPredictions: _aio.UnaryUnaryMultiCallable[_monitoring_pb2.LogPredictionsRequest, _monitoring_pb2.LogPredictionsResponse]  # type: ignore[assignment]
-    """Stores a batch of prediction records; all or none are stored."""
+    """Stores columnar batches of prediction records, idempotently: a record whose key
+    (model_name, request_id, row_index) is already stored is counted as a duplicate and
+    left as it is, so a retried call stores nothing twice. Answers only once the
+    records are committed; a malformed request (INVALID_ARGUMENT names the field)
+    stores nothing.
+    """
     GetPredictionSummary: _aio.UnaryUnaryMultiCallable[_monitoring_pb2.GetPredictionSummaryRequest, _monitoring_pb2.GetPredictionSummaryResponse]  # type: ignore[assignment]
     """Summarises the records of one model (version) over a time window."""
 
@@ -60,7 +70,12 @@ class MonitoringServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _monitoring_pb2.LogPredictionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_monitoring_pb2.LogPredictionsResponse, _abc.Awaitable[_monitoring_pb2.LogPredictionsResponse]]:
-        """Stores a batch of prediction records; all or none are stored."""
+        """Stores columnar batches of prediction records, idempotently: a record whose key
+        (model_name, request_id, row_index) is already stored is counted as a duplicate and
+        left as it is, so a retried call stores nothing twice. Answers only once the
+        records are committed; a malformed request (INVALID_ARGUMENT names the field)
+        stores nothing.
+        """
 
     @_abc_1.abstractmethod
     def GetPredictionSummary(
