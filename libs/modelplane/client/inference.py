@@ -15,36 +15,30 @@ than spending the whole deadline on an address where no server listens.
 
 from __future__ import annotations
 
-import random
 import struct
-import threading
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
-import grpc
 import numpy as np
 
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 from inference import model_config_pb2 as mc
-from modelplane.kernel.settings import MAX_MESSAGE_BYTES
+from modelplane.client.channel import (  # noqa: F401 - re-exported
+    CONNECT_TIMEOUT_S,
+    CannotConnect,
+    ServiceClient,
+)
 from modelplane.kserve_types import CONTENTS_FIELD, RAW_DTYPES
 
 DEFAULT_ADDRESS = "127.0.0.1:8001"
-CONNECT_TIMEOUT_S = 5.0
 
 # Request and response parameters of modelplane's inference service.
 ROUTING_KEY_PARAMETER = "routing_key"
 ROUTE_PARAMETER = "route"
 FEATURE_STATUSES_PARAMETER = "feature_statuses"
 
-# Idempotent reads retry these; everything else is the server's answer.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
-INITIAL_BACKOFF_S = 0.05
-MAX_BACKOFF_S = 1.0
 
 # Every KServe v2 datatype the server supports; FP16 has no typed contents field, so
 # this client sends everything raw.
@@ -52,11 +46,6 @@ WIRE_DTYPES: dict[str, np.dtype] = {**RAW_DTYPES, "BYTES": np.dtype(np.object_)}
 DATATYPES = tuple(WIRE_DTYPES)
 
 _LENGTH = struct.Struct("<I")
-_T = TypeVar("_T")
-
-
-class CannotConnect(ConnectionError):
-    """Nothing answered at the address within the connect timeout."""
 
 
 class TensorError(ValueError):
@@ -268,9 +257,8 @@ def config_parameter(config: mc.ModelConfig, name: str) -> str | None:
 # --- the client ---------------------------------------------------------------------------
 
 
-class InferenceClient:
-    """`timeout` bounds every call, retries included; `connect_timeout` bounds the wait
-    for the connection before the first call (None: no separate wait)."""
+class InferenceClient(ServiceClient):
+    """A KServe v2 client (see ServiceClient for deadlines, connection and retries)."""
 
     def __init__(
         self,
@@ -278,67 +266,8 @@ class InferenceClient:
         timeout: float = 30.0,
         connect_timeout: float | None = CONNECT_TIMEOUT_S,
     ) -> None:
-        self.address = address
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        super().__init__(address, timeout, connect_timeout)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self._connected = threading.Event()
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> InferenceClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def connect(self, timeout: float | None = None) -> None:
-        """Waits until the channel is connected; CannotConnect after `timeout` seconds
-        (default `connect_timeout`). Calls do this once by themselves."""
-        limit = self.connect_timeout if timeout is None else timeout
-        if limit is None or self._connected.is_set():
-            return
-        ready = grpc.channel_ready_future(self._channel)
-        try:
-            ready.result(timeout=limit)
-        except grpc.FutureTimeoutError:
-            raise CannotConnect(
-                f"cannot connect to {self.address} (no server answered within {limit:g} s)"
-            ) from None
-        finally:
-            ready.cancel()
-        self._connected.set()
-
-    def _idempotent(self, method: Callable[..., _T], request: Any) -> _T:
-        """Calls `method`, retrying UNAVAILABLE with backoff and full jitter until the
-        deadline, which covers every attempt."""
-        self.connect()
-        deadline = time.monotonic() + self.timeout
-        backoff = INITIAL_BACKOFF_S
-        while True:
-            try:
-                return method(request, timeout=max(deadline - time.monotonic(), 0.001))
-            except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE:  # type: ignore[attr-defined]
-                    raise
-                pause = random.uniform(0.0, backoff)
-                if time.monotonic() + pause >= deadline:
-                    raise
-                time.sleep(pause)  # backoff before the next attempt
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     # --- calls ----------------------------------------------------------------------------
 
@@ -358,8 +287,7 @@ class InferenceClient:
         request = infer_request(
             model, inputs, version, routing_key, outputs, request_id, feature_statuses
         )
-        self.connect()
-        response: pb.ModelInferResponse = self.stub.ModelInfer(request, timeout=self.timeout)
+        response: pb.ModelInferResponse = self._once(self.stub.ModelInfer, request)
         return prediction_of(response)
 
     def predict_entities(

@@ -12,41 +12,30 @@ matrices travel as raw little-endian float32 bytes, row-major.
 
 from __future__ import annotations
 
-import random
-import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
-import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from modelplane.kernel.settings import MAX_MESSAGE_BYTES
-from modelplane.kernel.telemetry import trace_metadata
+from modelplane.client.channel import (  # noqa: F401 - re-exported
+    CONNECT_TIMEOUT_S,
+    CannotConnect,
+    ServiceClient,
+)
 from modelplane.monitoring.v1 import monitoring_pb2 as pb
 from modelplane.monitoring.v1 import monitoring_pb2_grpc as pb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50053"
 MAX_RECORDS_PER_CALL = 65_536
 """The most records one LogPredictions call may carry (the contract's bound)."""
-CONNECT_TIMEOUT_S = 5.0
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
-INITIAL_BACKOFF_S = 0.05
-MAX_BACKOFF_S = 1.0
 # gRPC waits up to 120 s between reconnection attempts by default; a monitoring service
 # back from a restart should see records again within seconds.
 MAX_RECONNECT_BACKOFF_MS = 5_000
 
 FLOAT32 = np.dtype("<f4")
-_T = TypeVar("_T")
-
-
-class CannotConnect(ConnectionError):
-    """Nothing answered at the address within the connect timeout."""
 
 
 @dataclass(frozen=True)
@@ -127,10 +116,9 @@ def _timestamp(moment: datetime | None) -> Timestamp | None:
     return ts
 
 
-class MonitoringClient:
-    """`timeout` bounds every call, retries included; `connect_timeout` bounds the wait
-    for the connection before the first call (None: no separate wait, as a service's
-    background sender wants: a call to an absent server then fails within its deadline)."""
+class MonitoringClient(ServiceClient):
+    """The monitoring service's client (see ServiceClient for deadlines, connection and
+    retries; every call here is idempotent: records are keyed by request id)."""
 
     def __init__(
         self,
@@ -138,74 +126,13 @@ class MonitoringClient:
         timeout: float = 30.0,
         connect_timeout: float | None = CONNECT_TIMEOUT_S,
     ) -> None:
-        self.address = address
-        self._channel = grpc.insecure_channel(
+        super().__init__(
             address,
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
-            ],
+            timeout,
+            connect_timeout,
+            options=[("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)],
         )
         self.stub = pb_grpc.MonitoringServiceStub(self._channel)
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self._connected = threading.Event()
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> MonitoringClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def connect(self, timeout: float | None = None) -> None:
-        """Waits until the channel is connected; CannotConnect after `timeout` seconds
-        (default `connect_timeout`). Calls do this once by themselves."""
-        limit = self.connect_timeout if timeout is None else timeout
-        if limit is None or self._connected.is_set():
-            return
-        ready = grpc.channel_ready_future(self._channel)
-        try:
-            ready.result(timeout=limit)
-        except grpc.FutureTimeoutError:
-            raise CannotConnect(
-                f"cannot connect to {self.address} (no server answered within {limit:g} s)"
-            ) from None
-        finally:
-            ready.cancel()
-        self._connected.set()
-
-    def _idempotent(
-        self, method: Callable[..., _T], request: Any, timeout: float | None = None
-    ) -> _T:
-        """Calls `method`, retrying UNAVAILABLE with backoff and full jitter until the
-        deadline, which covers every attempt."""
-        self.connect()
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        backoff = INITIAL_BACKOFF_S
-        while True:
-            try:
-                return method(
-                    request,
-                    timeout=max(deadline - time.monotonic(), 0.001),
-                    metadata=trace_metadata(),
-                )
-            except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE:  # type: ignore[attr-defined]
-                    raise
-                pause = random.uniform(0.0, backoff)
-                if time.monotonic() + pause >= deadline:
-                    raise
-                time.sleep(pause)  # backoff before the next attempt
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     def log_predictions(
         self, batches: Sequence[pb.PredictionBatch], timeout: float | None = None

@@ -149,7 +149,7 @@ class _FlakyStub:
         self.calls: dict[str, list[float]] = {}
 
     def _method(self, name: str, answer: object):  # type: ignore[no-untyped-def]
-        def call(request: object, timeout: float) -> object:
+        def call(request: object, timeout: float, metadata: object = ()) -> object:
             calls = self.calls.setdefault(name, [])
             calls.append(timeout)
             if len(calls) <= self.failures:

@@ -1,0 +1,118 @@
+"""What the typed clients of the inference and monitoring services share: one channel,
+a deadline on every call, a bounded wait for the first connection, and retries of
+idempotent calls only, with backoff and full jitter inside the call's deadline. Every
+call carries the current trace context, so a call made inside a span continues its
+trace in the service called."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import grpc
+
+from modelplane.kernel.settings import MAX_MESSAGE_BYTES
+from modelplane.kernel.telemetry import trace_metadata
+
+CONNECT_TIMEOUT_S = 5.0
+# Idempotent calls retry these; everything else is the server's answer.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+INITIAL_BACKOFF_S = 0.05
+MAX_BACKOFF_S = 1.0
+
+_T = TypeVar("_T")
+
+
+class CannotConnect(ConnectionError):
+    """Nothing answered at the address within the connect timeout."""
+
+
+class ServiceClient:
+    """`timeout` bounds every call, retries included; `connect_timeout` bounds the wait
+    for the connection before the first call (None: no separate wait, as a service's
+    background sender wants: a call to an absent server then fails within its deadline).
+    Thread-safe: one client can serve many threads."""
+
+    def __init__(
+        self,
+        address: str,
+        timeout: float,
+        connect_timeout: float | None = CONNECT_TIMEOUT_S,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.address = address
+        self._channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                *options,
+            ],
+        )
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._connected = threading.Event()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def connect(self, timeout: float | None = None) -> None:
+        """Waits until the channel is connected; CannotConnect after `timeout` seconds
+        (default `connect_timeout`). Calls do this once by themselves."""
+        limit = self.connect_timeout if timeout is None else timeout
+        if limit is None or self._connected.is_set():
+            return
+        ready = grpc.channel_ready_future(self._channel)
+        try:
+            ready.result(timeout=limit)
+        except grpc.FutureTimeoutError:
+            raise CannotConnect(
+                f"cannot connect to {self.address} (no server answered within {limit:g} s)"
+            ) from None
+        finally:
+            ready.cancel()
+        self._connected.set()
+
+    def _once(self, method: Callable[..., _T], request: Any) -> _T:
+        """Calls `method` once (a call that must not be repeated), within the deadline."""
+        self.connect()
+        return method(request, timeout=self.timeout, metadata=trace_metadata())
+
+    def _idempotent(
+        self, method: Callable[..., _T], request: Any, timeout: float | None = None
+    ) -> _T:
+        """Calls `method`, retrying UNAVAILABLE with backoff and full jitter until the
+        deadline (`timeout`, default the client's), which covers every attempt."""
+        self.connect()
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        backoff = INITIAL_BACKOFF_S
+        while True:
+            try:
+                return method(
+                    request,
+                    timeout=max(deadline - time.monotonic(), 0.001),
+                    metadata=trace_metadata(),
+                )
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE:  # type: ignore[attr-defined]
+                    raise
+                pause = random.uniform(0.0, backoff)
+                if time.monotonic() + pause >= deadline:
+                    raise
+                time.sleep(pause)  # backoff before the next attempt
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
