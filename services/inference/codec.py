@@ -101,16 +101,20 @@ def decode_inputs(
             f"model '{model.name}' expects {len(specs)} inputs but got {len(feeds)}; "
             f"missing {', '.join(repr(n) for n in missing)}"
         )
+    _check_outputs(request, model)
+    key: Hashable = None
+    if model.variable_dims:
+        key = tuple(feeds[n].shape[1:] for n in specs)
+    return feeds, rows, key
+
+
+def _check_outputs(request: pb.ModelInferRequest, model: ModelVersion) -> None:
     for output in request.outputs:
         if output.name not in model.outputs:
             raise InvalidArgument(
                 f"unexpected inference output '{output.name}' for model '{model.name}'; "
                 f"it has {', '.join(repr(n) for n in model.outputs)}"
             )
-    key: Hashable = None
-    if model.variable_dims:
-        key = tuple(feeds[n].shape[1:] for n in specs)
-    return feeds, rows, key
 
 
 KEY_DATATYPES = ("INT64", "BYTES")
@@ -166,12 +170,7 @@ def _decode_entity_keys(
             f"model '{model.name}' expects '{feature_input}' or its entity keys"
             + (f", and {', '.join(repr(n) for n in others)}" if others else "")
         )
-    for output in request.outputs:
-        if output.name not in model.outputs:
-            raise InvalidArgument(
-                f"unexpected inference output '{output.name}' for model '{model.name}'; "
-                f"it has {', '.join(repr(n) for n in model.outputs)}"
-            )
+    _check_outputs(request, model)
     return feeds, rows, ("entity keys", tuple(feeds))
 
 

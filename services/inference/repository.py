@@ -298,11 +298,7 @@ class ModelRepository:
                 feature.bundle,
             )
             feature = None
-        built = self._build_version(name, version, path, plan, providers, feature)
-        built.sha256 = sha256
-        built.config.parameters["sha256"].string_value = sha256
-        built.config.parameters["source"].string_value = self.source
-        return built
+        return self._build_version(name, version, path, plan, providers, sha256, feature)
 
     def refuse_version(self, name: str, version: str, reason: str) -> None:
         self._version_failures[(name, version)] = reason
@@ -406,11 +402,9 @@ class ModelRepository:
         try:
             for number in chosen:
                 path = model_dir / str(number) / plan.model_file
-                version = self._build_version(name, str(number), path, plan, providers)
-                version.sha256 = file_sha256(path)
-                version.config.parameters["sha256"].string_value = version.sha256
-                version.config.parameters["source"].string_value = self.source
-                built[str(number)] = version
+                built[str(number)] = self._build_version(
+                    name, str(number), path, plan, providers, file_sha256(path)
+                )
         except BaseException:
             for version in built.values():
                 version.batcher.close_now()
@@ -424,6 +418,7 @@ class ModelRepository:
         path: Path,
         plan: ModelPlan,
         providers: ProviderChoice,
+        sha256: str,
         feature: FeatureRequest | None = None,
     ) -> ModelVersion:
         instances = [
@@ -469,6 +464,9 @@ class ModelRepository:
             providers.reason,
             extra={"model": name, "version": version, "provider": first.provider},
         )
+        config = _full_config(name, plan, policy, inputs, outputs, first.provider, providers)
+        config.parameters["sha256"].string_value = sha256
+        config.parameters["source"].string_value = self.source
         return ModelVersion(
             name=name,
             version=version,
@@ -478,9 +476,10 @@ class ModelRepository:
             variable_dims=any(spec.variable for spec in inputs.values()),
             raw_only_outputs=any(spec.datatype.wire == "FP16" for spec in outputs.values()),
             provider=first.provider,
-            config=_full_config(name, plan, policy, inputs, outputs, first.provider, providers),
+            config=config,
             batcher=batcher,
             stats=stats,
+            sha256=sha256,
             feature_input=binding,
         )
 

@@ -1,4 +1,4 @@
-"""What the typed clients of the inference and monitoring services share: one channel,
+"""What the typed clients of the inference, feature and monitoring services share: one channel,
 a deadline on every call, a bounded wait for the first connection, and retries of
 idempotent calls only, with backoff and full jitter inside the call's deadline. Every
 call carries the current trace context, so a call made inside a span continues its
@@ -81,17 +81,26 @@ class ServiceClient:
         try:
             ready.result(timeout=limit)
         except grpc.FutureTimeoutError:
-            raise CannotConnect(
+            raise self._cannot_connect(
                 f"cannot connect to {self.address} (no server answered within {limit:g} s)"
             ) from None
         finally:
             ready.cancel()
         self._connected.set()
 
-    def _once(self, method: Callable[..., _T], request: Any) -> _T:
-        """Calls `method` once (a call that must not be repeated), within the deadline."""
+    def _cannot_connect(self, message: str) -> Exception:
+        """The error `connect` raises; a client with its own error classes returns one."""
+        return CannotConnect(message)
+
+    def _once(self, method: Callable[..., _T], request: Any, timeout: float | None = None) -> _T:
+        """Calls `method` once (a call that must not be repeated), within the deadline
+        (`timeout`, default the client's)."""
         self.connect()
-        return method(request, timeout=self.timeout, metadata=trace_metadata())
+        return method(
+            request,
+            timeout=self.timeout if timeout is None else timeout,
+            metadata=trace_metadata(),
+        )
 
     def _idempotent(
         self, method: Callable[..., _T], request: Any, timeout: float | None = None

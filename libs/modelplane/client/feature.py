@@ -30,41 +30,31 @@ from __future__ import annotations
 
 import io
 import math
-import random
-import threading
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import IntEnum
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 import yaml
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from modelplane.client.channel import CONNECT_TIMEOUT_S, ServiceClient
 from modelplane.feature.v1 import feature_pb2 as pb
 from modelplane.feature.v1 import feature_pb2_grpc as pb_grpc
-from modelplane.kernel.settings import MAX_MESSAGE_BYTES
-from modelplane.kernel.telemetry import trace_metadata
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 DEFAULT_ADDRESS = "127.0.0.1:50052"
-CONNECT_TIMEOUT_S = 5.0
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
-INITIAL_BACKOFF_S = 0.05
-MAX_BACKOFF_S = 1.0
 # The service's limit per WriteFeatures call; `write` sends larger inputs in parts.
 MAX_ROWS_PER_WRITE = 100_000
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
-_T = TypeVar("_T")
 
 # Join key values: ints or strings, as a list or an array.
 KeyValues = Sequence[int] | Sequence[str] | np.ndarray
@@ -625,7 +615,7 @@ def definitions_yaml(definitions: str | Path | Mapping[str, Any]) -> str:
 # --- the client ---------------------------------------------------------------------------
 
 
-class FeatureClient:
+class FeatureClient(ServiceClient):
     """`timeout` bounds each call, retries included; `long_timeout` bounds materialization
     and training sets; `connect_timeout` bounds the wait for the connection before the
     first call (None: no separate wait). Thread-safe: one client can serve many threads."""
@@ -638,80 +628,28 @@ class FeatureClient:
         connect_timeout: float | None = CONNECT_TIMEOUT_S,
         retry_writes: bool = True,
     ) -> None:
-        self.address = address
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        super().__init__(address, timeout, connect_timeout)
         self.stub = pb_grpc.FeatureServiceStub(self._channel)
-        self.timeout = timeout
         self.long_timeout = long_timeout
-        self.connect_timeout = connect_timeout
         self.retry_writes = retry_writes
-        self._connected = threading.Event()
         # View definitions for writes (their join keys and feature types), fetched when a
         # view is first written and dropped when the service refuses a write to it.
         self._views: dict[str, tuple[pb.FeatureView, pb.Entity]] = {}
 
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> FeatureClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def connect(self, timeout: float | None = None) -> None:
-        """Waits until the channel is connected; CannotConnect after `timeout` seconds
-        (default `connect_timeout`). Calls do this once by themselves."""
-        limit = self.connect_timeout if timeout is None else timeout
-        if limit is None or self._connected.is_set():
-            return
-        ready = grpc.channel_ready_future(self._channel)
-        try:
-            ready.result(timeout=limit)
-        except grpc.FutureTimeoutError:
-            raise CannotConnect(
-                "connect",
-                grpc.StatusCode.UNAVAILABLE,
-                f"cannot connect to {self.address} (no server answered within {limit:g} s)",
-            ) from None
-        finally:
-            ready.cancel()
-        self._connected.set()
+    def _cannot_connect(self, message: str) -> Exception:
+        return CannotConnect("connect", grpc.StatusCode.UNAVAILABLE, message)
 
     def _call(self, name: str, request: Any, retry: bool, timeout: float | None = None) -> Any:
         """Calls the RPC `name` within one deadline; with `retry`, UNAVAILABLE is retried
-        with exponential backoff and full jitter until that deadline."""
+        with exponential backoff and full jitter until that deadline. Errors become this
+        client's exception classes."""
         method: Callable[..., Any] = getattr(self.stub, name)
-        self.connect()
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        backoff = INITIAL_BACKOFF_S
-        while True:
-            try:
-                return method(
-                    request,
-                    timeout=max(deadline - time.monotonic(), 0.001),
-                    metadata=trace_metadata(),
-                )
-            except grpc.RpcError as exc:
-                code = exc.code()  # type: ignore[attr-defined]
-                if retry and code in RETRYABLE:
-                    pause = random.uniform(0.0, backoff)
-                    if time.monotonic() + pause < deadline:
-                        time.sleep(pause)
-                        backoff = min(backoff * 2, MAX_BACKOFF_S)
-                        continue
-                raise error_of(name, exc) from exc
+        try:
+            if retry:
+                return self._idempotent(method, request, timeout)
+            return self._once(method, request, timeout)
+        except grpc.RpcError as exc:
+            raise error_of(name, exc) from exc
 
     # --- reads ----------------------------------------------------------------------------
 
