@@ -12,7 +12,7 @@ OWN_CODE := libs/modelplane/kernel libs/modelplane/cli libs/modelplane/client li
 
 .DEFAULT_GOAL := help
 
-.PHONY: help run test proto lint bench clean
+.PHONY: help run test proto lint bench browser clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -49,6 +49,11 @@ lint: $(STAMP) $(BUF) ## ruff, ruff format --check, mypy, buf lint
 
 bench: $(STAMP) ## Print the performance figures the issues ask for
 	@set -e; for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script; done
+
+browser: ## Install Debian's chromium for the HTML report test (needs root)
+	command -v chromium >/dev/null 2>&1 || { \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }
 
 clean: ## Remove the venv, tool installs, caches and local state
 	rm -rf $(VENV) .tools .modelplane .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -63,6 +63,9 @@ class FeatureBinding:
     input: str
     width: int
     reject_missing: bool
+    # The bundle's feature references ("view:feature"), in column order, when the
+    # feature service could be asked at load: the names its columns are logged under.
+    features: tuple[str, ...] = ()
 
 
 class EnrichmentMetrics:
@@ -110,9 +113,9 @@ class FeatureSource:
     def close(self) -> None:
         self._client.close()
 
-    def bundle_width(self, bundle: str) -> int | None:
-        """The bundle's number of features, or None when the service cannot be asked
-        now (the width is then checked on every enriched batch instead)."""
+    def bundle_features(self, bundle: str) -> tuple[str, ...] | None:
+        """The bundle's feature references in column order, or None when the service
+        cannot be asked now (the width is then checked on every enriched batch)."""
         try:
             definitions = self._client.list_definitions()
         except FeatureServiceError as exc:
@@ -125,7 +128,7 @@ class FeatureSource:
             return None
         for definition in definitions.bundles:
             if definition.name == bundle:
-                return len(definition.features)
+                return tuple(feature.ref for feature in definition.features)
         raise FailedPrecondition(f"the feature service has no bundle '{bundle[:128]}'")
 
     def bundle_tensor(

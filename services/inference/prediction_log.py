@@ -35,9 +35,12 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import random
+import socket
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +81,9 @@ class Record(NamedTuple):
     rows: int
     trace: object = None
     """The request's trace context (a SpanContext) when tracing is on."""
+    input_names: tuple[str, ...] = ()
+    """Names of the input columns when the model's input is a feature bundle's tensor
+    (its feature references); otherwise the columns are named after the tensors."""
 
 
 _Layout = tuple[tuple[str, int], ...]
@@ -180,7 +186,7 @@ def _matrix(
 def build_batches(records: Sequence[Record]) -> list[tuple[str, int, mpb.PredictionBatch]]:
     """Columnar batches of the records, one per model version, route and column layout;
     each with its model and row count."""
-    groups: dict[tuple[str, str, str, _Layout, _Layout], list[Record]] = {}
+    groups: dict[tuple[str, str, str, _Layout, _Layout, tuple[str, ...]], list[Record]] = {}
     for record in records:
         rows = record.rows
         key = (
@@ -189,6 +195,7 @@ def build_batches(records: Sequence[Record]) -> list[tuple[str, int, mpb.Predict
             record.route,
             _layout(record.inputs, rows, outputs=False),
             _layout(record.outputs, rows, outputs=True),
+            record.input_names,
         )
         group = groups.get(key)
         if group is None:
@@ -196,7 +203,7 @@ def build_batches(records: Sequence[Record]) -> list[tuple[str, int, mpb.Predict
         else:
             group.append(record)
     batches = []
-    for (model, version, route, inputs, outputs), group in groups.items():
+    for (model, version, route, inputs, outputs, input_names), group in groups.items():
         ids: list[str] = []
         times: list[int] = []
         latencies: list[float] = []
@@ -228,7 +235,7 @@ def build_batches(records: Sequence[Record]) -> list[tuple[str, int, mpb.Predict
             ids,
             latencies,
             features,
-            feature_names(inputs),
+            input_names if len(input_names) == features.shape[1] else feature_names(inputs),
             {name: _matrix(out_tensors, row_counts, name, width) for name, width in outputs},
             route=route,
             row_indices=[i for n in row_counts for i in range(n)] if multi_row else None,
@@ -253,11 +260,28 @@ class PredictionLog:
         self.config = config
         self._tracer = tracer
         self._client: MonitoringClient | None = None
+        # Running totals per model (dropped records, failed requests, requests), sent with
+        # every call so monitoring can alert on drops and errors; totals, not deltas, so a
+        # retried call counts nothing twice.
+        self._totals: dict[str, list[int]] = {}
+        self._producer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._totals_sent: dict[str, tuple[int, int, int]] = {}
         if sender is None:
-            self._client = MonitoringClient(
+            client = self._client = MonitoringClient(
                 config.address, timeout=config.timeout_s, connect_timeout=None
             )
-            sender = self._client.log_predictions
+
+            def sender(batches: Sequence[mpb.PredictionBatch], timeout: float) -> object:
+                counters = self._counters()
+                result = client.log_predictions(
+                    batches, timeout, producer_id=self._producer, counters=counters
+                )
+                self._totals_sent = {
+                    c.model_name: (c.dropped_records, c.failed_requests, c.requests)
+                    for c in counters
+                }
+                return result
+
         self._send_batches = sender
         self._metrics = PredictionLogMetrics(registry, config.buffer_rows)
         self._metrics.queued.set_function(lambda: self.queued_rows)
@@ -292,12 +316,16 @@ class PredictionLog:
         outputs: Mapping[str, np.ndarray],
         rows: int,
         trace_context: object = None,
+        input_names: tuple[str, ...] = (),
     ) -> str:
         """Queues one successful prediction (unless sampled out or the buffer is full);
         returns its request id, made up when the request had none. `received_ns` is the
-        request's perf_counter_ns at arrival."""
+        request's perf_counter_ns at arrival; `input_names` names the input columns
+        (see Record)."""
         if not request_id:
             request_id = new_request_id()
+        totals = self._totals.get(model) or self._totals.setdefault(model, [0, 0, 0])
+        totals[2] += 1
         rate = self._rates.get(model, self._default_rate)
         if rate < 1.0 and (rate <= 0.0 or random.random() >= rate):
             return request_id
@@ -306,13 +334,14 @@ class PredictionLog:
             if counter is None:
                 counter = self._full[model] = self._metrics.dropped.labels(model, "buffer_full")
             counter.inc(rows)
+            totals[0] += rows
             return request_id
         now = time.perf_counter_ns()
         latency = now - received_ns
         self._buffer.append(
             Record(
                 model, version, route, request_id, time.time_ns() - latency, latency, inputs,
-                outputs, rows, trace_context,
+                outputs, rows, trace_context, input_names,
             )
         )  # fmt: skip
         self._appended_rows += rows
@@ -320,6 +349,20 @@ class PredictionLog:
             self._woken = True
             self._wake.set()
         return request_id
+
+    def failed(self, model: str) -> None:
+        """Counts a request to a served model that failed (for the ERROR_RATE alerts)."""
+        totals = self._totals.get(model) or self._totals.setdefault(model, [0, 0, 0])
+        totals[1] += 1
+        totals[2] += 1
+
+    def _counters(self) -> list[mpb.ProducerCounters]:
+        return [
+            mpb.ProducerCounters(
+                model_name=model, dropped_records=dropped, failed_requests=failed, requests=total
+            )
+            for model, (dropped, failed, total) in list(self._totals.items())
+        ]
 
     # --- the sender ----------------------------------------------------------------------
 
@@ -365,6 +408,7 @@ class PredictionLog:
                         self.send(records)
                         if stopping and self._failing:
                             break  # one failed call at shutdown: close() counts the rest
+                    self._send_counters()
                     next_flush = time.monotonic() + interval
             except Exception:  # never let the sender die: the buffer would only fill
                 log.exception("prediction log sender failed")
@@ -414,6 +458,16 @@ class PredictionLog:
         for model, rows in _rows_of(batches).items():
             self._metrics.sent.labels(model).inc(rows)
 
+    def _send_counters(self) -> None:
+        """A call with no records when only the totals moved (all dropped, or failures)."""
+        if self._client is None or self._failing:
+            return
+        current = {model: tuple(t) for model, t in list(self._totals.items())}
+        if current == self._totals_sent:
+            return
+        with contextlib.suppress(grpc.RpcError):  # the next call carries them again
+            self._send_batches([], self.config.timeout_s)
+
     @contextlib.contextmanager
     def _span(self, records: Sequence[Record]) -> Iterator[None]:
         """With tracing on, the call that carries these records is a span in the first
@@ -434,6 +488,8 @@ class PredictionLog:
     def _count_dropped(self, rows_per_model: Mapping[str, int], reason: str) -> None:
         for model, rows in rows_per_model.items():
             self._metrics.dropped.labels(model, reason).inc(rows)
+            totals = self._totals.get(model) or self._totals.setdefault(model, [0, 0, 0])
+            totals[0] += rows
 
 
 def _rows_of(batches: Sequence[tuple[str, int, mpb.PredictionBatch]]) -> dict[str, int]:

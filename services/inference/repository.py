@@ -507,13 +507,15 @@ def _bind_features(
             "feature bundle"
         )
     width = int(spec.dims[0])
-    served = source.bundle_width(feature.bundle)
-    if served is not None and served != width:
+    served = source.bundle_features(feature.bundle)
+    if served is not None and len(served) != width:
         raise FailedPrecondition(
-            f"model '{name}': bundle '{feature.bundle}' has {served} features, input "
+            f"model '{name}': bundle '{feature.bundle}' has {len(served)} features, input "
             f"'{input_name}' takes {width}"
         )
-    return FeatureBinding(feature.bundle, input_name, width, feature.reject_missing)
+    return FeatureBinding(
+        feature.bundle, input_name, width, feature.reject_missing, tuple(served or ())
+    )
 
 
 def _valid_name(name: str) -> bool:

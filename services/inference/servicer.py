@@ -341,9 +341,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         without an id gets one in its response, the key its record is stored under."""
         assert self._log is not None
         inputs = pending.inputs
+        names: tuple[str, ...] = ()
         binding = model.feature_input
         if binding is not None and FEATURE_VALUES in outputs:
             inputs = {binding.input: outputs[FEATURE_VALUES]}  # the tensor the model ran on
+            names = binding.features
         try:
             request_id = self._log.record(
                 model.name,
@@ -355,6 +357,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 outputs,
                 pending.rows,
                 pending.tag,
+                names,
             )
         except Exception:  # the prediction stands whatever happens to its record
             log.exception("prediction log failed", extra={"model": model.name})
@@ -367,10 +370,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         received = time.perf_counter_ns()
         model, route = self._route(request)
-        pending = self._pending(request, model, context, received)
-        model, route = self._submit(request, model, route, pending)
-        mirrored = self._mirror(request, model) if route is not None else None
-        outputs = await model.batcher.outputs(pending)
+        try:
+            pending = self._pending(request, model, context, received)
+            model, route = self._submit(request, model, route, pending)
+            mirrored = self._mirror(request, model) if route is not None else None
+            outputs = await model.batcher.outputs(pending)
+        except BaseException:
+            if self._log is not None:
+                self._log.failed(model.name)
+            raise
         if mirrored is not None:
             self._compare_later(model, mirrored, outputs)
         response = self._respond(request, model, route, outputs)

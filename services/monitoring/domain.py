@@ -8,14 +8,14 @@ of a key and counts later ones as duplicates, so a retried batch is stored once.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 import numpy as np
 
 from modelplane.kernel.errors import InvalidArgument
+from modelplane.services.monitoring.statistics import WindowStats
 
 # One LogPredictions call is bounded so one caller cannot hold the store for long.
 MAX_RECORDS_PER_CALL = 65_536
@@ -44,10 +44,15 @@ class PredictionBatch:
     output_widths: tuple[int, ...]
     outputs: np.ndarray  # float32 [rows, sum(output_widths)]
     slices: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    categorical: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
         return len(self.request_ids)
+
+    def finite_rows(self) -> np.ndarray:
+        """Rows without an infinite feature or output value (NaN is a missing value)."""
+        return ~(np.isinf(self.features).any(axis=1) | np.isinf(self.outputs).any(axis=1))
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,7 @@ def decode_batch(
     output_values: bytes,
     slices: Mapping[str, Sequence[str]],
     now_us: int,
+    categorical: Mapping[str, Sequence[str]] | None = None,
 ) -> PredictionBatch:
     """One batch's columns, checked: every column has one entry per row, the value
     matrices match their names and widths, latencies are finite and non-negative.
@@ -178,15 +184,13 @@ def decode_batch(
     if sum(widths) > MAX_COLUMNS:
         raise InvalidArgument(f"{where}.outputs: at most {MAX_COLUMNS} values per row in all")
     outputs = _matrix(f"{where}.output_values", output_values, rows, sum(widths))
-    slice_names = _names(f"{where}.slices.name", list(slices))
-    checked_slices: dict[str, Sequence[str]] = {}
-    for name in slice_names:
-        values = slices[name]
-        if len(values) != rows:
-            raise InvalidArgument(
-                f"{where}.slices '{name[:64]}' has {len(values)} values for {rows} rows"
-            )
-        checked_slices[name] = list(values)
+    checked_slices = _string_columns(f"{where}.slices", slices, rows)
+    checked_categorical = _string_columns(f"{where}.categorical_features", categorical or {}, rows)
+    clash = set(checked_categorical) & {*features_names, *outputs_names}
+    if clash:
+        raise InvalidArgument(
+            f"{where}.categorical_features: '{sorted(clash)[0][:64]}' is also a numeric column"
+        )
     return PredictionBatch(
         model_name=model_name,
         model_version=model_version,
@@ -201,7 +205,20 @@ def decode_batch(
         output_widths=widths,
         outputs=outputs,
         slices=checked_slices,
+        categorical=checked_categorical,
     )
+
+
+def _string_columns(
+    where: str, columns: Mapping[str, Sequence[str]], rows: int
+) -> dict[str, Sequence[str]]:
+    checked: dict[str, Sequence[str]] = {}
+    for name in _names(f"{where}.name", list(columns)):
+        values = columns[name]
+        if len(values) != rows:
+            raise InvalidArgument(f"{where} '{name[:64]}' has {len(values)} values for {rows} rows")
+        checked[name] = list(values)
+    return checked
 
 
 def check_call_size(rows: int) -> None:
@@ -211,31 +228,23 @@ def check_call_size(rows: int) -> None:
         )
 
 
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of already sorted values (0 for none)."""
-    if not sorted_values:
-        return 0.0
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return float(sorted_values[rank - 1])
-
-
-def summarize(
-    times: Sequence[datetime],
-    latencies: Sequence[float],
-    by_version_route: Sequence[VersionRouteCount] = (),
-) -> PredictionSummary:
-    """`times`: the window's record times, or just its first and last."""
-    if not latencies:
+def summary_of(windows: Mapping[str, WindowStats]) -> PredictionSummary:
+    """The summary of a range from its statistics per version. Latency percentiles come
+    from the mergeable quantile sketch (within its ~1 % rank error), not from the rows."""
+    merged = WindowStats()
+    counts: list[VersionRouteCount] = []
+    for version, window in windows.items():
+        merged.merge(window)
+        counts.extend(VersionRouteCount(version, route, n) for route, n in window.routes.items())
+    if not merged.count:
         return PredictionSummary(0, None, None, 0.0, 0.0, 0.0)
-    ordered = sorted(latencies)
+    p50, p99 = merged.latency.quantiles([0.5, 0.99]).tolist()
     return PredictionSummary(
-        count=len(latencies),
-        first_time=min(times),
-        last_time=max(times),
-        mean_latency_ms=sum(ordered) / len(ordered),
-        p50_latency_ms=percentile(ordered, 50),
-        p99_latency_ms=percentile(ordered, 99),
-        by_version_route=tuple(
-            sorted(by_version_route, key=lambda c: (-c.count, c.model_version, c.route))
-        ),
+        count=merged.count,
+        first_time=datetime.fromtimestamp(merged.first_us / 1e6, tz=UTC),
+        last_time=datetime.fromtimestamp(merged.last_us / 1e6, tz=UTC),
+        mean_latency_ms=merged.latency_sum_ms / merged.count,
+        p50_latency_ms=p50,
+        p99_latency_ms=p99,
+        by_version_route=tuple(sorted(counts, key=lambda c: (-c.count, c.model_version, c.route))),
     )

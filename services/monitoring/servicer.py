@@ -1,24 +1,21 @@
-"""MonitoringService over gRPC: proto → domain → proto, nothing else."""
+"""MonitoringService over gRPC: proto → Monitoring call → proto, nothing else."""
 
 from __future__ import annotations
 
-import asyncio
-import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from prometheus_client import CollectorRegistry, Counter
 
 from modelplane.kernel.errors import InvalidArgument
 from modelplane.monitoring.v1 import monitoring_pb2 as pb
 from modelplane.monitoring.v1 import monitoring_pb2_grpc as pb_grpc
-from modelplane.services.monitoring import domain
-from modelplane.services.monitoring.store import PredictionStore
+from modelplane.services.monitoring.service import Monitoring
 
 
-def _time(ts: Timestamp, default: datetime | None) -> datetime | None:
-    return ts.ToDatetime(tzinfo=UTC) if ts.seconds or ts.nanos else default
+def _time(ts: Timestamp) -> datetime | None:
+    return ts.ToDatetime(tzinfo=UTC) if ts.seconds or ts.nanos else None
 
 
 def _timestamp(moment: datetime | None) -> Timestamp | None:
@@ -30,55 +27,26 @@ def _timestamp(moment: datetime | None) -> Timestamp | None:
 
 
 class MonitoringServicer(pb_grpc.MonitoringServiceServicer):
-    def __init__(self, store: PredictionStore, registry: CollectorRegistry) -> None:
-        self._store = store
-        self._logged = Counter(
-            "modelplane_monitoring_predictions_logged",
-            "Prediction records stored",
-            ["model"],
-            registry=registry,
-        )
-        self._duplicates = Counter(
-            "modelplane_monitoring_prediction_duplicates",
-            "Prediction records received again (a retried batch) and not stored twice",
-            ["model"],
-            registry=registry,
-        )
+    def __init__(self, monitoring: Monitoring) -> None:
+        self._monitoring = monitoring
 
     async def LogPredictions(
         self, request: pb.LogPredictionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.LogPredictionsResponse:
-        now_us = time.time_ns() // 1000
-        domain.check_call_size(sum(len(b.request_ids) for b in request.batches))
-        batches = [
-            domain.decode_batch(
-                f"batches[{index}]",
-                model_name=b.model_name,
-                model_version=b.model_version,
-                route=b.route,
-                request_ids=b.request_ids,
-                row_indices=b.row_indices,
-                time_unix_us=b.time_unix_us,
-                latency_ms=b.latency_ms,
-                feature_names=b.feature_names,
-                feature_values=b.feature_values,
-                output_names=[o.name for o in b.outputs],
-                output_widths=[o.width for o in b.outputs],
-                output_values=b.output_values,
-                slices={s.name: s.values for s in b.slices},
-                now_us=now_us,
-            )
-            for index, b in enumerate(request.batches)
-        ]
-        stored = await asyncio.to_thread(self._store.append, batches)
-        for batch, new in zip(batches, stored, strict=True):
-            if new:
-                self._logged.labels(batch.model_name).inc(new)
-            if batch.rows - new:
-                self._duplicates.labels(batch.model_name).inc(batch.rows - new)
-        total = sum(stored)
+        result = await self._monitoring.log_predictions(request)
         return pb.LogPredictionsResponse(
-            stored=total, duplicates=sum(b.rows for b in batches) - total
+            stored=result.stored,
+            duplicates=result.duplicates,
+            rejected=result.rejected,
+            errors=result.errors,
+        )
+
+    async def LogLabels(
+        self, request: pb.LogLabelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LogLabelsResponse:
+        result = await self._monitoring.log_labels(request)
+        return pb.LogLabelsResponse(
+            matched=result.matched, updated=result.updated, unmatched=result.unmatched
         )
 
     async def GetPredictionSummary(
@@ -86,14 +54,12 @@ class MonitoringServicer(pb_grpc.MonitoringServiceServicer):
     ) -> pb.GetPredictionSummaryResponse:
         if not request.model_name:
             raise InvalidArgument("model_name is required")
-        window = (
+        summary = await self._monitoring.summary(
             request.model_name,
             request.model_version,
-            _time(request.start_time, None),
-            _time(request.end_time, None),
+            _time(request.start_time),
+            _time(request.end_time),
         )
-        times, latencies, counts = await asyncio.to_thread(self._store.window, *window)
-        summary = domain.summarize(times, latencies, counts)
         return pb.GetPredictionSummaryResponse(
             count=summary.count,
             first_time=_timestamp(summary.first_time),
@@ -106,3 +72,38 @@ class MonitoringServicer(pb_grpc.MonitoringServiceServicer):
                 for c in summary.by_version_route
             ],
         )
+
+    async def SetMonitorConfig(
+        self, request: pb.SetMonitorConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetMonitorConfigResponse:
+        return pb.SetMonitorConfigResponse(config=await self._monitoring.set_config(request.config))
+
+    async def GetMonitorConfig(
+        self, request: pb.GetMonitorConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetMonitorConfigResponse:
+        return pb.GetMonitorConfigResponse(config=self._monitoring.config(request.model_name))
+
+    async def GetReport(
+        self, request: pb.GetReportRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetReportResponse:
+        return await self._monitoring.report(
+            request.model_name,
+            request.model_version,
+            _time(request.start_time),
+            _time(request.end_time),
+            request.buckets,
+        )
+
+    async def ListAlerts(
+        self, request: pb.ListAlertsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAlertsResponse:
+        alerts = await self._monitoring.list_alerts(
+            request.model_name, list(request.states), request.limit
+        )
+        return pb.ListAlertsResponse(alerts=alerts)
+
+    async def WatchAlerts(
+        self, request: pb.WatchAlertsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchAlertsResponse]:
+        async for alert in self._monitoring.watch_alerts(request.model_name):
+            yield pb.WatchAlertsResponse(alert=alert)

@@ -137,7 +137,9 @@ def metadata_from_pb(upload: pb.UploadMetadata) -> domain.VersionMetadata:
             evaluation_data=card.evaluation_data,
         ),
         feature_statistics=tuple(
-            domain.FeatureStatistics(s.name, tuple(s.bin_edges), tuple(s.counts))
+            domain.FeatureStatistics(
+                s.name, tuple(s.bin_edges), tuple(s.counts), tuple(s.categories)
+            )
             for s in upload.feature_statistics
         ),
         serving_config=upload.serving_config,
@@ -187,7 +189,12 @@ def version_to_pb(version: domain.ModelVersion) -> pb.ModelVersion:
             evaluation_data=card.evaluation_data,
         ),
         feature_statistics=[
-            pb.FeatureStatistics(name=s.name, bin_edges=list(s.bin_edges), counts=list(s.counts))
+            pb.FeatureStatistics(
+                name=s.name,
+                bin_edges=list(s.bin_edges),
+                counts=list(s.counts),
+                categories=list(s.categories),
+            )
             for s in meta.feature_statistics
         ],
         status=STATUS_TO_PB[version.status],

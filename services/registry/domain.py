@@ -151,6 +151,7 @@ class FeatureStatistics:
     name: str
     bin_edges: tuple[float, ...]
     counts: tuple[int, ...]
+    categories: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -469,6 +470,11 @@ def validate_feature_statistics(stats: Sequence[FeatureStatistics]) -> None:
         if stat.name in seen:
             raise InvalidArgument(f"feature statistics for {name} given twice")
         seen.add(stat.name)
+        if any(count < 0 for count in stat.counts):
+            raise InvalidArgument(f"feature {name}: counts must not be negative")
+        if stat.categories:
+            _validate_categories(name, stat)
+            continue
         edges = stat.bin_edges
         if len(edges) < 2:
             raise InvalidArgument(f"feature {name}: at least two bin edges are needed")
@@ -481,8 +487,18 @@ def validate_feature_statistics(stats: Sequence[FeatureStatistics]) -> None:
                 f"feature {name}: {len(edges)} bin edges need {len(edges) - 1} counts,"
                 f" got {len(stat.counts)}"
             )
-        if any(count < 0 for count in stat.counts):
-            raise InvalidArgument(f"feature {name}: counts must not be negative")
+
+
+def _validate_categories(name: str, stat: FeatureStatistics) -> None:
+    if stat.bin_edges:
+        raise InvalidArgument(f"feature {name}: bin edges or categories, not both")
+    if len(stat.counts) != len(stat.categories):
+        raise InvalidArgument(
+            f"feature {name}: {len(stat.categories)} categories need as many counts,"
+            f" got {len(stat.counts)}"
+        )
+    if len(set(stat.categories)) != len(stat.categories) or not all(stat.categories):
+        raise InvalidArgument(f"feature {name}: categories must be distinct and non-empty")
 
 
 def validate_metadata(metadata: VersionMetadata) -> None:

@@ -93,6 +93,7 @@ def test_up_serves_all_four_and_stops_cleanly_on_ctrl_c(tmp_path):
         addresses: dict[str, str] = {}
         snippets: list[list[str]] = []
         commands: list[str] = []
+        reports: list[str] = []
         inside = False
         assert process.stdout is not None
         for line in process.stdout:
@@ -101,6 +102,8 @@ def test_up_serves_all_four_and_stops_cleanly_on_ctrl_c(tmp_path):
                 addresses[words[0]] = words[2]
             if any(word in line for word in (" predict ", " models --", " rollout ", " summary ")):
                 commands.append(line.strip())
+            if " monitor report " in line:
+                reports.append(line.strip())
             if line.rstrip().endswith("<<'PY'"):
                 snippets.append([])
                 inside = True
@@ -168,6 +171,14 @@ def test_up_serves_all_four_and_stops_cleanly_on_ctrl_c(tmp_path):
             assert time.monotonic() < deadline, "the fraud predictions never reached monitoring"
             time.sleep(0.2)  # ok-sleep: polling monitoring until the records arrive
         assert logged() == 5
+
+        # The printed report compares them with the training data the registry holds,
+        # column by column, and writes the HTML report.
+        (report_command,) = reports
+        report = run_snippet([f"cd {tmp_path} && {report_command}"])
+        assert "REGISTRY" in report.upper() and "customer_stats:trips_7d" in report, report
+        assert "probabilities[1]" in report, report
+        assert (tmp_path / "fraud-report.html").stat().st_size > 5_000
 
         assert "canary" in run_snippet([commands[4]])
 

@@ -8,7 +8,8 @@ ConfigMaps, env files, the image's ENV) must name a setting of its service, and 
 settings each container would start with are built for real. Then what must agree is
 checked together: ports, probes, metrics annotations and Prometheus targets; Services
 and the pods they select; the autoscaler and its target; disruption budgets and
-replicas; volumes, access modes and where each service keeps its state.
+replicas; volumes, access modes and where each service keeps its state; the names
+replicas keep their state under.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.latest_version())
 # Services whose state must outlive their pods.
 STATEFUL = ("registry", "feature", "monitoring")
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")
+# What the downward API gives a container, as the tests stand it in.
+POD_FIELDS = {"metadata.name": "modelplane-pod-0", "metadata.namespace": "default"}
 Doc = dict[str, Any]
 
 
@@ -255,6 +258,8 @@ def container_env(docs: list[Doc], container: Doc, stage: str) -> tuple[dict[str
         if "secretKeyRef" in ref:
             key_ref = ref["secretKeyRef"]
             env[variable["name"]] = secret_value(docs, key_ref["name"], key_ref["key"])
+        elif "fieldRef" in ref:
+            env[variable["name"]] = POD_FIELDS[ref["fieldRef"]["fieldPath"]]
         else:
             key_ref = ref["configMapKeyRef"]
             env[variable["name"]] = find(docs, "ConfigMap", key_ref["name"])["data"][key_ref["key"]]
@@ -446,7 +451,8 @@ def test_ports_probes_and_metrics_agree(variant, service, monkeypatch):
     # The pod must outlive the endpoint drain (preStop) plus the service's own drain.
     grace = pod["spec"]["terminationGracePeriodSeconds"]
     assert grace > settings.grace_period_s + pre_stop_sleep(container)
-    assert workload["kind"] == "Deployment"
+    # Monitoring replicas keep their state under their names (see its own test).
+    assert workload["kind"] == ("StatefulSet" if service == "monitoring" else "Deployment")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -537,14 +543,34 @@ def test_the_feature_service_shares_postgresql_redis_and_its_files(variant, monk
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_monitoring_is_one_replica_on_a_claim(variant, monkeypatch):
+def test_monitoring_replicas_share_postgresql_under_their_pod_names(variant, monkeypatch):
     docs = system(variant)
     workload, pod, container = served(docs, "monitoring")
     env, _ = container_env(docs, container, "cpu")
     settings = effective_settings(monkeypatch, container["args"], env)
-    # SQLite: one writer.
-    assert replicas_of(docs, workload) == 1 and workload["spec"]["strategy"]["type"] == "Recreate"
-    on_claim(pod, container, settings.database or settings.data_dir / "monitoring.db")
+    # Everything in PostgreSQL, in a schema of its own; nothing on the pod.
+    assert settings.database.startswith("postgresql://")
+    service_address(docs, urlsplit(settings.database).netloc.rsplit("@", 1)[-1])
+    assert settings.database_schema == "monitoring"
+    for volume in pod["spec"].get("volumes", []):
+        assert "persistentVolumeClaim" not in volume, volume["name"]
+    assert not workload["spec"].get("volumeClaimTemplates")
+    # Each replica's statistics and checkpoint are kept, and replayed after a crash,
+    # under its replica id: the pod's name, which only a StatefulSet gives back to the
+    # replacement pod (and never to two pods at once).
+    assert workload["kind"] == "StatefulSet"
+    (replica_id,) = [v for v in container["env"] if v["name"] == "MODELPLANE_MONITORING_REPLICA_ID"]
+    assert replica_id["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert settings.replica_id == POD_FIELDS["metadata.name"]
+    # The StatefulSet's governing Service is headless and selects its pods.
+    governing = find(docs, "Service", workload["spec"]["serviceName"])
+    assert governing["spec"].get("clusterIP") == "None"
+    assert pods_behind(docs, governing) == [pod]
+    # References come from the registry, through its Service.
+    assert settings.registry
+    service, port = service_address(docs, settings.registry)
+    assert pods_behind(docs, service) == [served(docs, "registry")[1]]
+    assert port == DEFAULT_PORTS["registry"][0]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -584,7 +610,7 @@ def test_the_materialization_job_calls_the_feature_service():
 def test_the_demo_secrets_point_at_the_demo_stores():
     docs = files_of(DEPENDENCIES)
     postgres = find(docs, "Secret", "modelplane-postgres")["stringData"]
-    for key in ("registry-url", "feature-url"):
+    for key in ("registry-url", "feature-url", "monitoring-url"):
         url = urlsplit(secret_value(docs, "modelplane-database", key))
         assert (url.username, url.password) == (postgres["user"], postgres["password"])
         assert url.path == f"/{postgres['database']}"
@@ -877,11 +903,17 @@ def test_compose_stores_are_the_shared_ones(compose, monkeypatch):
         assert compose_host(compose, address) == callee
         assert address.endswith(f":{port}")
 
-    assert str(monitoring.data_dir) in {v.split(":")[1] for v in services["monitoring"]["volumes"]}
+    assert compose_host(compose, monitoring.database) == "postgres"
+    assert monitoring.database_schema == "monitoring"
+    # A fixed replica id: the default, the host name, is the container id, which a
+    # recreated container does not keep (and a crashed replica is replayed by its id).
+    assert monitoring.replica_id
+    assert compose_host(compose, monitoring.registry) == "registry"
+    assert monitoring.registry.endswith(f":{registry.port}")
 
     # Every password the services use is the one PostgreSQL starts with.
     password = interpolate(services["postgres"]["environment"]["POSTGRES_PASSWORD"])
-    for url in (registry.database_url, feature.definitions_db):
+    for url in (registry.database_url, feature.definitions_db, monitoring.database):
         assert urlsplit(url).password == password
 
 

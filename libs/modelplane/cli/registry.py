@@ -230,7 +230,7 @@ def _metadata_from_mapping(raw: object) -> pb.UploadMetadata:
         setattr(metadata.card, name, _text(raw_card.get(name), f"card.{name}"))
     for index, item in enumerate(_items(top.get("feature_statistics"), "feature_statistics")):
         field = f"feature_statistics[{index}]"
-        raw_stat = _mapping(item, field, ("name", "bin_edges", "counts"))
+        raw_stat = _mapping(item, field, ("name", "bin_edges", "counts", "categories"))
         metadata.feature_statistics.add(
             name=_text(raw_stat.get("name"), f"{field}.name"),
             bin_edges=[
@@ -240,6 +240,12 @@ def _metadata_from_mapping(raw: object) -> pb.UploadMetadata:
             counts=[
                 _count(count, f"{field}.counts[{i}]")
                 for i, count in enumerate(_items(raw_stat.get("counts"), f"{field}.counts"))
+            ],
+            categories=[
+                _text(category, f"{field}.categories[{i}]")
+                for i, category in enumerate(
+                    _items(raw_stat.get("categories"), f"{field}.categories")
+                )
             ],
         )
     feature_input = _feature_input(top.get("feature_input"), "feature_input")
@@ -410,7 +416,8 @@ def print_version(version: pb.ModelVersion) -> None:
     ):
         print(f"  {label}: {text or '-'}")
     for stat in version.feature_statistics:
-        print(f"  reference stats {stat.name}: {len(stat.counts)} bins, {sum(stat.counts)} rows")
+        kind = "categories" if stat.categories else "bins"
+        print(f"  reference stats {stat.name}: {len(stat.counts)} {kind}, {sum(stat.counts)} rows")
 
 
 # --- commands -----------------------------------------------------------------------------

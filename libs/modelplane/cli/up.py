@@ -28,11 +28,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelplane.cli.services import DEFAULT_PORTS, SERVICES
+from modelplane.client.monitoring import MonitoringClient
 from modelplane.client.registry import RegistryClient
 from modelplane.examples import fraud
 from modelplane.examples.features import SCORER, ensure_demo_features
 from modelplane.examples.models import DEMO_MODEL_NAME, ensure_demo_repository
 from modelplane.feature.v1 import feature_pb2, feature_pb2_grpc
+from modelplane.monitoring.v1 import monitoring_pb2
 from modelplane.registry.v1 import registry_pb2
 
 START_TIMEOUT_S = 60.0
@@ -104,6 +106,9 @@ def _start(name: str, args: argparse.Namespace, peers: dict[str, str] | None = N
         command += ["--feature-service", peers["feature"], "--monitoring", peers["monitoring"]]
     if name == "feature":
         command += ["--definitions-file", str(args.data_dir / "features" / "features.yaml")]
+    if name == "monitoring":
+        # References (training distributions) come from the registry's versions.
+        command += ["--registry", (peers or {})["registry"]]
     env = dict(os.environ)
     env.setdefault(f"MODELPLANE_{name.upper()}_LOG_JSON", "false")
     # A session of its own: Ctrl-C reaches only `up`, which then stops the children in order.
@@ -177,6 +182,32 @@ def _register_demo(registry: Child, data_dir: Path) -> list[str]:
             client.set_alias(name, "production", version.version, expected_version=0, reason="demo")
             said.append(f"registered {name} version {version.version} as {name}@production")
     return said
+
+
+def _configure_monitoring(monitoring: Child) -> str:
+    """How the fraud model is judged: its score is output probabilities[1] of a binary
+    classifier (quality once labels arrive), and an alert fires when a feature drifts in
+    two 5-minute windows in a row. Left as it is when already set."""
+    with MonitoringClient(monitoring.address, timeout=10) as client:
+        if client.get_config(fraud.MODEL).revision:
+            return "monitoring config of fraud kept as it was"
+        client.set_config(
+            monitoring_pb2.MonitorConfig(
+                model_name=fraud.MODEL,
+                task=monitoring_pb2.TASK_TYPE_BINARY_CLASSIFICATION,
+                prediction_output=fraud.SCORE_OUTPUT,
+                prediction_column=1,
+                rules=[
+                    monitoring_pb2.AlertRule(
+                        name="feature-drift",
+                        kind=monitoring_pb2.ALERT_KIND_DRIFT,
+                        window_seconds=300,
+                        for_windows=2,
+                    )
+                ],
+            )
+        )
+    return "monitoring config of fraud set: binary classifier, alert on drift"
 
 
 def _register_fraud(client: RegistryClient, data_dir: Path) -> list[str]:
@@ -256,9 +287,14 @@ feature service, one call per batch.
 
 {cli} predict {fraud.MODEL} --entity customer_id=42,7 --feature-statuses --address {inference}
 
-Every prediction is logged to the monitoring service (off the request path):
+Every prediction is logged to the monitoring service (off the request path), which
+compares it with the training data's distribution the registry holds (drift), with
+ground truth once you send it (quality), and raises alerts:
 
 {cli} monitor summary {fraud.MODEL} --address {monitoring}
+{cli} monitor report {fraud.MODEL} --address {monitoring} --html fraud-report.html
+{cli} monitor alerts {fraud.MODEL} --address {monitoring}
+{cli} monitor labels {fraud.MODEL} --file labels.csv --address {monitoring}   # request_id,label
 
 Put version 2 on canary for 10% of requests (a request's routing_key keeps it on one):
 
@@ -291,14 +327,20 @@ def up(args: argparse.Namespace) -> int:
     children: list[Child] = []
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        # Inference last: it is started with the others' addresses, serves what the
-        # registry's aliases say and fetches features for models that name a bundle.
-        children = [_start(name, args) for name in SERVICES if name != "inference"]
+        # Monitoring after the registry (it reads references from there); inference
+        # last: it is started with the others' addresses, serves what the registry's
+        # aliases say and fetches features for models that name a bundle.
+        children = [_start(name, args) for name in ("registry", "feature")]
         for child in children:
             _wait_serving(child, deadline)
         peers = {child.name: child.address for child in children}
+        monitoring = _start("monitoring", args, peers)
+        children.append(monitoring)
+        _wait_serving(monitoring, deadline)
+        peers["monitoring"] = monitoring.address
         registry = next(child for child in children if child.name == "registry")
         registered = _register_demo(registry, args.data_dir)
+        configured = _configure_monitoring(monitoring)
         inference = _start("inference", args, peers)
         children.append(inference)
         _wait_serving(inference, deadline)
@@ -311,6 +353,7 @@ def up(args: argparse.Namespace) -> int:
             )
         for line in registered:
             print(f"{'registry':<11} {line}", flush=True)
+        print(f"{'monitoring':<11} {configured}", flush=True)
         feature = next(c for c in children if c.name == "feature")
         print(f"{feature.name:<11} {_materialize_demo(feature)}", flush=True)
         print(_usage(children), flush=True)

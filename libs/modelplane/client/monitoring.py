@@ -1,10 +1,12 @@
 """A typed, synchronous client of the monitoring service, used by the inference service's
 prediction log, the CLI and any Python caller.
 
-Every call has a deadline (`timeout`) that covers its retries. Both calls are safe to
-repeat: `log_predictions` is idempotent by record key (model, request id, row), so a
-batch sent twice is stored once, and `summary` only reads; both retry UNAVAILABLE with
-exponential backoff and full jitter inside the deadline.
+Every call has a deadline (`timeout`) that covers its retries. Calls safe to repeat
+retry UNAVAILABLE with exponential backoff and full jitter inside the deadline:
+`log_predictions` is idempotent by record key (model, request id, row), so a batch sent
+twice is stored once; `log_labels` replaces a label with itself; the rest only read.
+`set_config` is a compare-and-set at a revision and never retries: a retry of a call
+that did land would fail on the revision it had just moved.
 
 `prediction_batch` builds the columnar batch from numpy arrays: feature and output
 matrices travel as raw little-endian float32 bytes, row-major.
@@ -12,11 +14,12 @@ matrices travel as raw little-endian float32 bytes, row-major.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -25,6 +28,7 @@ from modelplane.client.channel import (  # noqa: F401 - re-exported
     CannotConnect,
     ServiceClient,
 )
+from modelplane.kernel.telemetry import trace_metadata
 from modelplane.monitoring.v1 import monitoring_pb2 as pb
 from modelplane.monitoring.v1 import monitoring_pb2_grpc as pb_grpc
 
@@ -42,6 +46,10 @@ FLOAT32 = np.dtype("<f4")
 class LogResult:
     stored: int
     duplicates: int
+    rejected: Mapping[str, int] = field(default_factory=dict)
+    """Records not stored, per reason (a malformed batch, an infinite value)."""
+    errors: Sequence[str] = ()
+    """What was wrong with each rejected batch, naming the field."""
 
 
 def _float32_matrix(values: np.ndarray, rows: int, what: str) -> np.ndarray:
@@ -63,9 +71,12 @@ def prediction_batch(
     row_indices: Sequence[int] | np.ndarray | None = None,
     time_unix_us: Sequence[int] | np.ndarray | None = None,
     slices: Mapping[str, Sequence[str]] | None = None,
+    categorical: Mapping[str, Sequence[str]] | None = None,
 ) -> pb.PredictionBatch:
     """One model version's records: `features` is [rows, len(feature_names)], each
-    output [rows, width]; values are cast to float32."""
+    output [rows, width]; values are cast to float32. `slices` and `categorical` map a
+    column name to one string per row (categorical features travel as strings because
+    they have no float32 form; an empty string is a missing value)."""
     rows = len(request_ids)
     feature_matrix = _float32_matrix(features, rows, "features")
     if feature_matrix.shape[1] != len(feature_names):
@@ -96,10 +107,13 @@ def prediction_batch(
         feature_values=np.ascontiguousarray(feature_matrix).tobytes(),
         outputs=columns,
         output_values=output_bytes,
-        slices=[
-            pb.SliceColumn(name=name, values=values) for name, values in (slices or {}).items()
-        ],
+        slices=_string_columns(slices),
+        categorical_features=_string_columns(categorical),
     )
+
+
+def _string_columns(columns: Mapping[str, Sequence[str]] | None) -> list[pb.StringColumn]:
+    return [pb.StringColumn(name=name, values=values) for name, values in (columns or {}).items()]
 
 
 def _as_list(values: Sequence[Any] | np.ndarray | None) -> list[Any]:
@@ -116,9 +130,22 @@ def _timestamp(moment: datetime | None) -> Timestamp | None:
     return ts
 
 
+def _alerts(call: Any) -> Iterator[pb.Alert]:
+    """Unwraps a WatchAlerts stream; a cancelled call (the iterator or the client closed)
+    ends the iteration instead of raising, since that is how a watcher stops."""
+    try:
+        for message in call:
+            yield message.alert
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
+            raise
+    finally:
+        call.cancel()
+
+
 class MonitoringClient(ServiceClient):
     """The monitoring service's client (see ServiceClient for deadlines, connection and
-    retries; every call here is idempotent: records are keyed by request id)."""
+    retries). Every call but `set_config` is idempotent and retried."""
 
     def __init__(
         self,
@@ -135,15 +162,30 @@ class MonitoringClient(ServiceClient):
         self.stub = pb_grpc.MonitoringServiceStub(self._channel)
 
     def log_predictions(
-        self, batches: Sequence[pb.PredictionBatch], timeout: float | None = None
+        self,
+        batches: Sequence[pb.PredictionBatch],
+        timeout: float | None = None,
+        producer_id: str = "",
+        counters: Sequence[pb.ProducerCounters] = (),
     ) -> LogResult:
-        """Stores the batches (all or none); records already stored count as duplicates.
-        `timeout` overrides the client's deadline for this call."""
-        request = pb.LogPredictionsRequest(batches=batches)
+        """Stores the batches' new records; records already stored count as duplicates,
+        a malformed batch or a record with an infinite value is rejected alone (see
+        LogResult.rejected and errors).
+        `timeout` overrides the client's deadline for this call. `counters` are the
+        producer's running totals (drops, failures) under `producer_id`: totals, so a
+        retry counts nothing twice."""
+        request = pb.LogPredictionsRequest(
+            batches=batches, producer_id=producer_id, counters=counters
+        )
         response: pb.LogPredictionsResponse = self._idempotent(
             self.stub.LogPredictions, request, timeout
         )
-        return LogResult(stored=response.stored, duplicates=response.duplicates)
+        return LogResult(
+            stored=response.stored,
+            duplicates=response.duplicates,
+            rejected=dict(response.rejected),
+            errors=list(response.errors),
+        )
 
     def summary(
         self,
@@ -164,3 +206,91 @@ class MonitoringClient(ServiceClient):
             self.stub.GetPredictionSummary, request
         )
         return response
+
+    def log_labels(
+        self,
+        model_name: str,
+        request_ids: Sequence[str],
+        values: Sequence[float] | np.ndarray,
+        row_indices: Sequence[int] | np.ndarray | None = None,
+        timeout: float | None = None,
+    ) -> pb.LogLabelsResponse:
+        """Stores ground truth for logged predictions (the class index or the regression
+        target per row), at most MAX_RECORDS_PER_CALL of them. Retried: a label sent again
+        replaces itself."""
+        batch = pb.LabelBatch(
+            model_name=model_name,
+            request_ids=request_ids,
+            row_indices=_as_list(row_indices),
+            values=_as_list(values),
+        )
+        response: pb.LogLabelsResponse = self._idempotent(
+            self.stub.LogLabels, pb.LogLabelsRequest(batches=[batch]), timeout
+        )
+        return response
+
+    def get_config(self, model_name: str) -> pb.MonitorConfig:
+        """The model's monitoring configuration; the defaults (revision 0) when none was set."""
+        response: pb.GetMonitorConfigResponse = self._idempotent(
+            self.stub.GetMonitorConfig, pb.GetMonitorConfigRequest(model_name=model_name)
+        )
+        return response.config
+
+    def set_config(self, config: pb.MonitorConfig) -> pb.MonitorConfig:
+        """Replaces the configuration if `config.revision` is the stored one (ABORTED
+        otherwise: read it again and reapply); returns it with its new revision. Never
+        retried (see the module's docstring)."""
+        response: pb.SetMonitorConfigResponse = self._once(
+            self.stub.SetMonitorConfig, pb.SetMonitorConfigRequest(config=config)
+        )
+        return response.config
+
+    def report(
+        self,
+        model_name: str,
+        model_version: str = "",
+        start: datetime | None = None,
+        end: datetime | None = None,
+        buckets: int = 0,
+        timeout: float | None = None,
+    ) -> pb.GetReportResponse:
+        """Drift, statistics, quality and alerts of one version over [start, end)
+        (defaults: the version with most rows, the 24 hours before now, 24 buckets).
+        `timeout` overrides the client's deadline: a long range reads many windows."""
+        request = pb.GetReportRequest(
+            model_name=model_name,
+            model_version=model_version,
+            start_time=_timestamp(start),
+            end_time=_timestamp(end),
+            buckets=buckets,
+        )
+        response: pb.GetReportResponse = self._idempotent(self.stub.GetReport, request, timeout)
+        return response
+
+    def list_alerts(
+        self, model_name: str = "", states: Iterable[pb.AlertState.ValueType] = (), limit: int = 0
+    ) -> list[pb.Alert]:
+        """Alerts newest first, of one model or all (""), in the given states or all;
+        `limit` 0 means the server's default (100)."""
+        request = pb.ListAlertsRequest(model_name=model_name, states=list(states), limit=limit)
+        response: pb.ListAlertsResponse = self._idempotent(self.stub.ListAlerts, request)
+        return list(response.alerts)
+
+    def watch_alerts(
+        self, model_name: str = "", timeout: float | None = None
+    ) -> Iterator[pb.Alert]:
+        """The active alerts, then each alert as it changes, of one model or all ("").
+
+        The stream has no deadline unless `timeout` is given, since a watch is meant to
+        last. It ends (the iterator stops, nothing is raised) when it is cancelled:
+        close the returned iterator from the thread that consumes it, or close the
+        client from any thread. Other failures (the server going away) raise
+        grpc.RpcError: the caller decides whether to watch again, and the active
+        alerts it then receives first resynchronise it."""
+        self.connect()
+        call = self.stub.WatchAlerts(
+            pb.WatchAlertsRequest(model_name=model_name),
+            timeout=timeout,
+            metadata=trace_metadata(),
+        )
+        return _alerts(call)

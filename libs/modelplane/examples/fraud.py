@@ -37,6 +37,8 @@ COLUMNS = (
     "complaints_90d",
 )  # the bundle's order
 SEED = 7
+VIEW = "customer_stats"  # the feature view COLUMNS come from
+SCORE_OUTPUT = "probabilities"  # skl2onnx's output: [rows, 2], column 1 the fraud score
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,9 @@ def train(features_dir: Path, out_dir: Path) -> list[TrainedVersion]:
                         "labels follow is known and simple.",
                         evaluation_data="A random 20% of the view's history, held out.",
                     ),
-                    feature_statistics=reference_statistics(x[train_rows]),
+                    feature_statistics=reference_statistics(
+                        x[train_rows], estimator.predict_proba(x[train_rows])[:, 1]
+                    ),
                     feature_input=pb.FeatureInput(
                         bundle=BUNDLE, missing_policy=pb.MISSING_FEATURE_POLICY_REJECT
                     ),
@@ -144,12 +148,17 @@ def train(features_dir: Path, out_dir: Path) -> list[TrainedVersion]:
     return trained
 
 
-def reference_statistics(x: np.ndarray, bins: int = 10) -> list[pb.FeatureStatistics]:
-    """Per feature, quantile bin edges of the training rows and the rows in each bin:
-    what monitoring compares live inputs with."""
+def reference_statistics(
+    x: np.ndarray, scores: np.ndarray, bins: int = 10
+) -> list[pb.FeatureStatistics]:
+    """Per feature, and for the score, quantile bin edges of the training rows and the
+    rows in each bin: what monitoring compares live inputs and outputs with. Named as
+    inference logs them: a bundle's columns by feature reference, an output column as
+    output[column]."""
     statistics = []
-    for column, name in enumerate(COLUMNS):
-        values = x[:, column].astype(np.float64)
+    named = [(f"{VIEW}:{name}", x[:, column]) for column, name in enumerate(COLUMNS)]
+    for name, column_values in [*named, (f"{SCORE_OUTPUT}[1]", scores)]:
+        values = column_values.astype(np.float64)
         edges = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)))
         if len(edges) < 2:
             edges = np.array([edges[0], edges[0] + 1.0])

@@ -46,7 +46,14 @@ def open_pool(
         raise Unavailable(f"cannot connect to PostgreSQL within {connect_timeout_s}s") from exc
     if schema:
         with pool.connection() as conn:
-            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+            try:
+                conn.execute(
+                    sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema))
+                )
+            except psycopg.errors.UniqueViolation:
+                # IF NOT EXISTS is not atomic: a replica starting at the same moment
+                # created it first, which is what we wanted.
+                conn.rollback()
     return pool
 
 

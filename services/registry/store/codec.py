@@ -102,13 +102,23 @@ def card_from_json(text: str) -> ModelCard:
 
 def stats_to_json(stats: tuple[FeatureStatistics, ...]) -> str:
     return dumps(
-        [{"name": s.name, "bin_edges": list(s.bin_edges), "counts": list(s.counts)} for s in stats]
+        [
+            {
+                "name": s.name,
+                "bin_edges": list(s.bin_edges),
+                "counts": list(s.counts),
+                **({"categories": list(s.categories)} if s.categories else {}),
+            }
+            for s in stats
+        ]
     )
 
 
 def stats_from_json(text: str) -> tuple[FeatureStatistics, ...]:
     return tuple(
-        FeatureStatistics(s["name"], tuple(s["bin_edges"]), tuple(s["counts"]))
+        FeatureStatistics(
+            s["name"], tuple(s["bin_edges"]), tuple(s["counts"]), tuple(s.get("categories", ()))
+        )
         for s in json.loads(text)
     )
 

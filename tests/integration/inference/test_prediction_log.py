@@ -6,6 +6,7 @@ and counts the records it drops."""
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +20,12 @@ from modelplane.client.monitoring import MonitoringClient
 from modelplane.examples.models import LIGHT_MLP, mlp
 from modelplane.services.inference.main import InferenceServer
 from modelplane.services.monitoring.domain import StoredRecord
+from modelplane.services.monitoring.ingest import stored_records
 from modelplane.services.monitoring.main import Settings as MonitoringSettings
 from modelplane.services.monitoring.main import build as build_monitoring
-from modelplane.services.monitoring.store import SqlitePredictionStore
+from modelplane.services.monitoring.store import DAY_US
+from modelplane.services.monitoring.store.sqlite import SqliteMonitoringStore
+from modelplane.services.monitoring.windows import ceil_minute, merged_range
 from modelplane.services.registry.main import Settings as RegistrySettings
 from tests.integration.inference.conftest import fp32_request, output, serving
 from tests.integration.inference.test_registry_serving import MODEL, Registry, inference
@@ -39,9 +43,9 @@ def monitoring_server(data_dir: Path) -> Iterator[str]:
 
 
 def records(data_dir: Path, model: str) -> list[StoredRecord]:
-    store = SqlitePredictionStore(data_dir / "monitoring.db")
+    store = SqliteMonitoringStore(data_dir / "monitoring.db")
     try:
-        return store.records(model)
+        return stored_records(store, model)
     finally:
         store.close()
 
@@ -211,3 +215,30 @@ def test_served_from_the_registry_records_carry_the_version_and_route(tmp_path):
     finally:
         registry.stop()
     assert {(r.model_version, r.route) for r in records(store_dir, MODEL)} == {("1", "production")}
+
+
+def test_failures_and_requests_reach_monitoring_as_running_totals(repository, tmp_path):
+    """What the ERROR_RATE and LOG_DROPS alert rules read: inference's running totals of
+    requests and failures per model, sent along with its records."""
+    settings = MonitoringSettings(
+        port=0, data_dir=tmp_path / "monitoring", log_json=False, log_level="WARNING"
+    )
+    monitoring = build_monitoring(settings)
+    with (
+        running_aio_in_thread(monitoring) as address,
+        serving(repository, monitoring=address, prediction_log_interval_ms=20) as (_, stub),
+    ):
+        for i in range(3):
+            stub.ModelInfer(fp32_request("light", inputs(1, i), f"ok-{i}"), timeout=10)
+        for i in range(2):  # the wrong width: refused by the model
+            with pytest.raises(grpc.RpcError):
+                stub.ModelInfer(fp32_request("light", inputs(1, i)[:, :3]), timeout=10)
+
+        def totals() -> tuple[int, int]:
+            service = monitoring.monitoring
+            service.ingestor.flush()
+            now = ceil_minute(time.time_ns() // 1000)
+            window = merged_range(service.store, "light", "", now - DAY_US, now)
+            return window.requests, window.failed_requests
+
+        wait_until(lambda: totals() == (5, 2))

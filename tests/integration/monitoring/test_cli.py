@@ -1,4 +1,5 @@
-"""`modelplane monitor summary` against a real monitoring service on port 0."""
+"""`modelplane monitor` (summary, report, alerts, labels, config) against a real monitoring
+service on port 0."""
 
 from __future__ import annotations
 
@@ -12,13 +13,23 @@ import pytest
 from modelplane.cli.main import main
 from modelplane.cli.monitor import UsageError, parse_since
 from modelplane.client.monitoring import MonitoringClient, prediction_batch
+from modelplane.monitoring.v1 import monitoring_pb2 as pb
 from modelplane.services.monitoring.main import Settings, build
-from tests.support import running_aio_in_thread
+from tests.support import running_aio_in_thread, wait_until
 
 
 @pytest.fixture
 def address(tmp_path):
-    server = build(Settings(port=0, data_dir=tmp_path, log_json=False, log_level="WARNING"))
+    server = build(
+        Settings(
+            port=0,
+            data_dir=tmp_path,
+            log_json=False,
+            log_level="WARNING",
+            evaluate_interval_s=0.1,  # alert rules see closed windows at once
+            grace_s=0.0,
+        )  # type: ignore[call-arg]
+    )
     with running_aio_in_thread(server) as address:
         now_us = time.time_ns() // 1000
         hour_us = 3600 * 1_000_000
@@ -93,3 +104,124 @@ def test_since_takes_durations_and_times():
     assert parse_since("2026-01-01T12:00:00") == datetime(2026, 1, 1, 12, tzinfo=UTC)
     with pytest.raises(UsageError):
         parse_since("yesterday")
+
+
+def write_labels(path, rows: list[tuple[str, str]]):
+    path.write_text("request_id,label\n" + "".join(f"{i},{v}\n" for i, v in rows))
+    return path
+
+
+QUALITY_CONFIG = """\
+task: TASK_TYPE_BINARY_CLASSIFICATION
+rules:
+  - name: accuracy
+    kind: ALERT_KIND_QUALITY
+    metric: accuracy
+    threshold: 0.9
+    window_seconds: 60
+    min_samples: 1
+"""
+
+
+def test_labels_from_a_csv_file(address, tmp_path, capsys):
+    labels = write_labels(
+        tmp_path / "labels.csv", [("old-1", "1"), ("old-2", "1"), ("nobody", "0")]
+    )
+    argv = ["monitor", "labels", "fraud", "--address", address, "--file", str(labels)]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip() == "matched 2, updated 0, unmatched 1"
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"matched": 0, "updated": 2, "unmatched": 1}
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("request_id,label\nold-1,yes\n")
+    assert main(["monitor", "labels", "fraud", "--address", address, "--file", str(bad)]) == 2
+    assert f"{bad}:2: label must be a number" in capsys.readouterr().err
+    no_header = write_labels(tmp_path / "x.csv", [])
+    no_header.write_text("id,value\n")
+    assert main(["monitor", "labels", "fraud", "--address", address, "--file", str(no_header)]) == 2
+    assert "the header must name label, request_id" in capsys.readouterr().err
+
+
+def test_config_shown_set_and_refused(address, tmp_path, capsys):
+    assert main(["monitor", "config", "fraud", "--address", address]) == 0
+    defaults = json.loads(capsys.readouterr().out)
+    assert (defaults["model_name"], defaults["revision"]) == ("fraud", "0")
+
+    wanted = tmp_path / "fraud.yaml"
+    wanted.write_text(QUALITY_CONFIG)
+    argv = ["monitor", "config", "fraud", "--address", address, "--set", str(wanted)]
+    assert main(argv) == 0
+    stored = json.loads(capsys.readouterr().out)
+    assert (stored["revision"], stored["task"]) == ("1", "TASK_TYPE_BINARY_CLASSIFICATION")
+    assert stored["rules"][0]["for_windows"] == 1  # defaults filled in
+
+    # The same file again is an edit of revision 0, which is gone.
+    assert main(argv) == 1
+    assert capsys.readouterr().err.startswith("error: ABORTED: ")
+
+    # Edited from what `config` printed (JSON, revision 1), with a bad rule.
+    stored["rules"][0]["window_seconds"] = 90
+    edited = tmp_path / "fraud.json"
+    edited.write_text(json.dumps(stored))
+    assert main([*argv[:-1], str(edited)]) == 1
+    assert capsys.readouterr().err.startswith(
+        "error: INVALID_ARGUMENT: rules[0].window_seconds: must be a multiple of 60"
+    )
+    other = tmp_path / "other.yaml"
+    other.write_text("model_name: other\n")
+    assert main([*argv[:-1], str(other)]) == 2
+    assert "configures 'other', not 'fraud'" in capsys.readouterr().err
+
+    assert main(["monitor", "config", "fraud", "--address", address]) == 0
+    assert json.loads(capsys.readouterr().out)["revision"] == "1"
+
+
+def test_report_alerts_and_html(address, tmp_path, capsys):
+    labels = write_labels(tmp_path / "labels.csv", [("old-1", "1"), ("old-2", "1")])
+    assert main(["monitor", "labels", "fraud", "--address", address, "--file", str(labels)]) == 0
+    assert main(["monitor", "alerts", "fraud", "--address", address]) == 0
+    assert capsys.readouterr().out.strip().endswith("no alerts")
+    config = tmp_path / "fraud.yaml"
+    config.write_text(QUALITY_CONFIG)
+    argv = ["monitor", "config", "fraud", "--address", address, "--set", str(config)]
+    assert main(argv) == 0
+    capsys.readouterr()
+
+    # The scores (0) miss both labels (1): the labelled window fires, and the next
+    # (no labels, no evidence) resolves it.
+    with MonitoringClient(address) as client:
+        wait_until(lambda: client.list_alerts("fraud", [pb.ALERT_STATE_RESOLVED]), timeout=30)
+
+    assert main(["monitor", "alerts", "fraud", "--address", address]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split()[:5] == ["STATE", "MODEL", "RULE", "SUBJECT", "VALUE"]
+    assert row.split()[:5] == ["resolved", "fraud/1", "accuracy", "accuracy", "0"]
+    argv = ["monitor", "alerts", "--address", address]
+    assert main([*argv, "--state", "firing", "--state", "pending"]) == 0
+    assert capsys.readouterr().out.strip() == "no alerts"
+    assert main([*argv, "--state", "resolved", "--json"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    alert = json.loads(line)
+    assert (alert["state"], alert["rule"], alert["model_name"]) == (
+        "ALERT_STATE_RESOLVED",
+        "accuracy",
+        "fraud",
+    )
+    assert "fired_time" in alert
+
+    page = tmp_path / "report.html"
+    argv = ["monitor", "report", "fraud", "--address", address, "--since", "3h"]
+    assert main([*argv, "--html", str(page)]) == 0
+    out = capsys.readouterr().out
+    assert "fraud" in out and out.strip().endswith(f"wrote {page}")
+    html = page.read_text()
+    assert html.startswith("<!DOCTYPE html>") and "<svg" in html
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["model_version"], report["count"]) == ("1", "4")
+    (whole,) = [q for q in report["quality"] if "start_time" not in q and not q.get("slice_key")]
+    assert (whole["labelled"], whole["metrics"]["accuracy"]) == ("2", 0.0)
+    assert [a["state"] for a in report["alerts"]] == ["ALERT_STATE_RESOLVED"]
+    assert main([*argv, "--buckets", "-1"]) == 2
+    assert "--buckets must be 0" in capsys.readouterr().err

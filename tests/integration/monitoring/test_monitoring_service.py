@@ -1,5 +1,5 @@
 """The monitoring service over gRPC with its SQLite store: columnar batches stored once
-per record key, refused whole when malformed, kept across restarts."""
+per record key, a malformed batch rejected alone and reported, kept across restarts."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import pytest
 from modelplane.client.monitoring import MonitoringClient, prediction_batch
 from modelplane.monitoring.v1 import monitoring_pb2 as pb
 from modelplane.services.monitoring.domain import MAX_RECORDS_PER_CALL
+from modelplane.services.monitoring.ingest import decode
 from modelplane.services.monitoring.main import Settings, build
-from modelplane.services.monitoring.store import SqlitePredictionStore
+from modelplane.services.monitoring.store.sqlite import SqliteMonitoringStore
 from tests.support import running_aio_in_thread
 
 FEATURES = ["amount", "age"]
@@ -52,10 +53,18 @@ def monitoring(tmp_path: Path):
         yield c
 
 
-def stored(tmp_path: Path, model: str = "fraud"):
-    store = SqlitePredictionStore(tmp_path / "monitoring.db")
+def stored(tmp_path: Path, model: str = "fraud") -> list[tuple[pb.PredictionBatch, object]]:
+    """Every stored record of a model: (its batch as stored, decoded), one per row."""
+    store = SqliteMonitoringStore(tmp_path / "monitoring.db")
     try:
-        return store.records(model)
+        records = []
+        for _, batch in sorted(store.batches(list(range(1, 1_000))).items()):
+            if batch.model != model:
+                continue
+            message = pb.PredictionBatch.FromString(batch.payload)
+            decoded = decode("stored", message, 0)
+            records.extend((decoded, row) for row in range(decoded.rows))
+        return records
     finally:
         store.close()
 
@@ -81,12 +90,14 @@ def test_batches_are_summarised_per_version_and_route(monitoring):
         ("1", "production", 3),
         ("2", "canary", 1),
     ]
+    # Summaries are kept per whole minute: a range covers the minutes it touches.
+    monitoring.log_predictions([batch(["e"], start_s=1_200)])
     windowed = monitoring.summary(
         "fraud",
-        start=datetime.fromtimestamp(1_001, UTC),
-        end=datetime.fromtimestamp(1_003, UTC),
+        start=datetime.fromtimestamp(1_140, UTC),
+        end=datetime.fromtimestamp(1_260, UTC),
     )
-    assert windowed.count == 2
+    assert windowed.count == 1
     assert monitoring.summary("other").count == 0
 
 
@@ -109,19 +120,29 @@ def test_rows_of_one_request_are_distinct_records(monitoring, tmp_path):
     assert monitoring.log_predictions([multi]).duplicates == 3
     # Same request id, another model: another record.
     assert monitoring.log_predictions([batch(["req"], model="other")]).stored == 1
-    assert [r.row_index for r in stored(tmp_path)] == [0, 1, 2]
+    assert [int(b.row_indices[row]) for b, row in stored(tmp_path)] == [0, 1, 2]
+
+
+def test_a_repeated_key_within_one_call_is_stored_once(monitoring, tmp_path):
+    result = monitoring.log_predictions([batch(["a", "b", "a"]), batch(["b", "c"])])
+    assert (result.stored, result.duplicates) == (3, 2)
+    assert sorted(b.request_ids[row] for b, row in stored(tmp_path)) == ["a", "b", "c"]
 
 
 def test_records_are_stored_with_their_columns(monitoring, tmp_path):
     monitoring.log_predictions([batch(["a", "b"], route="production")])
-    first, second = stored(tmp_path)
-    assert (first.request_id, first.model_version, first.route) == ("a", "1", "production")
-    assert first.features == {"amount": 0.0, "age": 1.0}
-    assert second.features == {"amount": 2.0, "age": 3.0}
-    assert second.outputs == {"score": (0.5,), "probs": (0.25, 0.75)}
-    assert (first.slices, second.slices) == ({"region": "us"}, {"region": "eu"})
-    assert first.time == datetime.fromtimestamp(1_000, UTC)
-    assert second.latency_ms == 2.0
+    (first, row0), (second, row1) = stored(tmp_path)
+    assert (first.request_ids[row0], first.model_version, first.route) == (
+        "a",
+        "1",
+        "production",
+    )
+    assert first.features[row0].tolist() == [0.0, 1.0]
+    assert second.features[row1].tolist() == [2.0, 3.0]
+    assert second.outputs[row1].tolist() == [0.5, 0.25, 0.75]
+    assert (first.slices["region"][row0], second.slices["region"][row1]) == ("us", "eu")
+    assert int(first.time_us[row0]) == 1_000 * 1_000_000
+    assert second.latency_ms[row1] == 2.0
 
 
 def _bad(change) -> pb.PredictionBatch:
@@ -155,14 +176,27 @@ BAD_BATCHES = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_BATCHES))
-def test_a_malformed_batch_is_refused_and_nothing_is_stored(monitoring, case):
+def test_a_malformed_batch_is_rejected_alone_and_reported(monitoring, case):
     change, message = BAD_BATCHES[case]
     good = batch(["g1", "g2"])
-    with pytest.raises(grpc.RpcError) as error:
-        monitoring.log_predictions([good, _bad(change)])
-    assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert message in error.value.details()
-    assert monitoring.summary("fraud").count == 0
+    result = monitoring.log_predictions([good, _bad(change)])
+    assert result.stored == 2
+    assert result.rejected == {"invalid_batch": 2}
+    assert len(result.errors) == 1 and message in result.errors[0]
+    assert monitoring.summary("fraud").count == 2
+
+
+def test_a_record_with_an_infinite_value_is_rejected_alone(monitoring):
+    records = batch(["a", "b", "c"])
+    values = np.frombuffer(records.feature_values, "<f4").copy()
+    values[2] = np.inf  # row 1's first feature
+    records.feature_values = values.tobytes()
+    result = monitoring.log_predictions([records])
+    assert (result.stored, result.rejected) == (2, {"non_finite": 1})
+    report = monitoring.report("fraud", start=datetime.fromtimestamp(60, UTC))
+    amount = next(c for c in report.columns if c.name == "amount")
+    assert (amount.count, amount.max) == (2, 4.0)  # rows 0 and 2 only
+    assert list(report.rejected) == [pb.RejectedCount(reason="non_finite", count=1)]
 
 
 def test_a_call_is_bounded(monitoring):

@@ -16,6 +16,7 @@ from modelplane.services.registry.store import Store
 from modelplane.services.registry.store.postgres import PostgresStore
 from modelplane.services.registry.store.sqlite import SqliteStore
 from tests.postgres import POSTGRES_URL, fresh_schema
+from tests.postgres import store_factory as store_factory_of
 from tests.support import wait_serving_sync
 
 StoreFactory = Callable[[], Store]
@@ -31,33 +32,13 @@ def pg_schema() -> Iterator[str]:
 def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
     """Opens stores on one database; each call is a separate instance (its own
     connections), like separate registry processes."""
-    opened: list[Store] = []
-    if request.param == "sqlite":
-
-        def factory() -> Store:
-            store = SqliteStore(tmp_path / "registry.db")
-            opened.append(store)
-            return store
-
-        try:
-            yield factory
-        finally:
-            for store in opened:
-                store.close()
-        return
-
-    with fresh_schema("registry") as schema:
-
-        def pg_factory() -> Store:
-            store = PostgresStore(POSTGRES_URL, schema=schema, max_connections=4)
-            opened.append(store)
-            return store
-
-        try:
-            yield pg_factory
-        finally:
-            for store in opened:
-                store.close()
+    with store_factory_of(
+        request.param,
+        lambda: SqliteStore(tmp_path / "registry.db"),
+        lambda schema: PostgresStore(POSTGRES_URL, schema=schema, max_connections=4),
+        "registry",
+    ) as factory:
+        yield factory
 
 
 @pytest.fixture

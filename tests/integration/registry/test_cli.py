@@ -32,6 +32,7 @@ card:
   limitations: not calibrated for merchants outside EU/US
 feature_statistics:
   - {name: amount, bin_edges: [0, 10, 100], counts: [70, 30]}
+  - {name: merchant, categories: [grocery, fuel, travel], counts: [50, 30, 20]}
 """
 
 
@@ -89,6 +90,7 @@ def test_register_review_promote_download_audit(
         "recall = 0.7 [region=us]",
         "intended use: flag card transactions",
         "reference stats amount: 2 bins",
+        "reference stats merchant: 3 categories, 100 rows",
     ):
         assert text in out, text
     # --metric replaces the file's metrics list rather than adding to it.

@@ -310,3 +310,31 @@ def test_made_up_request_ids_are_uuid4_hex():
     for text in ids:
         made = uuid.UUID(hex=text)
         assert made.hex == text and made.version == 4 and made.variant == uuid.RFC_4122
+
+
+def test_a_bundles_columns_are_named_by_feature_reference():
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    names = ("stats:a", "stats:b", "stats:c")
+    plain, named = build_batches(
+        [record("a", x[:1], x[:1, :1]), record("b", x[1:], x[1:, :1])._replace(input_names=names)]
+    )
+    assert list(plain[2].feature_names) == ["x[0]", "x[1]", "x[2]"]
+    assert list(named[2].feature_names) == list(names)
+    # Names that do not fit the columns are not used.
+    (fallback,) = build_batches([record("c", x[:1], x[:1, :1])._replace(input_names=("one",))])
+    assert list(fallback[2].feature_names) == ["x[0]", "x[1]", "x[2]"]
+
+
+def test_running_totals_count_requests_failures_and_drops():
+    log = PredictionLog(
+        PredictionLogConfig("unused", buffer_rows=2, batch_rows=100, interval_s=600),
+        CollectorRegistry(),
+        sender=FakeMonitoring(),
+    )
+    x = np.zeros((1, 2), np.float32)
+    for i in range(3):  # the third does not fit the buffer of 2 rows
+        log.record("m", "1", "", f"r{i}", time.perf_counter_ns(), {"x": x}, {"y": x}, 1)
+    log.failed("m")
+    (counters,) = log._counters()
+    assert (counters.model_name, counters.dropped_records) == ("m", 1)
+    assert (counters.failed_requests, counters.requests) == (1, 4)

@@ -5,6 +5,7 @@ import pytest
 
 from modelplane.kernel.errors import InvalidArgument
 from modelplane.services.monitoring import domain
+from modelplane.services.monitoring.statistics import WindowStats
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -80,25 +81,44 @@ def test_a_call_is_bounded():
         domain.check_call_size(domain.MAX_RECORDS_PER_CALL + 1)
 
 
-def test_percentile_is_nearest_rank():
-    values = list(range(1, 101))
-    assert domain.percentile(values, 50) == 50
-    assert domain.percentile(values, 99) == 99
-    assert domain.percentile([7.0], 99) == 7.0
-    assert domain.percentile([], 50) == 0.0
+def _window(route: str, times_s: list[int], latencies: list[float]) -> WindowStats:
+    window = WindowStats()
+    window.count = len(times_s)
+    window.latency_sum_ms = sum(latencies)
+    window.add_records(
+        route,
+        np.array([int((T0 + timedelta(seconds=s)).timestamp() * 1e6) for s in times_s]),
+        np.array(latencies),
+    )
+    return window
 
 
-def test_summary_of_a_window():
-    times = [T0 + timedelta(seconds=s) for s in (3, 1, 2)]
-    counts = [
-        domain.VersionRouteCount("1", "production", 1),
-        domain.VersionRouteCount("2", "canary", 2),
-    ]
-    summary = domain.summarize(times, [3.0, 1.0, 2.0], counts)
+def test_summary_of_windows_per_version():
+    summary = domain.summary_of(
+        {"1": _window("production", [3], [3.0]), "2": _window("canary", [1, 2], [1.0, 2.0])}
+    )
     assert summary.count == 3
     assert summary.first_time == T0 + timedelta(seconds=1)
     assert summary.last_time == T0 + timedelta(seconds=3)
     assert summary.mean_latency_ms == 2.0
-    assert summary.p50_latency_ms == 2.0
-    assert [c.model_version for c in summary.by_version_route] == ["2", "1"]
-    assert domain.summarize([], []).count == 0
+    assert summary.p50_latency_ms == 2.0 and summary.p99_latency_ms == 3.0
+    assert [(c.model_version, c.route, c.count) for c in summary.by_version_route] == [
+        ("2", "canary", 2),
+        ("1", "production", 1),
+    ]
+    assert domain.summary_of({}).count == 0
+
+
+def test_categorical_features_are_checked_like_slices():
+    batch = domain.decode_batch("b", **columns(), categorical={"merchant": ["m1", ""]})
+    assert list(batch.categorical["merchant"]) == ["m1", ""]
+    with pytest.raises(InvalidArgument, match="has 1 values for 2 rows"):
+        domain.decode_batch("b", **columns(), categorical={"merchant": ["m1"]})
+    with pytest.raises(InvalidArgument, match="also a numeric column"):
+        domain.decode_batch("b", **columns(), categorical={"x": ["a", "b"]})
+
+
+def test_rows_with_an_infinite_value_are_found():
+    values = np.array([[np.nan, 1, 2], [3, np.inf, 5]], "<f4").tobytes()
+    batch = domain.decode_batch("b", **columns(feature_values=values))
+    assert batch.finite_rows().tolist() == [True, False]

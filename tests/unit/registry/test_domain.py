@@ -366,3 +366,19 @@ def test_checked_version_resolves_the_input_and_validates_the_rest() -> None:
     assert domain.checked_version(checked) == checked
     plain = domain.NewVersion(new.artifact, ONE_INPUT, domain.VersionMetadata())
     assert domain.checked_version(plain) is plain
+
+
+def test_feature_statistics_are_bins_or_categories():
+    stats = domain.FeatureStatistics
+    domain.validate_feature_statistics(
+        (stats("amount", (0.0, 1.0, 2.0), (3, 4)), stats("merchant", (), (5, 1), ("a", "b")))
+    )
+    for bad, message in (
+        (stats("m", (), (5,), ("a", "b")), "2 categories need as many counts"),
+        (stats("m", (), (1, 1), ("a", "a")), "distinct and non-empty"),
+        (stats("m", (), (1, 1), ("a", "")), "distinct and non-empty"),
+        (stats("m", (0.0, 1.0), (1, 1), ("a", "b")), "bin edges or categories, not both"),
+        (stats("m", (), (1, -1), ("a", "b")), "must not be negative"),
+    ):
+        with pytest.raises(InvalidArgument, match=message):
+            domain.validate_feature_statistics((bad,))

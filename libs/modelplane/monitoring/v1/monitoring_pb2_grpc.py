@@ -45,6 +45,36 @@ class MonitoringServiceStub:
                 request_serializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.GetPredictionSummaryRequest.SerializeToString,
                 response_deserializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.GetPredictionSummaryResponse.FromString,
                 _registered_method=True)
+        self.LogLabels = channel.unary_unary(
+                '/modelplane.monitoring.v1.MonitoringService/LogLabels',
+                request_serializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.LogLabelsRequest.SerializeToString,
+                response_deserializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.LogLabelsResponse.FromString,
+                _registered_method=True)
+        self.SetMonitorConfig = channel.unary_unary(
+                '/modelplane.monitoring.v1.MonitoringService/SetMonitorConfig',
+                request_serializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.SetMonitorConfigRequest.SerializeToString,
+                response_deserializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.SetMonitorConfigResponse.FromString,
+                _registered_method=True)
+        self.GetMonitorConfig = channel.unary_unary(
+                '/modelplane.monitoring.v1.MonitoringService/GetMonitorConfig',
+                request_serializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.GetMonitorConfigRequest.SerializeToString,
+                response_deserializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.GetMonitorConfigResponse.FromString,
+                _registered_method=True)
+        self.GetReport = channel.unary_unary(
+                '/modelplane.monitoring.v1.MonitoringService/GetReport',
+                request_serializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.GetReportRequest.SerializeToString,
+                response_deserializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.GetReportResponse.FromString,
+                _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/modelplane.monitoring.v1.MonitoringService/ListAlerts',
+                request_serializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
+        self.WatchAlerts = channel.unary_stream(
+                '/modelplane.monitoring.v1.MonitoringService/WatchAlerts',
+                request_serializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.WatchAlertsRequest.SerializeToString,
+                response_deserializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.WatchAlertsResponse.FromString,
+                _registered_method=True)
 
 
 class MonitoringServiceServicer:
@@ -69,6 +99,52 @@ class MonitoringServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LogLabels(self, request, context):
+        """Stores ground truth for logged predictions, matched by (model_name, request_id,
+        row_index). A label sent again replaces the earlier one; the windows of its
+        prediction are updated even when they closed long ago.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetMonitorConfig(self, request, context):
+        """Replaces a model's monitoring configuration (quality task, drift thresholds,
+        alert rules) at a revision (compare-and-set).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMonitorConfig(self, request, context):
+        """A model's monitoring configuration; the defaults when none was set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReport(self, request, context):
+        """Drift, statistics and quality of one model version over a time range, computed
+        from stored window statistics (never from re-reading records).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAlerts(self, request, context):
+        """Alerts, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchAlerts(self, request, context):
+        """Alert changes as they happen: the active alerts first, then every change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MonitoringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +157,36 @@ def add_MonitoringServiceServicer_to_server(servicer, server):
                     servicer.GetPredictionSummary,
                     request_deserializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.GetPredictionSummaryRequest.FromString,
                     response_serializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.GetPredictionSummaryResponse.SerializeToString,
+            ),
+            'LogLabels': grpc.unary_unary_rpc_method_handler(
+                    servicer.LogLabels,
+                    request_deserializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.LogLabelsRequest.FromString,
+                    response_serializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.LogLabelsResponse.SerializeToString,
+            ),
+            'SetMonitorConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMonitorConfig,
+                    request_deserializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.SetMonitorConfigRequest.FromString,
+                    response_serializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.SetMonitorConfigResponse.SerializeToString,
+            ),
+            'GetMonitorConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMonitorConfig,
+                    request_deserializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.GetMonitorConfigRequest.FromString,
+                    response_serializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.GetMonitorConfigResponse.SerializeToString,
+            ),
+            'GetReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReport,
+                    request_deserializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.GetReportRequest.FromString,
+                    response_serializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.GetReportResponse.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.ListAlertsRequest.FromString,
+                    response_serializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'WatchAlerts': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAlerts,
+                    request_deserializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.WatchAlertsRequest.FromString,
+                    response_serializer=modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.WatchAlertsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +244,168 @@ class MonitoringService:
             '/modelplane.monitoring.v1.MonitoringService/GetPredictionSummary',
             modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.GetPredictionSummaryRequest.SerializeToString,
             modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.GetPredictionSummaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogLabels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelplane.monitoring.v1.MonitoringService/LogLabels',
+            modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.LogLabelsRequest.SerializeToString,
+            modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.LogLabelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMonitorConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelplane.monitoring.v1.MonitoringService/SetMonitorConfig',
+            modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.SetMonitorConfigRequest.SerializeToString,
+            modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.SetMonitorConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMonitorConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelplane.monitoring.v1.MonitoringService/GetMonitorConfig',
+            modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.GetMonitorConfigRequest.SerializeToString,
+            modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.GetMonitorConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelplane.monitoring.v1.MonitoringService/GetReport',
+            modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.GetReportRequest.SerializeToString,
+            modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.GetReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelplane.monitoring.v1.MonitoringService/ListAlerts',
+            modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.ListAlertsRequest.SerializeToString,
+            modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modelplane.monitoring.v1.MonitoringService/WatchAlerts',
+            modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.WatchAlertsRequest.SerializeToString,
+            modelplane_dot_monitoring_dot_v1_dot_monitoring__pb2.WatchAlertsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -464,22 +464,33 @@ Global___ModelCard: _TypeAlias = ModelCard  # noqa: Y015
 
 @_typing.final
 class FeatureStatistics(_message.Message):
-    """Reference distribution of one input feature from the training data."""
+    """Reference distribution of one feature (or output) from the training data: numeric
+    bins, or categories. The monitoring service measures drift against it.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     BIN_EDGES_FIELD_NUMBER: _builtins.int
     COUNTS_FIELD_NUMBER: _builtins.int
+    CATEGORIES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Feature name (input tensor name or column)."""
     @_builtins.property
     def bin_edges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Quantile bin edges, strictly increasing; at least two."""
+        """Numeric: quantile bin edges, strictly increasing; at least two. Empty for a
+        categorical feature.
+        """
 
     @_builtins.property
     def counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Training rows per bin; one fewer than bin_edges (bin i spans edges i..i+1)."""
+        """Training rows per bin (one fewer than bin_edges; bin i spans edges i..i+1), or
+        per category (one per entry of categories).
+        """
+
+    @_builtins.property
+    def categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Categorical: the distinct values, each once; empty for a numeric feature."""
 
     def __init__(
         self,
@@ -487,10 +498,11 @@ class FeatureStatistics(_message.Message):
         name: _builtins.str = ...,
         bin_edges: _abc.Iterable[_builtins.float] | None = ...,
         counts: _abc.Iterable[_builtins.int] | None = ...,
+        categories: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bin_edges", b"bin_edges", "counts", b"counts", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bin_edges", b"bin_edges", "categories", b"categories", "counts", b"counts", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
