@@ -234,10 +234,14 @@ class Ingestor:
                 continue
             keys = record_keys(batch.request_ids, batch.row_indices)
             decoded.append((message, batch, keys))
+        totals = {
+            c.model_name: (c.dropped_records, c.failed_requests, c.requests)
+            for c in counters
+            if c.model_name
+        }
         with self._lock:
-            self._store_new(decoded, result)
-            if counters:
-                self._count_producers(producer, counters, now_us)
+            deltas = self._store_new(decoded, result, producer, totals)
+            self._count_producers(deltas, now_us)
             self._count_rejected(result, batches, now_us)
         if len(self._dirty) > MAX_DIRTY_WINDOWS:
             self.flush()
@@ -247,8 +251,11 @@ class Ingestor:
         self,
         decoded: Sequence[tuple[pb.PredictionBatch, domain.PredictionBatch, np.ndarray]],
         result: IngestResult,
-    ) -> None:
-        """Under self._lock."""
+        producer: str,
+        totals: Mapping[str, tuple[int, int, int]],
+    ) -> dict[str, tuple[int, int, int]]:
+        """Under self._lock. Stores the new records and the producer's totals in one
+        transaction; returns what the totals grew by."""
         pending = []
         seen_in_call: dict[str, list[np.ndarray]] = {}
         for message, batch, keys in decoded:
@@ -288,9 +295,9 @@ class Ingestor:
                     ),
                 )
             )
-        if not pending:
-            return
-        seqs = self._store.append_batches(self._replica, [p[3] for p in pending])
+        if not pending and not totals:
+            return {}
+        seqs, deltas = self._store.append(self._replica, [p[3] for p in pending], producer, totals)
         for (batch, keep, keys, new), seq in zip(pending, seqs, strict=True):
             self._index(batch.model_name).add(keys, location(seq, np.arange(len(keys))))
             self._count(batch, keep)
@@ -298,6 +305,7 @@ class Ingestor:
             result.stored += new.rows
             by_model = result.stored_by_model
             by_model[batch.model_name] = by_model.get(batch.model_name, 0) + new.rows
+        return deltas
 
     def _window(self, key: WindowKey) -> WindowStats:
         window = self._dirty.get(key)
@@ -370,15 +378,7 @@ class Ingestor:
             merged[label] = merged[label] | mask if label in merged else mask
         return list(merged.items())
 
-    def _count_producers(
-        self, producer: str, counters: Sequence[pb.ProducerCounters], now_us: int
-    ) -> None:
-        totals = {
-            c.model_name: (c.dropped_records, c.failed_requests, c.requests)
-            for c in counters
-            if c.model_name
-        }
-        deltas = self._store.producer_deltas(producer, totals)
+    def _count_producers(self, deltas: Mapping[str, tuple[int, int, int]], now_us: int) -> None:
         minute = now_us // MINUTE_US * MINUTE_US
         for model, (dropped, failed, requests) in deltas.items():
             window = self._window(WindowKey(model, "", MINUTE_US, minute))

@@ -98,6 +98,17 @@ class MonitoringStore(Protocol):
         """Stores the batches in one transaction; their sequence numbers, increasing."""
         ...
 
+    def append(
+        self,
+        replica: str,
+        batches: Sequence[NewBatch],
+        producer: str = "",
+        totals: Mapping[str, tuple[int, int, int]] | None = None,
+    ) -> tuple[list[int], dict[str, tuple[int, int, int]]]:
+        """`append_batches` and `producer_deltas` in one transaction (one commit per
+        LogPredictions call): the sequence numbers and what the totals grew by."""
+        ...
+
     def batches(self, seqs: Sequence[int]) -> dict[int, StoredBatch]:
         """The stored batches with these sequence numbers (missing ones are absent)."""
         ...

@@ -216,9 +216,21 @@ class PostgresMonitoringStore:
 
     # -- prediction batches
     def append_batches(self, replica: str, batches: Sequence[NewBatch]) -> list[int]:
-        if not batches:
-            return []
+        return self.append(replica, batches)[0]
+
+    def append(
+        self,
+        replica: str,
+        batches: Sequence[NewBatch],
+        producer: str = "",
+        totals: Mapping[str, tuple[int, int, int]] | None = None,
+    ) -> tuple[list[int], dict[str, tuple[int, int, int]]]:
+        if not batches and not totals:
+            return [], {}
         with self._append_lock, self._transaction() as cursor:
+            deltas = self._producer_deltas(cursor, producer, totals) if totals else {}
+            if not batches:
+                return [], deltas
             # Identity values follow the order rows are inserted, which ORDER BY fixes
             # to the batches' order, so the returned numbers sorted are theirs in order.
             cursor.execute(
@@ -241,7 +253,7 @@ class PostgresMonitoringStore:
                 ),
             )
             seqs = sorted(int(row[0]) for row in cursor.fetchall())
-        return seqs
+        return seqs, deltas
 
     def batches(self, seqs: Sequence[int]) -> dict[int, StoredBatch]:
         if not seqs:
@@ -585,38 +597,45 @@ class PostgresMonitoringStore:
     ) -> dict[str, tuple[int, int, int]]:
         if not totals:
             return {}
-        models = sorted(totals)
         with self._transaction() as cursor:
-            # Reports of one producer (arriving at two replicas at once, say) queue
-            # here, so each growth is counted once; row locks could not cover the
-            # first report of a model, whose row does not exist yet.
-            cursor.execute(
-                "SELECT pg_advisory_xact_lock(%s::int4, hashtext(%s))",
-                (_PRODUCER_LOCK_CLASS, producer),
+            return self._producer_deltas(cursor, producer, totals)
+
+    @staticmethod
+    def _producer_deltas(
+        cursor: psycopg.Cursor[Any], producer: str, totals: Mapping[str, tuple[int, int, int]]
+    ) -> dict[str, tuple[int, int, int]]:
+        """Inside a transaction."""
+        models = sorted(totals)
+        # Reports of one producer (arriving at two replicas at once, say) queue
+        # here, so each growth is counted once; row locks could not cover the
+        # first report of a model, whose row does not exist yet.
+        cursor.execute(
+            "SELECT pg_advisory_xact_lock(%s::int4, hashtext(%s))",
+            (_PRODUCER_LOCK_CLASS, producer),
+        )
+        stored = {
+            model: (int(d), int(f), int(r))
+            for model, d, f, r in cursor.execute(
+                "SELECT model, dropped, failed, requests FROM monitoring_producers"
+                " WHERE producer = %s AND model = ANY(%s::text[])",
+                (producer, models),
             )
-            stored = {
-                model: (int(d), int(f), int(r))
-                for model, d, f, r in cursor.execute(
-                    "SELECT model, dropped, failed, requests FROM monitoring_producers"
-                    " WHERE producer = %s AND model = ANY(%s::text[])",
-                    (producer, models),
-                )
-            }
-            cursor.execute(
-                "INSERT INTO monitoring_producers (producer, model, dropped, failed, requests)"
-                " SELECT %s, model, dropped, failed, requests FROM unnest(%s::text[],"
-                " %s::bigint[], %s::bigint[], %s::bigint[])"
-                " AS p(model, dropped, failed, requests)"
-                " ON CONFLICT (producer, model) DO UPDATE SET dropped = excluded.dropped,"
-                " failed = excluded.failed, requests = excluded.requests",
-                (
-                    producer,
-                    models,
-                    [totals[m][0] for m in models],
-                    [totals[m][1] for m in models],
-                    [totals[m][2] for m in models],
-                ),
-            )
+        }
+        cursor.execute(
+            "INSERT INTO monitoring_producers (producer, model, dropped, failed, requests)"
+            " SELECT %s, model, dropped, failed, requests FROM unnest(%s::text[],"
+            " %s::bigint[], %s::bigint[], %s::bigint[])"
+            " AS p(model, dropped, failed, requests)"
+            " ON CONFLICT (producer, model) DO UPDATE SET dropped = excluded.dropped,"
+            " failed = excluded.failed, requests = excluded.requests",
+            (
+                producer,
+                models,
+                [totals[m][0] for m in models],
+                [totals[m][1] for m in models],
+                [totals[m][2] for m in models],
+            ),
+        )
         return {model: grown(stored.get(model), totals[model]) for model in models}
 
     # -- leases

@@ -146,7 +146,17 @@ class SqliteMonitoringStore:
 
     # -- prediction batches
     def append_batches(self, replica: str, batches: Sequence[NewBatch]) -> list[int]:
+        return self.append(replica, batches)[0]
+
+    def append(
+        self,
+        replica: str,
+        batches: Sequence[NewBatch],
+        producer: str = "",
+        totals: Mapping[str, tuple[int, int, int]] | None = None,
+    ) -> tuple[list[int], dict[str, tuple[int, int, int]]]:
         with self._write():
+            deltas = self._producer_deltas(producer, totals) if totals else {}
             seqs = []
             for b in batches:
                 cursor = self._conn.execute(
@@ -164,7 +174,7 @@ class SqliteMonitoringStore:
                     ),
                 )
                 seqs.append(int(cursor.lastrowid or 0))
-            return seqs
+            return seqs, deltas
 
     _BATCH_COLUMNS = "seq, replica, model, version, payload, keys"
 
@@ -452,22 +462,28 @@ class SqliteMonitoringStore:
     def producer_deltas(
         self, producer: str, totals: Mapping[str, tuple[int, int, int]]
     ) -> dict[str, tuple[int, int, int]]:
-        deltas = {}
         with self._write():
-            for model, new in totals.items():
-                row = self._conn.execute(
-                    "SELECT dropped, failed, requests FROM monitoring_producers"
-                    " WHERE producer = ? AND model = ?",
-                    (producer, model),
-                ).fetchone()
-                deltas[model] = grown(tuple(row) if row else None, new)
-                self._conn.execute(
-                    "INSERT INTO monitoring_producers (producer, model, dropped, failed,"
-                    " requests) VALUES (?, ?, ?, ?, ?) ON CONFLICT (producer, model) DO UPDATE"
-                    " SET dropped = excluded.dropped, failed = excluded.failed,"
-                    " requests = excluded.requests",
-                    (producer, model, *new),
-                )
+            return self._producer_deltas(producer, totals)
+
+    def _producer_deltas(
+        self, producer: str, totals: Mapping[str, tuple[int, int, int]]
+    ) -> dict[str, tuple[int, int, int]]:
+        """Inside a write transaction."""
+        deltas = {}
+        for model, new in totals.items():
+            row = self._conn.execute(
+                "SELECT dropped, failed, requests FROM monitoring_producers"
+                " WHERE producer = ? AND model = ?",
+                (producer, model),
+            ).fetchone()
+            deltas[model] = grown(tuple(row) if row else None, new)
+            self._conn.execute(
+                "INSERT INTO monitoring_producers (producer, model, dropped, failed,"
+                " requests) VALUES (?, ?, ?, ?, ?) ON CONFLICT (producer, model) DO UPDATE"
+                " SET dropped = excluded.dropped, failed = excluded.failed,"
+                " requests = excluded.requests",
+                (producer, model, *new),
+            )
         return deltas
 
     # -- leases

@@ -633,3 +633,16 @@ def test_a_lease_has_one_holder_until_it_expires(store_factory):
     assert b.lease("alerts", "b", now_us=1_200, ttl_us=100)  # expired: taken over
     assert not a.lease("alerts", "a", now_us=1_210, ttl_us=100)
     assert a.lease("other", "a", now_us=1_210, ttl_us=100)  # leases are per name
+
+
+def test_append_stores_batches_and_producer_totals_in_one_transaction(store):
+    seqs, deltas = store.append(
+        "r1", [new_batch("fraud")], producer="p1", totals={"fraud": (2, 1, 10)}
+    )
+    assert len(seqs) == 1 and deltas == {"fraud": (2, 1, 10)}
+    assert store.append("r1", [], producer="p1", totals={"fraud": (2, 3, 15)}) == (
+        [],
+        {"fraud": (0, 2, 5)},
+    )
+    assert store.append("r1", []) == ([], {})
+    assert list(store.batches(seqs)) == seqs

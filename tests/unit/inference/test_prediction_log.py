@@ -338,3 +338,27 @@ def test_running_totals_count_requests_failures_and_drops():
     (counters,) = log._counters()
     assert (counters.model_name, counters.dropped_records) == ("m", 1)
     assert (counters.failed_requests, counters.requests) == (1, 4)
+
+
+def test_a_flush_sends_what_was_queued_not_what_arrives_meanwhile():
+    x = np.zeros((1, 2), np.float32)
+    log: PredictionLog
+
+    def arrive(n: int, prefix: str) -> None:
+        for i in range(n):
+            log.record("m", "1", "", f"{prefix}{i}", time.perf_counter_ns(), {"x": x}, {"y": x}, 1)
+
+    sent: list[int] = []
+
+    def sender(batches: Sequence[mpb.PredictionBatch], timeout: float) -> object:
+        sent.append(sum(len(b.request_ids) for b in batches))
+        arrive(3, f"during{len(sent)}-")  # requests keep coming while a call is out
+        return None
+
+    log = PredictionLog(
+        PredictionLogConfig("unused", batch_rows=4, interval_s=600), CollectorRegistry(), sender
+    )
+    arrive(10, "before-")
+    log.flush_due()
+    assert sent == [4, 4, 2]  # the 10 queued at the flush, in calls of at most 4
+    assert log.queued_rows == 9  # the rest waits for the next flush
