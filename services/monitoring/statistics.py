@@ -65,8 +65,10 @@ def sorted_histogram(sorted_values: np.ndarray, edges: np.ndarray) -> np.ndarray
     edges in the values beats searching every value among the edges: measured on 1,000
     fresh values and 10 bins, 4 µs against 21 µs for searchsorted + bincount (numpy's
     SIMD sort; the binary search per value mispredicts branches)."""
-    below = np.searchsorted(sorted_values, edges[1:-1], side="left")
-    return np.diff(below, prepend=0, append=len(sorted_values)).astype(np.int64)
+    bounds = np.empty(len(edges), dtype=np.int64)  # np.diff(prepend=, append=) costs more
+    bounds[0], bounds[-1] = 0, len(sorted_values)
+    bounds[1:-1] = np.searchsorted(sorted_values, edges[1:-1], side="left")
+    return bounds[1:] - bounds[:-1]
 
 
 def _copy_sketch(sketch: kll_floats_sketch) -> kll_floats_sketch:
@@ -135,13 +137,45 @@ class NumericColumn:
         wide = np.sort(present.astype(np.float64))
         batch_mean = float(wide.sum()) / len(wide)
         deviations = wide - batch_mean
-        self._combine_moments(n_a, len(wide), batch_mean, float(deviations @ deviations))
+        # A fresh array: the sketch's binding refuses read-only views (np.frombuffer's).
+        self._add_sorted(
+            n_a, wide, batch_mean, float(deviations @ deviations), wide.astype(np.float32)
+        )
+
+    def _add_sorted(
+        self, n_a: int, wide: np.ndarray, mean: float, m2: float, narrow: np.ndarray
+    ) -> None:
+        """Adds sorted present values (float64, possibly a strided view) whose mean and
+        M2 are given; `narrow` is the same values as a contiguous float32 array."""
+        self._combine_moments(n_a, len(wide), mean, m2)
         self.min = min(self.min, float(wide[0]))
         self.max = max(self.max, float(wide[-1]))
         if self.edges is not None and self.bin_counts is not None:
             self.bin_counts += sorted_histogram(wide, self.edges)
-        # A fresh array: the sketch's binding refuses read-only views (np.frombuffer's).
-        self.sketch.update(wide.astype(np.float32))
+        self.sketch.update(narrow)
+
+    @staticmethod
+    def update_block(columns: Sequence[NumericColumn], matrix: np.ndarray) -> None:
+        """`update` of several columns from a [rows, columns] matrix at once: the sort,
+        the moments and the float32 copies are one numpy call each for the whole block,
+        not one per column (a model's 72 columns in 200-row calls cost ~28 µs per row
+        one column at a time). Columns with missing values go one at a time."""
+        if not len(matrix):
+            return
+        if np.isnan(matrix).any():
+            for column, values in zip(columns, np.ascontiguousarray(matrix.T), strict=True):
+                column.update(values)
+            return
+        rows = len(matrix)
+        wide = np.sort(matrix.astype(np.float64), axis=0)
+        means = wide.sum(axis=0) / rows
+        deviations = wide - means
+        m2s = np.einsum("ij,ij->j", deviations, deviations)
+        narrow = np.ascontiguousarray(wide.T, dtype=np.float32)
+        for j, column in enumerate(columns):
+            n_a = column.present
+            column.count += rows
+            column._add_sorted(n_a, wide[:, j], float(means[j]), float(m2s[j]), narrow[j])
 
     def _combine_moments(self, n_a: int, n_b: int, mean_b: float, m2_b: float) -> None:
         """Chan et al.'s pairwise update of mean and m2 with n_b values of mean mean_b,
@@ -460,10 +494,8 @@ class WindowStats:
                 raise InvalidArgument(f"categorical feature {name!r} has a wrong row count")
         self.count += rows
         self.latency_sum_ms += float(np.sum(latency_ms, dtype=np.float64))
-        # One transpose so each column update reads contiguous memory.
         for matrix, matrix_names in ((features, feature_names), (outputs, output_names)):
-            for name, column in zip(matrix_names, np.ascontiguousarray(matrix.T), strict=True):
-                self._numeric(name, edges).update(column)
+            NumericColumn.update_block([self._numeric(n, edges) for n in matrix_names], matrix)
         for name, values in categorical.items():
             self._categorical(name).update(values)
         self.outputs.update(output_names)
