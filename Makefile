@@ -8,11 +8,11 @@ STAMP := $(VENV)/.installed
 BUF := .tools/node_modules/.bin/buf
 PROTOS := $(shell find protos -name '*.proto' | sort)
 # Code we own (generated stubs are excluded from lint and type checks).
-OWN_CODE := libs/modelplane/kernel libs/modelplane/cli libs/modelplane/client libs/modelplane/loadtest services tests bench
+OWN_CODE := libs/modelplane/kernel libs/modelplane/cli libs/modelplane/client libs/modelplane/loadtest libs/modelplane/scoring services tests bench
 
 .DEFAULT_GOAL := help
 
-.PHONY: help run test proto lint bench browser clean
+.PHONY: help run test fuzz proto lint bench browser clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -28,6 +28,11 @@ run: $(STAMP) ## Start all four services with embedded defaults, demo models and
 
 test: $(STAMP) ## Run the whole test suite
 	$(BIN)/python -m pytest
+
+# `make test` runs tests/fuzz too, with MODELPLANE_FUZZ_EXAMPLES' short default.
+FUZZ_EXAMPLES ?= 12000
+fuzz: $(STAMP) ## Fuzz every RPC of every service (FUZZ_EXAMPLES cases per service, default 12000)
+	MODELPLANE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/fuzz -q
 
 proto: $(STAMP) ## Regenerate the Python stubs in libs/ from protos/
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
@@ -56,5 +61,5 @@ browser: ## Install Debian's chromium for the HTML report test (needs root)
 	  apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }
 
 clean: ## Remove the venv, tool installs, caches and local state
-	rm -rf $(VENV) .tools .modelplane .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .tools .modelplane .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,4 +1,9 @@
-"""Helpers for tests that run real servers: port 0, readiness via the health service."""
+"""Helpers for tests that run real servers: port 0, readiness via the health service.
+
+Readiness is asked over `credentials` (default: plaintext, no token): a TLS or mutual-TLS
+server needs the CA (and a client certificate) its clients would use. The default is not
+read from the environment, so a developer's MODELPLANE_TLS_* cannot change what a test
+does."""
 
 from __future__ import annotations
 
@@ -8,16 +13,23 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from modelplane.client.credentials import ClientCredentials
 from modelplane.kernel.server import AioServiceServer, SyncServiceServer
 
+PLAINTEXT = ClientCredentials()
 
-async def wait_serving(address: str, service: str = "", timeout: float = 15.0) -> None:
+
+async def wait_serving(
+    address: str,
+    service: str = "",
+    timeout: float = 15.0,
+    credentials: ClientCredentials | None = None,
+) -> None:
     """Blocks until the server at `address` reports SERVING (no sleeps: the health
     RPC itself waits for the channel to be ready)."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with (credentials or PLAINTEXT).aio_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         response = await stub.Check(
             health_pb2.HealthCheckRequest(service=service), timeout=timeout, wait_for_ready=True
@@ -25,8 +37,13 @@ async def wait_serving(address: str, service: str = "", timeout: float = 15.0) -
         assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def wait_serving_sync(address: str, service: str = "", timeout: float = 15.0) -> None:
-    with grpc.insecure_channel(address) as channel:
+def wait_serving_sync(
+    address: str,
+    service: str = "",
+    timeout: float = 15.0,
+    credentials: ClientCredentials | None = None,
+) -> None:
+    with (credentials or PLAINTEXT).channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         response = stub.Check(
             health_pb2.HealthCheckRequest(service=service), timeout=timeout, wait_for_ready=True
@@ -35,29 +52,35 @@ def wait_serving_sync(address: str, service: str = "", timeout: float = 15.0) ->
 
 
 @asynccontextmanager
-async def running_aio(server: AioServiceServer) -> AsyncIterator[str]:
+async def running_aio(
+    server: AioServiceServer, credentials: ClientCredentials | None = None
+) -> AsyncIterator[str]:
     """Starts an aio service server on its (port 0) settings; yields its address."""
     await server.start()
     try:
-        await wait_serving(server.address)
+        await wait_serving(server.address, credentials=credentials)
         yield server.address
     finally:
         await server.stop(grace=1.0)
 
 
 @contextmanager
-def running_sync(server: SyncServiceServer) -> Iterator[str]:
+def running_sync(
+    server: SyncServiceServer, credentials: ClientCredentials | None = None
+) -> Iterator[str]:
     """Starts a synchronous service server; yields its address."""
     server.start()
     try:
-        wait_serving_sync(server.address)
+        wait_serving_sync(server.address, credentials=credentials)
         yield server.address
     finally:
         server.stop(grace=1.0)
 
 
 @contextmanager
-def running_aio_in_thread(server: AioServiceServer) -> Iterator[str]:
+def running_aio_in_thread(
+    server: AioServiceServer, credentials: ClientCredentials | None = None
+) -> Iterator[str]:
     """Runs an aio service server on its own event loop in a background thread, for tests
     that drive it with blocking clients and threads; yields its address."""
     loop = asyncio.new_event_loop()
@@ -65,7 +88,7 @@ def running_aio_in_thread(server: AioServiceServer) -> Iterator[str]:
     thread.start()
     try:
         asyncio.run_coroutine_threadsafe(server.start(), loop).result(120)
-        wait_serving_sync(server.address)
+        wait_serving_sync(server.address, credentials=credentials)
         yield server.address
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(grace=1.0), loop).result(60)

@@ -19,11 +19,31 @@ import numpy as np
 from modelplane.kernel.errors import FailedPrecondition, InvalidArgument, NotFound
 
 NAME_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# Every defined name matches NAME_PATTERN, so a longer one in a request names nothing.
+MAX_NAME_LENGTH = 63
+# How much of a caller's text an error message quotes.
+MAX_SHOWN = 80
 # Reserved for the row's event time in each stored row.
 RESERVED_NAMES = frozenset({"_ts", "entity_key", "event_us"})
 # Bounds so one call cannot hold a worker (or the store) for long.
 MAX_ENTITIES_PER_READ = 10_000
 MAX_ROWS_PER_WRITE = 100_000
+
+
+def shown(text: str, limit: int = MAX_SHOWN, quote: bool = True) -> str:
+    """`text` (quoted, as repr does, unless `quote` is false) for an error message, cut
+    to `limit` characters: errors echo what a caller sent, never unboundedly."""
+    cut = text if len(text) <= limit else text[:limit]
+    shown_text = repr(cut) if quote else cut
+    return shown_text if cut is text else f"{shown_text}... ({len(text)} characters)"
+
+
+def check_lookup_name(kind: str, name: str) -> None:
+    """A name a request looks up: longer than any defined name can be is refused."""
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidArgument(
+            f"{kind} name {shown(name, 20)} is longer than {MAX_NAME_LENGTH} characters"
+        )
 
 
 class ValueType(enum.IntEnum):
@@ -95,7 +115,7 @@ class FeatureView:
         for feature in self.features:
             if feature.name == name:
                 return feature
-        raise NotFound(f"feature {self.name}:{name} is not defined")
+        raise NotFound(f"feature {self.name}:{shown(name, quote=False)} is not defined")
 
 
 @dataclass(frozen=True)
@@ -141,14 +161,18 @@ class FeatureRef:
     def parse(cls, text: str) -> FeatureRef:
         view, sep, feature = text.partition(":")
         if not sep or not view or not feature:
-            raise InvalidArgument(f"feature reference {text!r} is not of the form view:feature")
+            raise InvalidArgument(
+                f"feature reference {shown(text)} is not of the form view:feature"
+            )
+        check_lookup_name("feature view", view)
+        check_lookup_name("feature", feature)
         return cls(view, feature)
 
 
 def check_name(kind: str, name: str) -> None:
     if not NAME_PATTERN.match(name) or name in RESERVED_NAMES:
         raise InvalidArgument(
-            f"{kind} name {name!r} must match {NAME_PATTERN.pattern} and not be reserved"
+            f"{kind} name {shown(name)} must match {NAME_PATTERN.pattern} and not be reserved"
         )
 
 
@@ -164,19 +188,22 @@ class Catalog:
         try:
             return self.entities[name]
         except KeyError:
-            raise NotFound(f"entity {name!r} is not defined") from None
+            check_lookup_name("entity", name)
+            raise NotFound(f"entity {shown(name)} is not defined") from None
 
     def view(self, name: str) -> FeatureView:
         try:
             return self.views[name]
         except KeyError:
-            raise NotFound(f"feature view {name!r} is not defined") from None
+            check_lookup_name("feature view", name)
+            raise NotFound(f"feature view {shown(name)} is not defined") from None
 
     def bundle(self, name: str) -> FeatureBundle:
         try:
             return self.bundles[name]
         except KeyError:
-            raise NotFound(f"feature bundle {name!r} is not defined") from None
+            check_lookup_name("feature bundle", name)
+            raise NotFound(f"feature bundle {shown(name)} is not defined") from None
 
     def resolve(self, refs: Iterable[str]) -> list[tuple[FeatureRef, FeatureView, Feature]]:
         """Parses and checks feature references; NotFound names the first unknown one."""
@@ -203,7 +230,7 @@ def validate_catalog(catalog: Catalog) -> None:
     for view in catalog.views.values():
         if view.entity not in catalog.entities:
             raise InvalidArgument(
-                f"feature view {view.name!r}: entity {view.entity!r} is not defined"
+                f"feature view {view.name!r}: entity {shown(view.entity)} is not defined"
             )
         key_names = {k.name for k in catalog.entities[view.entity].join_keys}
         for feature in view.features:
@@ -319,13 +346,21 @@ def entity_keys(entity: Entity, columns: Mapping[str, np.ndarray | list]) -> lis
     return [KEY_SEPARATOR.join(row) for row in zip(*parts, strict=True)]
 
 
-def entity_count(columns: Mapping[str, np.ndarray | list]) -> int:
+def entity_count(
+    columns: Mapping[str, np.ndarray | list], limit: int = MAX_ENTITIES_PER_READ
+) -> int:
     lengths = {len(values) for values in columns.values()}
     if not lengths:
         raise InvalidArgument("no entity key columns given")
     if len(lengths) > 1:
         raise InvalidArgument("entity key columns differ in length")
     count = lengths.pop()
-    if count > MAX_ENTITIES_PER_READ:
-        raise InvalidArgument(f"at most {MAX_ENTITIES_PER_READ} entities per call, got {count}")
+    check_entity_count(count, limit)
     return count
+
+
+def check_entity_count(count: int, limit: int) -> None:
+    if count > limit:
+        raise InvalidArgument(
+            f"at most {limit} entities per call (setting max_entities_per_read), got {count}"
+        )

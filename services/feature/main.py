@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from modelplane.feature.v1 import feature_pb2, feature_pb2_grpc
 from modelplane.kernel.gc_tuning import SERVING_THRESHOLD, tune_gc
@@ -18,7 +19,8 @@ from modelplane.kernel.settings import ServiceSettings
 from modelplane.kernel.state_lock import StateLock
 from modelplane.services.feature.definition_store import is_postgres_url, open_definition_store
 from modelplane.services.feature.definitions import DefinitionRegistry, definitions_from_yaml
-from modelplane.services.feature.domain import FeatureView
+from modelplane.services.feature.domain import MAX_ENTITIES_PER_READ, FeatureView
+from modelplane.services.feature.files import FileRoots, confine_sources
 from modelplane.services.feature.materialize import Materializer
 from modelplane.services.feature.online import OnlineFeatures
 from modelplane.services.feature.online_store import OnlineStore
@@ -50,8 +52,21 @@ class Settings(ServiceSettings):
     definitions_file: str = Field("", description="YAML definitions applied at startup (optional).")
     files_dir: str = Field(
         "",
-        description="Where GetTrainingSet may read entity_path and write output_path; "
-        "empty means <data_dir>/files.",
+        description="The only folder where GetTrainingSet reads entity_path and writes "
+        "output_path (relative to it; an existing file is never overwritten); empty means "
+        "<data_dir>/files.",
+    )
+    source_roots: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Folders feature views' Parquet sources must lie in (comma-separated; a "
+        "relative source.path is taken from the first); empty means <data_dir>/sources, "
+        "<data_dir>/features (the `modelplane up` demo) and <files_dir>/sources.",
+    )
+    max_entities_per_read: int = Field(
+        MAX_ENTITIES_PER_READ,
+        ge=1,
+        le=1_000_000,
+        description="Entities one GetOnlineFeatures or GetBundleTensor call may ask for.",
     )
     redis_key_prefix: str = Field(
         "modelplane:feature:", description="Prefix of every Redis key the service writes."
@@ -71,6 +86,25 @@ class Settings(ServiceSettings):
         description="Python GC young-generation threshold for `serve` (0 keeps Python's 700); "
         "see modelplane.kernel.gc_tuning.",
     )
+
+    @field_validator("source_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def files_folder(self) -> Path:
+        return Path(self.files_dir) if self.files_dir else self.data_dir / "files"
+
+    def source_folders(self) -> list[Path]:
+        if self.source_roots:
+            return [Path(root) for root in self.source_roots]
+        return [
+            self.data_dir / "sources",
+            self.data_dir / "features",
+            self.files_folder() / "sources",
+        ]
 
     @field_validator("online_store")
     @classmethod
@@ -140,16 +174,22 @@ def _build(
         if definitions.change_feed is not None:
             listener = follow_changes(registry, *definitions.change_feed)
             closing.insert(0, listener.stop)
+        sources = FileRoots(settings.source_folders(), "source_roots")
+        files = FileRoots([settings.files_folder()], "files_dir")
         if settings.definitions_file:
             path = Path(settings.definitions_file)
-            registry.apply(definitions_from_yaml(path.read_text(), base_dir=path.resolve().parent))
+            startup = definitions_from_yaml(path.read_text(), base_dir=path.resolve().parent)
+            confine_sources(startup, sources)
+            registry.apply(startup)
         metrics = new_registry()
+        online = OnlineFeatures(registry, store, max_entities=settings.max_entities_per_read)
         servicer = FeatureServicer(
             registry,
-            OnlineFeatures(registry, store),
-            Materializer(registry, store, definitions),
+            online,
+            Materializer(registry, store, definitions, roots=sources),
             metrics,
-            Path(settings.files_dir) if settings.files_dir else settings.data_dir / "files",
+            files,
+            sources,
         )
         return SyncServiceServer(
             settings,

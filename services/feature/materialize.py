@@ -19,6 +19,7 @@ entity, not the features.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,13 +30,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from modelplane.kernel.errors import FailedPrecondition, InvalidArgument
+from modelplane.kernel.errors import FailedPrecondition, InvalidArgument, ModelplaneError
 from modelplane.services.feature import codec, offline
 from modelplane.services.feature.codec import Column
 from modelplane.services.feature.definitions import DefinitionRegistry
 from modelplane.services.feature.domain import Entity, FeatureView, ValueType, entity_keys
+from modelplane.services.feature.files import FileRoots
 from modelplane.services.feature.online import now_us
 from modelplane.services.feature.online_store import OnlineStore, WriteOutcome
+
+_log = logging.getLogger(__name__)
 
 # Rows per store write: bounds memory and the time one transaction holds the store.
 WRITE_BATCH = 10_000
@@ -55,6 +59,8 @@ class Materialized:
     rows_read: int
     rows_written: int
     rows_ignored: int
+    # Why this view was not materialized (the others were); None when it was.
+    error: Exception | None = None
 
 
 class Materializer:
@@ -65,8 +71,10 @@ class Materializer:
         watermarks: WatermarkStore,
         clock_us: Callable[[], int] = now_us,
         slice_rows: int = offline.SLICE_ROWS,
+        roots: FileRoots | None = None,
     ) -> None:
         self._registry = registry
+        self._roots = roots
         self._slice_rows = slice_rows
         self._store = store
         self._watermarks = watermarks
@@ -92,7 +100,17 @@ class Materializer:
         end = self._clock_us() if end_us is None else end_us
         if start_us is not None and start_us >= end:
             raise InvalidArgument("start_time must be before end_time")
-        return [self._one(view, start_us, end) for view in chosen]
+        # One view's bad source must not stop the others: each view is its own run,
+        # and a failure is that view's result (the caller decides what it means).
+        results = []
+        for view in chosen:
+            try:
+                results.append(self._one(view, start_us, end))
+            except Exception as exc:
+                if not isinstance(exc, ModelplaneError):
+                    _log.exception("materializing feature view %s failed", view.name)
+                results.append(Materialized(view.name, start_us or 0, end, 0, 0, 0, exc))
+        return results
 
     def _one(self, view: FeatureView, start_us: int | None, end_us: int) -> Materialized:
         with self._lock(view.name):
@@ -101,7 +119,7 @@ class Materializer:
             if start >= end_us:
                 return Materialized(view.name, start, end_us, 0, 0, 0)
             entity = self._registry.catalog.entity(view.entity)
-            dataset = offline.open_source(view)
+            dataset = offline.open_source(view, self._roots)
             positions, newest_us, read = self._newest_rows(view, entity, dataset, start, end_us)
             written = ignored = 0
             scanned = 0
@@ -223,3 +241,13 @@ def _changed(view: FeatureView) -> FailedPrecondition:
         f"the source of feature view {view.name!r} changed while it was being materialized;"
         " run again"
     )
+
+
+def failure_of_call(results: Sequence[Materialized], named: bool) -> Exception | None:
+    """The error a Materialize call ends with: the first failed view's, when the call
+    named its views or when every view failed; None when an unfiltered run did some views
+    (the failed ones are reported beside them)."""
+    failed = [r.error for r in results if r.error is not None]
+    if failed and (named or len(failed) == len(results)):
+        return failed[0]
+    return None

@@ -31,8 +31,10 @@ from modelplane.services.feature.domain import (
     FeatureView,
     Status,
     ValueType,
+    shown,
     value_statuses,
 )
+from modelplane.services.feature.files import FileRoots, write_new_file
 
 _ARROW_TYPES = {
     ValueType.DOUBLE: pa.float64(),
@@ -88,13 +90,15 @@ def scan_source(
     end_us: int | None = None,
     batch_rows: int = SLICE_ROWS,
     dataset: ds.Dataset | None = None,
+    roots: FileRoots | None = None,
 ) -> Iterator[SourceRows]:
     """Rows of the view's source with start_us <= event time < end_us, in slices of at
     most `batch_rows` rows and in file order, so a large source never has to fit in
-    memory at once. `dataset` (from `open_source`) scans a file list fixed earlier."""
+    memory at once. `dataset` (from `open_source`) scans a file list fixed earlier;
+    `roots`, when given, are the folders the source must lie in."""
     with _readable(view):
         if dataset is None:
-            dataset = _dataset(view)
+            dataset = _dataset(view, roots)
         scanner = _scanner(view, dataset, entity, features, start_us, end_us, batch_rows)
         # Arrow's scanner yields batches in file order (its unordered scan is a
         # separate call), which keeps "a later file row wins a tie" true across slices.
@@ -103,32 +107,64 @@ def scan_source(
                 yield _in_range(view, pa.Table.from_batches([batch]), start_us, end_us)
 
 
-def open_source(view: FeatureView) -> ds.Dataset:
+def open_source(view: FeatureView, roots: FileRoots | None = None) -> ds.Dataset:
     """The view's source as one list of files, listed now: scans of it see the same rows
     in the same order even if files are added to the source's directory meanwhile."""
     with _readable(view):
-        return _dataset(view)
+        return _dataset(view, roots)
 
 
-def _dataset(view: FeatureView) -> ds.Dataset:
+def _dataset(view: FeatureView, roots: FileRoots | None) -> ds.Dataset:
     assert view.source is not None
-    return ds.dataset(Path(view.source.path), format="parquet")
+    if roots is None:
+        path: Path | None = Path(view.source.path)
+    else:
+        # Checked again at every read: a symlink under a root may have changed since
+        # the definition was applied. Outside, existence is never looked at.
+        path = roots.resolve(view.source.path)
+        if path is None:
+            raise FailedPrecondition(
+                f"source of feature view {view.name!r} is not inside the service's source "
+                f"folders (setting {roots.setting})"
+            )
+    assert path is not None
+    if not path.exists():
+        raise FailedPrecondition(
+            f"source of feature view {view.name!r} not found: {shown(view.source.path)}"
+        )
+    dataset = ds.dataset(path, format="parquet")
+    if roots is not None and path.is_dir():
+        # A folder's files may be symlinks that leave it.
+        for file in dataset.files:
+            if not roots.contains(file):
+                raise FailedPrecondition(
+                    f"source of feature view {view.name!r} holds a file that is not inside "
+                    f"the service's source folders (setting {roots.setting})"
+                )
+    return dataset
 
 
 @contextmanager
 def _readable(view: FeatureView) -> Iterator[None]:
     if view.source is None:
         raise FailedPrecondition(f"feature view {view.name!r} has no source")
-    if not Path(view.source.path).exists():
-        raise FailedPrecondition(
-            f"source of feature view {view.name!r} not found: {view.source.path}"
-        )
     try:
         yield
-    except (pa.ArrowInvalid, OSError) as exc:
+    except pa.ArrowInvalid as exc:
         raise FailedPrecondition(
-            f"source of feature view {view.name!r} cannot be read: {exc}"
+            f"source of feature view {view.name!r} cannot be read: {_reason(exc)}"
         ) from None
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"source of feature view {view.name!r} cannot be read: "
+            f"{exc.strerror or type(exc).__name__}"
+        ) from None
+
+
+def _reason(exc: Exception, limit: int = 200) -> str:
+    """An Arrow error's first line, bounded: enough to fix the file, no page of text."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _scanner(
@@ -284,7 +320,8 @@ def latest_per_key(codes: np.ndarray, event_us: np.ndarray) -> np.ndarray:
 
 
 def read_entity_table(parquet: bytes = b"", csv: bytes = b"", path: str = "") -> pa.Table:
-    """The entity dataframe from Parquet or CSV bytes, or a server-side file."""
+    """The entity dataframe from Parquet or CSV bytes, or a server-side file (a path
+    already confined to the files folder)."""
     try:
         if parquet:
             return pq.read_table(io.BytesIO(parquet))
@@ -292,13 +329,17 @@ def read_entity_table(parquet: bytes = b"", csv: bytes = b"", path: str = "") ->
             return pa_csv.read_csv(io.BytesIO(csv))
         if path:
             file = Path(path)
-            if not file.exists():
-                raise NotFound(f"entity file not found: {path}")
+            if not file.is_file():
+                raise NotFound("entity_path: no such file in the service's files folder")
             if file.suffix.lower() == ".csv":
                 return pa_csv.read_csv(file)
             return pq.read_table(file)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InvalidArgument(f"the entity dataframe cannot be read: {exc}") from None
+    except pa.ArrowInvalid as exc:
+        raise InvalidArgument(f"the entity dataframe cannot be read: {_reason(exc)}") from None
+    except OSError as exc:
+        raise InvalidArgument(
+            f"the entity dataframe cannot be read: {exc.strerror or type(exc).__name__}"
+        ) from None
     raise InvalidArgument("no entity dataframe given (Parquet, CSV or path)")
 
 
@@ -309,6 +350,7 @@ def training_set(
     timestamp_column: str = "event_timestamp",
     include_statuses: bool = False,
     slice_rows: int = TRAINING_SLICE_ROWS,
+    roots: FileRoots | None = None,
 ) -> pa.Table:
     """The entity rows with every feature's value as of each row's timestamp.
 
@@ -332,7 +374,7 @@ def training_set(
         # Checks the entity dataframe's join keys even when no slice arrives to do it.
         key_codes(entity, entities)
         found, event_us, values = _as_of_rows(
-            view, entity, features, entities, as_of, horizon, slice_rows
+            view, entity, features, entities, as_of, horizon, slice_rows, roots
         )
         for feature, column in zip(features, values, strict=True):
             name = f"{view.name}__{feature.name}"
@@ -359,6 +401,7 @@ def _as_of_rows(
     as_of: np.ndarray,
     horizon: int,
     slice_rows: int,
+    roots: FileRoots | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[pa.Array]]:
     """Per entity row: whether a source row is in force at its instant, that row's event
     time (0 if none) and, per feature, its value (null if none), all from one streamed
@@ -369,7 +412,9 @@ def _as_of_rows(
     if not len(as_of):
         return found, event_us, values  # no instant asked about: nothing to read
     # Rows after the last entity timestamp can never match: skip them early.
-    for source in scan_source(view, entity, features, end_us=horizon, batch_rows=slice_rows):
+    for source in scan_source(
+        view, entity, features, end_us=horizon, batch_rows=slice_rows, roots=roots
+    ):
         left, right = key_codes(entity, entities, source.table)
         match = as_of_match(left, as_of, right, source.event_us)
         # Cast every slice, matched or not, so a bad source column fails the same way
@@ -403,7 +448,8 @@ def to_parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def write_parquet(table: pa.Table, path: str) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, target)
+def write_new_parquet(
+    table: pa.Table, target: Path, field: str = "output_path", overwrite: bool = False
+) -> None:
+    """The table as a new Parquet file; an existing file is replaced only when asked."""
+    write_new_file(target, lambda temporary: pq.write_table(table, temporary), field, overwrite)

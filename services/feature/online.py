@@ -13,6 +13,7 @@ from modelplane.services.feature import codec
 from modelplane.services.feature.codec import Column
 from modelplane.services.feature.definitions import DefinitionRegistry
 from modelplane.services.feature.domain import (
+    MAX_ENTITIES_PER_READ,
     MAX_ROWS_PER_WRITE,
     Catalog,
     Feature,
@@ -22,6 +23,7 @@ from modelplane.services.feature.domain import (
     ValueType,
     entity_count,
     entity_keys,
+    shown,
     value_status,
     value_statuses,
 )
@@ -172,9 +174,11 @@ class OnlineFeatures:
         registry: DefinitionRegistry,
         store: OnlineStore,
         clock_us: Callable[[], int] = now_us,
+        max_entities: int = MAX_ENTITIES_PER_READ,
     ) -> None:
         self._registry = registry
         self._store = store
+        self.max_entities = max_entities
         self._clock_us = clock_us
         self._plans: dict[tuple[tuple[str, ...], str], _ReadPlan] = {}
         self._plans_catalog = registry.catalog
@@ -243,7 +247,7 @@ class OnlineFeatures:
     def read(self, key_columns: KeyColumns, refs: Sequence[str], bundle: str = "") -> OnlineResult:
         plan = self._plan(refs, bundle)
         catalog = plan.catalog
-        count = entity_count(key_columns)
+        count = entity_count(key_columns, self.max_entities)
         as_of = self._clock_us()
         per_view: list[list[FeatureResult]] = []
         for read, keys in self._keys_of_views(plan, key_columns):
@@ -284,7 +288,7 @@ class OnlineFeatures:
         Same statuses, blanks and event times as `read`, byte for byte in the response,
         which a test checks case by case. None when the call is not of that kind."""
         plan = self._plan(refs, bundle)
-        if not plan.numeric or entity_count(key_columns) != 1:
+        if not plan.numeric or entity_count(key_columns, self.max_entities) != 1:
             return None
         as_of = self._clock_us()
         per_view: list[list[tuple[str, ValueType, bytes, int, int]]] = []
@@ -405,7 +409,7 @@ def check_columns(view: FeatureView, columns: Mapping[str, Column], rows: int) -
     declared = {f.name: f for f in view.features}
     for name in columns:
         if name not in declared:
-            raise NotFound(f"feature {view.name}:{name} is not defined")
+            raise NotFound(f"feature {view.name}:{shown(name, quote=False)} is not defined")
     missing = [name for name in declared if name not in columns]
     if missing:
         raise InvalidArgument(
@@ -416,9 +420,11 @@ def check_columns(view: FeatureView, columns: Mapping[str, Column], rows: int) -
         expected = declared[name].type
         if column.type is not expected:
             raise InvalidArgument(
-                f"feature {view.name}:{name} is {expected.name}, got {column.type.name} values"
+                f"feature {view.name}:{shown(name, quote=False)} is {expected.name}, "
+                f"got {column.type.name} values"
             )
         if len(column) != rows:
             raise InvalidArgument(
-                f"feature {view.name}:{name} has {len(column)} values for {rows} rows"
+                f"feature {view.name}:{shown(name, quote=False)} has {len(column)} values "
+                f"for {rows} rows"
             )

@@ -7,7 +7,7 @@ hand-off to another thread.
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
 
 import grpc
 import numpy as np
@@ -16,16 +16,21 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from modelplane.feature.v1 import feature_pb2 as pb
 from modelplane.feature.v1 import feature_pb2_grpc as pb_grpc
-from modelplane.kernel.errors import InvalidArgument
+from modelplane.kernel.errors import InvalidArgument, ModelplaneError, bounded_message
 from modelplane.services.feature import offline, wire
 from modelplane.services.feature.definitions import (
     DefinitionRegistry,
     definitions_from_document,
     definitions_from_yaml,
 )
-from modelplane.services.feature.domain import MAX_ENTITIES_PER_READ, Status
-from modelplane.services.feature.materialize import Materializer
+from modelplane.services.feature.domain import Status, check_lookup_name
+from modelplane.services.feature.files import FileRoots, confine_sources, named_file
+from modelplane.services.feature.materialize import Materializer, failure_of_call
 from modelplane.services.feature.online import OnlineFeatures
+
+_log = logging.getLogger(__name__)
+# Bound on a failed view's reason in MaterializeResponse.
+_FAILED_VIEW_BYTES = 256
 
 _CHANGE_KINDS = {
     "created": pb.CHANGE_KIND_CREATED,
@@ -49,9 +54,11 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         online: OnlineFeatures,
         materializer: Materializer,
         metrics: CollectorRegistry,
-        files_dir: Path,
+        files: FileRoots,
+        sources: FileRoots,
     ) -> None:
-        self._files_dir = files_dir
+        self._files = files
+        self._sources = sources
         self._registry = registry
         self._online = online
         self._materializer = materializer
@@ -77,20 +84,17 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         )
         self._entities_per_read = Histogram(
             "modelplane_feature_entities_per_read",
-            f"Entities per online read (at most {MAX_ENTITIES_PER_READ})",
+            f"Entities per online read (at most {online.max_entities})",
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000),
             registry=metrics,
         )
 
-    def _inside_files_dir(self, path: str, field: str) -> str:
-        """Server-side files a caller names must lie in the files directory: a caller
-        must not read or overwrite arbitrary files of the server's machine."""
-        if not path:
-            return ""
-        resolved = (self._files_dir / path).resolve()
-        if not resolved.is_relative_to(self._files_dir.resolve()):
-            raise InvalidArgument(f"{field} must lie inside the service's files directory")
-        return str(resolved)
+        self._materialize_failures = Counter(
+            "modelplane_feature_materialize_failures",
+            "Views whose materialization failed (in a run that went on with the others)",
+            ["feature_view"],
+            registry=metrics,
+        )
 
     def _count_served(self, statuses: np.ndarray) -> None:
         counts = np.bincount(statuses.ravel(), minlength=5).tolist()
@@ -108,6 +112,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             definitions = definitions_from_document(wire.definitions_document(request.definitions))
         else:
             raise InvalidArgument("give definitions or yaml")
+        confine_sources(definitions, self._sources)
         changes = self._registry.apply(definitions, dry_run=request.dry_run)
         return pb.ApplyDefinitionsResponse(
             changes=[
@@ -151,7 +156,7 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
     def GetOnlineFeatures(
         self, request: pb.GetOnlineFeaturesRequest, context: grpc.ServicerContext
     ) -> pb.GetOnlineFeaturesResponse:
-        key_columns = wire.key_columns(request.entity_keys)
+        key_columns = wire.key_columns(request.entity_keys, self._online.max_entities)
         single = self._online.read_single(key_columns, request.features, request.bundle)
         if single is not None:
             self._entities_per_read.observe(1)
@@ -171,7 +176,8 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
     def GetBundleTensor(
         self, request: pb.GetBundleTensorRequest, context: grpc.ServicerContext
     ) -> pb.GetBundleTensorResponse:
-        key_columns = wire.key_columns(request.entity_keys)
+        check_lookup_name("bundle", request.bundle)
+        key_columns = wire.key_columns(request.entity_keys, self._online.max_entities)
         tensor = self._online.bundle_tensor_single(request.bundle, key_columns)
         if tensor is None:
             tensor = self._online.bundle_tensor(request.bundle, key_columns)
@@ -189,24 +195,35 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
     def Materialize(
         self, request: pb.MaterializeRequest, context: grpc.ServicerContext
     ) -> pb.MaterializeResponse:
+        for name in request.feature_views:
+            check_lookup_name("feature view", name)
         results = self._materializer.run(
             list(request.feature_views),
             _micros(request.start_time) if request.HasField("start_time") else None,
             _micros(request.end_time) if request.HasField("end_time") else None,
         )
+        failure = failure_of_call(results, named=bool(request.feature_views))
+        if failure is not None:
+            raise failure
+        failed = [r for r in results if r.error is not None]
+        for r in failed:
+            self._materialize_failures.labels(r.view).inc()
+            _log.warning("materializing feature view %s failed: %s", r.view, _reason(r.error))
         for r in results:
-            self._rows.labels(r.view, "written").inc(r.rows_written)
-            self._rows.labels(r.view, "ignored").inc(r.rows_ignored)
-            self._watermark.labels(r.view).set(max(r.end_us / 1e6, 0.0))
+            if r.error is None:
+                self._rows.labels(r.view, "written").inc(r.rows_written)
+                self._rows.labels(r.view, "ignored").inc(r.rows_ignored)
+                self._watermark.labels(r.view).set(max(r.end_us / 1e6, 0.0))
         return pb.MaterializeResponse(
             views=[
                 pb.ViewMaterialization(
                     feature_view=r.view,
-                    start_time=_timestamp(r.start_us),
-                    end_time=_timestamp(r.end_us),
+                    start_time=_timestamp(r.start_us) if r.error is None else None,
+                    end_time=_timestamp(r.end_us) if r.error is None else None,
                     rows_read=r.rows_read,
                     rows_written=r.rows_written,
                     rows_ignored=r.rows_ignored,
+                    error=_reason(r.error) if r.error is not None else "",
                 )
                 for r in results
             ]
@@ -215,7 +232,17 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
     def GetTrainingSet(
         self, request: pb.GetTrainingSetRequest, context: grpc.ServicerContext
     ) -> pb.GetTrainingSetResponse:
-        entity_path = self._inside_files_dir(request.entity_path, "entity_path")
+        entity_path = (
+            str(named_file(self._files, request.entity_path, "entity_path"))
+            if request.entity_path
+            else ""
+        )
+        # Checked before the work, so a refused path costs nothing.
+        output = (
+            named_file(self._files, request.output_path, "output_path")
+            if request.output_path
+            else None
+        )
         entities = offline.read_entity_table(
             parquet=request.entity_parquet, csv=request.entity_csv, path=entity_path
         )
@@ -226,12 +253,20 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             catalog.refs_of_request(list(request.features), request.bundle),
             request.timestamp_column or "event_timestamp",
             request.include_statuses,
+            roots=self._sources,
         )
         response = pb.GetTrainingSetResponse(rows=table.num_rows, columns=table.column_names)
-        output_path = self._inside_files_dir(request.output_path, "output_path")
-        if output_path:
-            offline.write_parquet(table, output_path)
-            response.output_path = output_path
+        if output is not None:
+            offline.write_new_parquet(table, output, overwrite=request.overwrite)
+            response.output_path = str(output)
         else:
             response.parquet = offline.to_parquet_bytes(table)
         return response
+
+
+def _reason(error: Exception | None) -> str:
+    """What a client may read of a view's failure: a domain error's bounded message; an
+    unexpected one stays in the log."""
+    if isinstance(error, ModelplaneError):
+        return bounded_message(str(error), _FAILED_VIEW_BYTES)
+    return "internal error (see the service's log)"

@@ -24,6 +24,8 @@ from modelplane.services.feature.domain import (
     FeatureBundle,
     FeatureView,
     ValueType,
+    check_entity_count,
+    shown,
 )
 from modelplane.services.feature.online import FeatureResult, SingleEntityRead
 
@@ -196,11 +198,20 @@ def column_of(values: pb.Values, where: str) -> Column:
     return Column(kind, data, null)
 
 
-def key_columns(columns: Sequence[pb.EntityKeyColumn]) -> dict[str, np.ndarray | list]:
+def key_columns(
+    columns: Sequence[pb.EntityKeyColumn], max_entities: int | None = None
+) -> dict[str, np.ndarray | list]:
+    """The join key columns as arrays; with `max_entities`, more entities than that are
+    refused from the message's lengths, before any array is made."""
+    if max_entities is not None:
+        for column in columns:
+            values = column.values
+            count = max(len(values.int64_values), len(values.string_values))
+            check_entity_count(count, max_entities)
     keys: dict[str, np.ndarray | list] = {}
     for column in columns:
         if column.name in keys:
-            raise InvalidArgument(f"join key {column.name!r} is given twice")
+            raise InvalidArgument(f"join key {shown(column.name)} is given twice")
         kind = column.values.type
         if kind == pb.VALUE_TYPE_INT64:
             ints = column.values.int64_values
@@ -208,7 +219,7 @@ def key_columns(columns: Sequence[pb.EntityKeyColumn]) -> dict[str, np.ndarray |
         elif kind == pb.VALUE_TYPE_STRING:
             keys[column.name] = list(column.values.string_values)
         else:
-            raise InvalidArgument(f"join key {column.name!r} must be INT64 or STRING values")
+            raise InvalidArgument(f"join key {shown(column.name)} must be INT64 or STRING values")
     return keys
 
 

@@ -3,17 +3,25 @@
 Everything a request can get wrong is caught here, before it reaches the batcher, with a
 message naming the tensor and what was expected; a malformed request therefore never
 reaches ONNX Runtime nor shares a batch. Raw contents become numpy views without a copy.
+
+A declared shape is a claim, not a size: before anything is allocated for a tensor, its
+element count is checked against the data actually received (raw bytes: elements
+times itemsize must equal their length, BYTES: at most one element per 4-byte length prefix;
+typed contents: one value per element) and against `InputLimits`, whose setting each
+refusal names. Messages echo what the caller sent only clipped (names, shapes), so a
+hostile request cannot make a status message larger than gRPC's metadata limit.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from inference import grpc_service_pb2 as pb
-from modelplane.kernel.errors import InvalidArgument
+from modelplane.kernel.errors import InvalidArgument, clip
 from modelplane.kserve_types import CONTENTS_FIELD
 from modelplane.services.inference.datatypes import (
     BY_WIRE,
@@ -24,8 +32,53 @@ from modelplane.services.inference.datatypes import (
 from modelplane.services.inference.repository import ModelVersion, TensorSpec
 
 
-def _dims_text(dims: tuple[int | None, ...] | list[int]) -> str:
-    return "[" + ",".join("-1" if d is None else str(d) for d in dims) + "]"
+@dataclass(frozen=True, slots=True)
+class InputLimits:
+    """Per-request bounds, checked before allocation; the field names are the inference
+    Settings' (and appear in the refusals)."""
+
+    max_request_elements: int = 2**24
+    max_request_bytes: int = 64 * 2**20
+    max_bytes_element_length: int = 2**20
+    max_rows_per_request: int = 65_536
+
+
+DEFAULT_LIMITS = InputLimits()
+UNLIMITED = InputLimits(2**62, 2**62, 2**62, 2**62)
+MAX_SHOWN_DIMS = 8
+
+
+class _Budget:
+    """What one request's inputs add up to so far, against its limits."""
+
+    __slots__ = ("bytes", "elements", "limits")
+
+    def __init__(self, limits: InputLimits) -> None:
+        self.limits = limits
+        self.elements = 0
+        self.bytes = 0
+
+    def take(self, name: str, elements: int, size: int) -> None:
+        limits = self.limits
+        self.elements += elements
+        self.bytes += size
+        if self.elements > limits.max_request_elements:
+            raise InvalidArgument(
+                f"input '{clip(name)}': the request's inputs hold {self.elements} elements, "
+                f"more than max_request_elements ({limits.max_request_elements})"
+            )
+        if self.bytes > limits.max_request_bytes:
+            raise InvalidArgument(
+                f"input '{clip(name)}': the request's inputs hold {self.bytes} bytes, "
+                f"more than max_request_bytes ({limits.max_request_bytes})"
+            )
+
+
+def _dims_text(dims: Sequence[int | None]) -> str:
+    shown = ",".join("-1" if d is None else clip(d, 20) for d in dims[:MAX_SHOWN_DIMS])
+    if len(dims) > MAX_SHOWN_DIMS:
+        shown += f",…({len(dims)} dims)"
+    return "[" + shown + "]"
 
 
 def _check_shape(spec: TensorSpec, shape: tuple[int, ...], model: ModelVersion) -> None:
@@ -47,25 +100,47 @@ def _check_shape(spec: TensorSpec, shape: tuple[int, ...], model: ModelVersion) 
     if batched:
         expected = f"[-1{',' if dims else ''}{expected[1:]}"
     raise InvalidArgument(
-        f"input '{spec.name}': shape {_dims_text(list(shape))} does not match the model's "
-        f"{expected}"
+        f"input '{spec.name}': shape {_dims_text(shape)} does not match the model's {expected}"
     )
 
 
+def _check_contents(request: pb.ModelInferRequest) -> None:
+    raw = request.raw_input_contents
+    tensors = request.inputs
+    if not raw:
+        return
+    if len(raw) != len(tensors):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries for {len(tensors)} inputs"
+        )
+    for tensor in tensors:
+        if tensor.HasField("contents"):
+            raise InvalidArgument(
+                f"input '{clip(tensor.name)}' has typed contents, but the request sends "
+                "raw_input_contents: send every input one way or the other"
+            )
+
+
+def _check_rows(name: str, rows: int, limits: InputLimits) -> None:
+    if rows > limits.max_rows_per_request:
+        raise InvalidArgument(
+            f"input '{clip(name)}': {rows} rows, more than max_rows_per_request "
+            f"({limits.max_rows_per_request})"
+        )
+
+
 def decode_inputs(
-    request: pb.ModelInferRequest, model: ModelVersion
+    request: pb.ModelInferRequest, model: ModelVersion, limits: InputLimits = DEFAULT_LIMITS
 ) -> tuple[dict[str, np.ndarray], int, Hashable]:
     """The request's inputs as arrays, its row count and its batching shape key."""
     specs = model.inputs
     tensors = request.inputs
     binding = model.feature_input
     if binding is not None and all(tensor.name != binding.input for tensor in tensors):
-        return _decode_entity_keys(request, model, binding.input)
+        return _decode_entity_keys(request, model, binding.input, limits)
+    _check_contents(request)
     raw = request.raw_input_contents
-    if raw and len(raw) != len(tensors):
-        raise InvalidArgument(
-            f"raw_input_contents has {len(raw)} entries for {len(tensors)} inputs"
-        )
+    budget = _Budget(limits)
     feeds: dict[str, np.ndarray] = {}
     rows = 1
     for index, tensor in enumerate(tensors):
@@ -73,20 +148,22 @@ def decode_inputs(
         spec = specs.get(name)
         if spec is None:
             raise InvalidArgument(
-                f"unexpected inference input '{name}' for model '{model.name}'; "
-                f"it takes {', '.join(repr(n) for n in specs)}"
+                f"unexpected inference input '{clip(name)}' for model '{model.name}'; "
+                f"it takes {clip(', '.join(repr(n) for n in specs), 200)}"
             )
         if name in feeds:
             raise InvalidArgument(f"input '{name}' appears more than once")
         datatype = spec.datatype
         if tensor.datatype != datatype.wire:
             raise InvalidArgument(
-                f"input '{name}': datatype {tensor.datatype or '(empty)'} but model "
+                f"input '{name}': datatype {clip(tensor.datatype) or '(empty)'} but model "
                 f"'{model.name}' expects {datatype.wire}"
             )
         shape = tuple(tensor.shape)
         _check_shape(spec, shape, model)
-        feeds[name] = _array(tensor, raw[index] if raw else None, spec, shape)
+        if model.max_batch_size > 0:
+            _check_rows(name, shape[0], limits)
+        feeds[name] = _array(tensor, raw[index] if raw else None, spec, shape, budget)
         if model.max_batch_size > 0:
             if index == 0:
                 rows = shape[0]
@@ -99,7 +176,7 @@ def decode_inputs(
         missing = [n for n in specs if n not in feeds]
         raise InvalidArgument(
             f"model '{model.name}' expects {len(specs)} inputs but got {len(feeds)}; "
-            f"missing {', '.join(repr(n) for n in missing)}"
+            f"missing {clip(', '.join(repr(n) for n in missing), 200)}"
         )
     _check_outputs(request, model)
     key: Hashable = None
@@ -109,30 +186,36 @@ def decode_inputs(
 
 
 def _check_outputs(request: pb.ModelInferRequest, model: ModelVersion) -> None:
+    """Every requested output is the model's, and named once (a repeated name would be
+    computed once and copied into the response again and again: refused, not merged, so
+    the response has exactly the outputs asked for, in their order)."""
+    seen: set[str] = set()
     for output in request.outputs:
-        if output.name not in model.outputs:
+        name = output.name
+        if name not in model.outputs:
             raise InvalidArgument(
-                f"unexpected inference output '{output.name}' for model '{model.name}'; "
-                f"it has {', '.join(repr(n) for n in model.outputs)}"
+                f"unexpected inference output '{clip(name)}' for model '{model.name}'; "
+                f"it has {clip(', '.join(repr(n) for n in model.outputs), 200)}"
             )
+        if name in seen:
+            raise InvalidArgument(f"output '{name}' is requested more than once")
+        seen.add(name)
 
 
 KEY_DATATYPES = ("INT64", "BYTES")
 
 
 def _decode_entity_keys(
-    request: pb.ModelInferRequest, model: ModelVersion, feature_input: str
+    request: pb.ModelInferRequest, model: ModelVersion, feature_input: str, limits: InputLimits
 ) -> tuple[dict[str, np.ndarray], int, Hashable]:
     """A request to an enriched model that sends entity keys in place of the feature
     input: every input that is not one of the model's is a join key column, INT64 or
     BYTES, shaped [rows] or [rows, 1]. Key requests batch only with requests sending
     the same key columns (the shape key), never with tensor requests."""
     tensors = request.inputs
+    _check_contents(request)
     raw = request.raw_input_contents
-    if raw and len(raw) != len(tensors):
-        raise InvalidArgument(
-            f"raw_input_contents has {len(raw)} entries for {len(tensors)} inputs"
-        )
+    budget = _Budget(limits)
     feeds: dict[str, np.ndarray] = {}
     rows = -1
     for index, tensor in enumerate(tensors):
@@ -144,25 +227,27 @@ def _decode_entity_keys(
         if spec is None:
             if tensor.datatype not in KEY_DATATYPES:
                 raise InvalidArgument(
-                    f"input '{name}': model '{model.name}' takes '{feature_input}' or the "
-                    f"entity keys of its feature bundle (INT64 or BYTES), not {tensor.datatype}"
+                    f"input '{clip(name)}': model '{model.name}' takes '{feature_input}' or "
+                    "the entity keys of its feature bundle (INT64 or BYTES), not "
+                    f"{clip(tensor.datatype)}"
                 )
             if len(shape) == 2 and shape[1] == 1:
                 shape = shape[:1]
             if len(shape) != 1 or not 1 <= shape[0] <= max(model.max_batch_size, 1):
                 raise InvalidArgument(
-                    f"entity key '{name}': shape {_dims_text(list(tensor.shape))} must be "
+                    f"entity key '{clip(name)}': shape {_dims_text(tensor.shape)} must be "
                     f"[rows] or [rows,1] with 1..{max(model.max_batch_size, 1)} rows"
                 )
             spec = TensorSpec(name, BY_WIRE[tensor.datatype], ())
         else:
             _check_shape(spec, shape, model)
-        feeds[name] = _array(tensor, raw[index] if raw else None, spec, shape)
+        _check_rows(name, shape[0], limits)
+        feeds[name] = _array(tensor, raw[index] if raw else None, spec, shape, budget)
         if rows == -1:
             rows = shape[0]
         elif shape[0] != rows:
             raise InvalidArgument(
-                f"input '{name}': {shape[0]} rows differ from the {rows} of the other inputs"
+                f"input '{clip(name)}': {shape[0]} rows differ from the {rows} of the other inputs"
             )
     others = [n for n in model.inputs if n != feature_input and n not in feeds]
     if others or not any(n not in model.inputs for n in feeds):
@@ -179,20 +264,32 @@ def _array(
     data: bytes | None,
     spec: TensorSpec,
     shape: tuple[int, ...],
+    budget: _Budget,
 ) -> np.ndarray:
-    """One input's values as an array of `shape` (raw bytes when `data` is given)."""
+    """One input's values as an array of `shape` (raw bytes when `data` is given). The
+    declared element count is checked against the data received and the request's limits
+    before anything of its size is allocated."""
     name, datatype = spec.name, spec.datatype
-    count = math.prod(shape)
+    count = math.prod(shape)  # a Python int: no overflow, no allocation
     if data is None:
-        return _typed(tensor, datatype.wire, count, shape, name, datatype.dtype)
+        return _typed(tensor, datatype.wire, count, shape, name, datatype.dtype, budget)
+    max_length = budget.limits.max_bytes_element_length
     if datatype.is_bytes:
-        return decode_bytes(data, count, name).reshape(shape)
+        if count > len(data) // 4:
+            raise InvalidArgument(
+                f"input '{clip(name)}': shape {_dims_text(shape)} declares {count} BYTES "
+                f"elements, but its {len(data)} bytes of raw data hold at most "
+                f"{len(data) // 4} (each element has a 4-byte length prefix)"
+            )
+        budget.take(name, count, len(data))
+        return decode_bytes(data, count, name, max_length).reshape(shape)
     expected = count * datatype.dtype.itemsize
     if len(data) != expected:
         raise InvalidArgument(
-            f"input '{name}': {len(data)} bytes of raw data, but shape "
-            f"{_dims_text(list(shape))} of {datatype.wire} needs {expected}"
+            f"input '{clip(name)}': {len(data)} bytes of raw data, but shape "
+            f"{_dims_text(shape)} of {datatype.wire} needs {expected}"
         )
+    budget.take(name, count, expected)
     return np.frombuffer(data, dtype=datatype.dtype).reshape(shape)
 
 
@@ -203,24 +300,30 @@ def _typed(
     shape: tuple[int, ...],
     name: str,
     dtype: np.dtype,
+    budget: _Budget,
 ) -> np.ndarray:
     field = CONTENTS_FIELD.get(wire)
     if field is None:
         raise InvalidArgument(
-            f"input '{name}': {wire} has no typed contents field; send it in raw_input_contents"
+            f"input '{clip(name)}': {wire} has no typed contents field; send it in "
+            "raw_input_contents"
         )
     values = getattr(tensor.contents, field)
     if len(values) != count:
         raise InvalidArgument(
-            f"input '{name}': {len(values)} values in contents.{field}, but shape "
-            f"{_dims_text(list(shape))} needs {count}"
+            f"input '{clip(name)}': {len(values)} values in contents.{field}, but shape "
+            f"{_dims_text(shape)} needs {count}"
         )
     if wire == "BYTES":
-        return to_bytes_elements(list(values), name).reshape(shape)
+        budget.take(name, count, sum(len(v) for v in values))
+        return to_bytes_elements(
+            list(values), name, budget.limits.max_bytes_element_length
+        ).reshape(shape)
+    budget.take(name, count, count * dtype.itemsize)
     try:
         return np.array(values, dtype=dtype).reshape(shape)
     except (OverflowError, ValueError):
-        raise InvalidArgument(f"input '{name}': a value does not fit {wire}") from None
+        raise InvalidArgument(f"input '{clip(name)}': a value does not fit {wire}") from None
 
 
 def encode_response(

@@ -58,9 +58,21 @@ def from_onnx(onnx_type: str, tensor: str) -> Datatype:
         ) from None
 
 
-def decode_bytes(raw: bytes, count: int, tensor: str) -> np.ndarray:
+MAX_ELEMENT_LENGTH_SETTING = "max_bytes_element_length"
+
+
+def decode_bytes(raw: bytes, count: int, tensor: str, max_length: int | None = None) -> np.ndarray:
     """Parses `count` length-prefixed elements into an object array of str (ONNX string
-    tensors hold UTF-8 text; ONNX Runtime would stringify bytes objects as "b'..'")."""
+    tensors hold UTF-8 text; ONNX Runtime would stringify bytes objects as "b'..'").
+
+    `count` comes from a shape the caller declared: it is checked against what `raw` can
+    hold (each element has a 4-byte length prefix) before anything is allocated."""
+    if count > len(raw) // _LENGTH.size:
+        raise InvalidArgument(
+            f"input '{tensor}': its shape declares {count} BYTES elements, but its "
+            f"{len(raw)} bytes of raw data hold at most {len(raw) // _LENGTH.size} "
+            "(each element has a 4-byte length prefix)"
+        )
     out = np.empty(count, dtype=object)
     view = memoryview(raw)
     offset = 0
@@ -74,6 +86,11 @@ def decode_bytes(raw: bytes, count: int, tensor: str) -> np.ndarray:
                 )
             (length,) = _LENGTH.unpack_from(view, offset)
             offset += 4
+            if max_length is not None and length > max_length:
+                raise InvalidArgument(
+                    f"input '{tensor}': BYTES element {index} has {length} bytes, more than "
+                    f"{MAX_ELEMENT_LENGTH_SETTING} ({max_length})"
+                )
             if offset + length > end:
                 raise InvalidArgument(
                     f"input '{tensor}': BYTES element {index} claims {length} bytes "
@@ -103,10 +120,17 @@ def encode_bytes(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def to_bytes_elements(values: list[bytes] | np.ndarray, tensor: str) -> np.ndarray:
+def to_bytes_elements(
+    values: list[bytes] | np.ndarray, tensor: str, max_length: int | None = None
+) -> np.ndarray:
     """Typed `bytes_contents` (a list of bytes) as an object array of str."""
     out = np.empty(len(values), dtype=object)
     for index, value in enumerate(values):
+        if max_length is not None and len(value) > max_length:
+            raise InvalidArgument(
+                f"input '{tensor}': BYTES element {index} has {len(value)} bytes, more than "
+                f"{MAX_ELEMENT_LENGTH_SETTING} ({max_length})"
+            )
         try:
             out[index] = value.decode("utf-8") if isinstance(value, bytes) else str(value)
         except UnicodeDecodeError:

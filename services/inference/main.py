@@ -12,15 +12,17 @@ from prometheus_client import CollectorRegistry
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from inference import grpc_service_pb2, grpc_service_pb2_grpc
+from inference import grpc_service_pb2
 from modelplane.client.monitoring import MAX_RECORDS_PER_CALL
 from modelplane.kernel.cpu_share import process_share, thread_layout
 from modelplane.kernel.gc_tuning import SERVING_THRESHOLD
 from modelplane.kernel.metrics import new_registry
 from modelplane.kernel.server import AioServiceServer
-from modelplane.kernel.settings import ServiceSettings
+from modelplane.kernel.settings import MAX_MESSAGE_BYTES, ServiceSettings
 from modelplane.kernel.startup import StartupError
 from modelplane.kernel.telemetry import tracer_provider
+from modelplane.services.inference import wire
+from modelplane.services.inference.codec import InputLimits
 from modelplane.services.inference.enrichment import EnrichmentMetrics, FeatureSource
 from modelplane.services.inference.model_config import Defaults
 from modelplane.services.inference.prediction_log import (
@@ -43,6 +45,7 @@ from modelplane.services.inference.stats import InferenceMetrics, RoutingMetrics
 from modelplane.services.inference.workers import serve_share, supervise
 
 SERVICE_NAME = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+_LIMITS = InputLimits()
 
 
 class Settings(ServiceSettings):
@@ -156,6 +159,38 @@ class Settings(ServiceSettings):
     prediction_log_timeout_s: float = Field(
         2.0, gt=0, description="Deadline of each LogPredictions call, retries included."
     )
+    # The kernel's default, restated so the inference flags document it: a request
+    # larger than this is refused by gRPC before it is read (RESOURCE_EXHAUSTED); Triton's
+    # 2 GiB - 1 let one 100 MB request through. Tensor-level limits follow below.
+    max_message_bytes: int = Field(
+        64 * 2**20,
+        gt=0,
+        le=MAX_MESSAGE_BYTES,
+        description="Largest gRPC message sent or received (64 MiB for inference).",
+    )
+    max_request_elements: int = Field(
+        _LIMITS.max_request_elements,
+        gt=0,
+        description="Tensor elements one request's inputs may declare in all, checked "
+        "before anything is allocated.",
+    )
+    max_request_bytes: int = Field(
+        _LIMITS.max_request_bytes,
+        gt=0,
+        description="Bytes of tensor data one request's inputs may hold in all (elements x "
+        "item size; BYTES: their encoded length).",
+    )
+    max_bytes_element_length: int = Field(
+        _LIMITS.max_bytes_element_length,
+        gt=0,
+        description="Longest BYTES element (one string) a request may send, in bytes.",
+    )
+    max_rows_per_request: int = Field(
+        _LIMITS.max_rows_per_request,
+        gt=0,
+        description="Rows (first dimension of a batched model's inputs) one request may "
+        "send, whatever the model's max_batch_size.",
+    )
 
     @field_validator("prediction_log_sample", mode="before")
     @classmethod
@@ -163,6 +198,15 @@ class Settings(ServiceSettings):
         if isinstance(value, list | tuple | dict):
             return parse_rates(value)
         return value
+
+    @property
+    def input_limits(self) -> InputLimits:
+        return InputLimits(
+            max_request_elements=self.max_request_elements,
+            max_request_bytes=self.max_request_bytes,
+            max_bytes_element_length=self.max_bytes_element_length,
+            max_rows_per_request=self.max_rows_per_request,
+        )
 
     @property
     def repository_path(self) -> Path:
@@ -227,6 +271,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--execution-provider", choices=["auto", "cpu", "cuda"], help="default provider"
     )
     parser.add_argument("--thread-budget", type=int, help="intra-op threads per model")
+    parser.add_argument(
+        "--max-request-elements",
+        type=int,
+        metavar="N",
+        help="tensor elements per request (16777216)",
+    )
+    parser.add_argument(
+        "--max-request-bytes", type=int, metavar="BYTES", help="tensor bytes per request (64 MiB)"
+    )
+    parser.add_argument(
+        "--max-bytes-element-length",
+        type=int,
+        metavar="BYTES",
+        help="longest BYTES element (1 MiB)",
+    )
+    parser.add_argument(
+        "--max-rows-per-request", type=int, metavar="ROWS", help="rows per request (65536)"
+    )
     parser.add_argument(
         "--monitoring", metavar="HOST:PORT", help="log predictions to this monitoring service"
     )
@@ -339,6 +401,7 @@ def build(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime) -> 
         routing_metrics=RoutingMetrics(registry) if follower is not None else None,
         follower=follower,
         prediction_log=prediction_log,
+        limits=settings.input_limits,
     )
 
     def add_servicers(server: object) -> None:
@@ -350,7 +413,9 @@ def build(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime) -> 
         else:
             for name in settings.load_model:
                 repository.load_at_start(name)
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        # Not grpc_service_pb2_grpc's registration: requests that do not parse are
+        # refused (and streams go on) without a traceback per request; see wire.py.
+        wire.add_to_server(servicer, server)
         if prediction_log is not None:
             prediction_log.start()
         ready.set()

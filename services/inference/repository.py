@@ -26,7 +26,7 @@ from opentelemetry import trace
 
 from inference import model_config_pb2 as mc
 from modelplane.client.registry import file_sha256
-from modelplane.kernel.errors import FailedPrecondition, InvalidArgument, NotFound
+from modelplane.kernel.errors import FailedPrecondition, InvalidArgument, NotFound, clip
 from modelplane.services.inference import model_config
 from modelplane.services.inference.batcher import (
     BatchingPolicy,
@@ -158,13 +158,13 @@ class ModelRepository:
     def get(self, name: str, version: str = "") -> ModelVersion:
         entry = self._models.get(name)
         if entry is None:
-            raise NotFound(f"model '{name}' is not loaded")
+            raise NotFound(f"model '{clip(name)}' is not loaded")
         if not version:
             return entry.latest
         found = entry.versions.get(version)
         if found is None:
             raise NotFound(
-                f"model '{name}' has no ready version '{version}' "
+                f"model '{name}' has no ready version '{clip(version)}' "
                 f"(ready: {', '.join(entry.versions)})"
             )
         return found
@@ -190,7 +190,7 @@ class ModelRepository:
     def versions(self, name: str) -> list[ModelVersion]:
         entry = self._models.get(name)
         if entry is None:
-            raise NotFound(f"model '{name}' is not loaded")
+            raise NotFound(f"model '{clip(name)}' is not loaded")
         return list(entry.versions.values())
 
     # --- control --------------------------------------------------------------------
@@ -236,7 +236,7 @@ class ModelRepository:
         models = dict(self._models)
         old = models.pop(name, None)
         if old is None:
-            raise NotFound(f"model '{name}' is not loaded")
+            raise NotFound(f"model '{clip(name)}' is not loaded")
         self._models = models
         await self._retire(old.versions.values())
         log.info("model %s unloaded", name, extra={"model": name})
@@ -344,10 +344,10 @@ class ModelRepository:
 
     def _build_checked(self, name: str) -> dict[str, ModelVersion]:
         if not _valid_name(name):
-            raise InvalidArgument(f"'{name}' is not a valid model name")
+            raise InvalidArgument(f"'{clip(name)}' is not a valid model name")
         model_dir = self.root / name
         if not model_dir.is_dir():
-            raise NotFound(f"model '{name}' not found in repository {self.root}")
+            raise NotFound(f"model '{clip(name)}' not found in repository {self.root}")
         try:
             built = self._build(name, model_dir)
         except Exception as exc:

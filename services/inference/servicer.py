@@ -25,7 +25,13 @@ from opentelemetry.propagate import extract
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 from modelplane import __version__
-from modelplane.kernel.errors import InvalidArgument, ModelplaneError, Overloaded, status_for
+from modelplane.kernel.errors import (
+    InvalidArgument,
+    ModelplaneError,
+    Overloaded,
+    clip,
+    status_for,
+)
 from modelplane.services.inference import codec
 from modelplane.services.inference.batcher import PendingRequest, Unloading
 from modelplane.services.inference.enrichment import FEATURE_STATUS, FEATURE_VALUES
@@ -33,6 +39,7 @@ from modelplane.services.inference.prediction_log import PredictionLog
 from modelplane.services.inference.repository import ModelRepository, ModelVersion
 from modelplane.services.inference.routing import Route, Shadow
 from modelplane.services.inference.stats import RoutingMetrics, StatsSnapshot
+from modelplane.services.inference.wire import Undecodable, bad_input_log
 
 log = logging.getLogger("modelplane.inference.servicer")
 
@@ -75,11 +82,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         routing_metrics: RoutingMetrics | None = None,
         follower: ModelSource | None = None,
         prediction_log: PredictionLog | None = None,
+        limits: codec.InputLimits = codec.DEFAULT_LIMITS,
     ) -> None:
         """`follower`: in registry mode, what RepositoryModelLoad/Unload start and stop
         following (instead of loading from the repository directory). `prediction_log`:
-        where successful predictions are recorded for the monitoring service."""
+        where successful predictions are recorded for the monitoring service. `limits`:
+        per-request bounds checked before anything is allocated for a request."""
         self._repository = repository
+        self._limits = limits
         self._is_ready = is_ready
         self._trace = trace_requests
         self._routing = routing_metrics
@@ -191,6 +201,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
         _check_repository_name(request.repository_name)
+        _check_model_name(request.model_name)
         if request.parameters:
             raise InvalidArgument(
                 "load parameters (config or file overrides) are not supported; edit the "
@@ -222,9 +233,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         received: int,
     ) -> PendingRequest:
         try:
-            feeds, rows, key = codec.decode_inputs(request, model)
-        except InvalidArgument:
+            feeds, rows, key = codec.decode_inputs(request, model, self._limits)
+        except InvalidArgument as exc:
             model.stats.request_failed(None, "invalid")
+            bad_input_log.warning("invalid request to %s: %s", model.name, clip(exc.message, 200))
             raise
         remaining = context.time_remaining()  # None: the call has no deadline
         deadline = None if remaining is None else time.monotonic() + remaining
@@ -292,7 +304,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return None
         metrics = self._routing
         try:
-            feeds, rows, key = codec.decode_inputs(request, shadow.version)
+            feeds, rows, key = codec.decode_inputs(request, shadow.version, self._limits)
             copy = PendingRequest(feeds, rows, key)
             shadow.version.batcher.submit(copy)
         except Exception:
@@ -388,12 +400,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(
         self,
-        request_iterator: AsyncIterator[pb.ModelInferRequest],
+        request_iterator: AsyncIterator[pb.ModelInferRequest | Undecodable],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests of one stream are batched like any others, so responses come back in
-        completion order; clients match them by `id`. A failed request yields a response
-        with `error_message`; the stream itself stays open."""
+        completion order; clients match them by `id`. A failed request, and a frame that
+        cannot be decoded (wire.Undecodable), yields a response with `error_message`; the
+        stream itself stays open, and every reply already due is sent."""
         done: asyncio.Queue[
             tuple[pb.ModelInferRequest, tuple[ModelVersion, Routed] | None, object]
         ] = asyncio.Queue()
@@ -411,8 +424,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def read() -> None:
             try:
-                async for request in request_iterator:
+                async for frame in request_iterator:
                     received = time.perf_counter_ns()
+                    if isinstance(frame, Undecodable):
+                        error = InvalidArgument(frame.message)
+                        done.put_nowait((pb.ModelInferRequest(), None, error))
+                        continue
+                    request = frame
                     try:
                         model, route = self._route(request)
                         pending = self._pending(request, model, context, received)
@@ -464,8 +482,12 @@ def _stream_error(request: pb.ModelInferRequest, exc: BaseException) -> pb.Model
     _, message = status_for(exc, "ModelStreamInfer")
     return pb.ModelStreamInferResponse(
         error_message=message,
+        # Echoes the request's identity so the client can match the error; a name past
+        # MAX_NAME_CHARS is no model's (load refuses it) and is cut like any echo.
         infer_response=pb.ModelInferResponse(
-            model_name=request.model_name, model_version=request.model_version, id=request.id
+            model_name=request.model_name[:MAX_NAME_CHARS],
+            model_version=request.model_version[:MAX_NAME_CHARS],
+            id=request.id,
         ),
     )
 
@@ -473,7 +495,28 @@ def _stream_error(request: pb.ModelInferRequest, exc: BaseException) -> pb.Model
 def _check_repository_name(name: str) -> None:
     # One repository per server; Triton also accepts the empty name for "the" repository.
     if name not in ("", "default"):
-        raise InvalidArgument(f"unknown repository '{name}'; this server has only one")
+        raise InvalidArgument(f"unknown repository '{clip(name)}'; this server has only one")
+
+
+MAX_NAME_CHARS = 128
+"""Longest model name RepositoryModelLoad accepts (a directory name, a registry name)."""
+
+
+def _check_model_name(name: str) -> None:
+    """A model name is one path component of printable characters: no separator, no NUL
+    or control character, not `.`/`..`, at most MAX_NAME_CHARS long. Checked before the
+    file system or the registry sees it (a NUL or a 300-character name made the path
+    lookup itself fail, as INTERNAL)."""
+    if not name:
+        raise InvalidArgument("model_name is empty")
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidArgument(
+            f"model name '{clip(name)}' is longer than {MAX_NAME_CHARS} characters"
+        )
+    if not name.isprintable() or "/" in name or "\\" in name or name in (".", ".."):
+        raise InvalidArgument(
+            f"'{clip(name)}' is not a valid model name (one path component of printable characters)"
+        )
 
 
 def _duration(count: int, ns: int) -> pb.StatisticDuration:

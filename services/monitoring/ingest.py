@@ -57,6 +57,9 @@ MAX_ERRORS = 16
 MAX_DIRTY_WINDOWS = 2_000
 REPLAY_CHUNK = 64
 
+# Producer counters are totals since the producer started; past this they cannot be stored.
+MAX_COUNTER = 2**63 - 1
+
 
 @dataclass
 class IngestResult:
@@ -239,6 +242,9 @@ class Ingestor:
             for c in counters
             if c.model_name
         }
+        if any(n > MAX_COUNTER for total in totals.values() for n in total):
+            # uint64 on the wire; stored as (signed 64-bit) SQL integers.
+            raise InvalidArgument(f"producer counters must be at most {MAX_COUNTER}")
         with self._lock:
             deltas = self._store_new(decoded, result, producer, totals)
             self._count_producers(deltas, now_us)

@@ -233,6 +233,8 @@ class Monitoring:
 
     async def set_config(self, config: pb.MonitorConfig) -> pb.MonitorConfig:
         checked = alerts.validate_config(config)
+        if not 0 <= config.revision < 2**63 - 1:
+            raise InvalidArgument(f"revision {config.revision} is out of range")
         stored = pb.MonitorConfig()
         stored.CopyFrom(checked)
         stored.revision = config.revision + 1

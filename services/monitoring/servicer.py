@@ -15,7 +15,21 @@ from modelplane.services.monitoring.service import Monitoring
 
 
 def _time(ts: Timestamp) -> datetime | None:
-    return ts.ToDatetime(tzinfo=UTC) if ts.seconds or ts.nanos else None
+    """The moment a request names (None when unset); INVALID_ARGUMENT when `ts` is not a
+    valid timestamp (nanos outside 0..999,999,999, seconds outside years 1..9999)."""
+    if not (ts.seconds or ts.nanos):
+        return None
+    if not (0 <= ts.seconds <= _LAST_SECOND and 0 <= ts.nanos <= 999_999_999):
+        raise InvalidArgument(
+            f"invalid timestamp (seconds={ts.seconds}, nanos={ts.nanos}): monitoring "
+            "accepts 1970-01-01 to 9999-12-30"
+        )
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+# Prediction times are Unix microseconds; a day short of datetime's end leaves room for the
+# windows and buckets computed around a requested time.
+_LAST_SECOND = 253_402_214_400 - 86_400
 
 
 def _timestamp(moment: datetime | None) -> Timestamp | None:

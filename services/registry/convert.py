@@ -41,7 +41,16 @@ def timestamp(moment: datetime) -> Timestamp:
 
 
 def time_or(ts: Timestamp, default: datetime | None) -> datetime | None:
-    return ts.ToDatetime(tzinfo=UTC) if ts.seconds or ts.nanos else default
+    """The moment `ts` names (`default` when unset); INVALID_ARGUMENT when it is not a
+    valid timestamp (nanos outside 0..999,999,999, seconds outside years 1..9999)."""
+    if not (ts.seconds or ts.nanos):
+        return default
+    try:
+        return ts.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidArgument(
+            f"invalid timestamp (seconds={ts.seconds}, nanos={ts.nanos})"
+        ) from exc
 
 
 def encode_token(key: str) -> str:

@@ -23,6 +23,7 @@ from modelplane.kernel.errors import (
     Conflict,
     FailedPrecondition,
     InvalidArgument,
+    PermissionDenied,
 )
 
 ANONYMOUS = "anonymous"
@@ -538,6 +539,18 @@ def checked_version(new: NewVersion) -> NewVersion:
     return dataclasses.replace(new, metadata=dataclasses.replace(metadata, feature_input=resolved))
 
 
+# ListModels' query is a substring of a name or a description: longer than any name and
+# than a search anyone types, it is refused (SQLite also refuses LIKE patterns over 50 KB).
+MAX_QUERY_LENGTH = 256
+
+
+def validate_query(query: str) -> None:
+    if len(query) > MAX_QUERY_LENGTH:
+        raise InvalidArgument(
+            f"query of {len(query)} characters: at most {MAX_QUERY_LENGTH} are allowed"
+        )
+
+
 def page_size(requested: int) -> int:
     if requested < 0:
         raise InvalidArgument("page_size must not be negative")
@@ -569,6 +582,17 @@ def status_after_review(
 def check_reviewable(model: str, version: int, status: VersionStatus) -> None:
     if status is VersionStatus.ARCHIVED:
         raise FailedPrecondition(f"{model} v{version} is archived and can no longer be reviewed")
+
+
+def check_not_own_upload(
+    model: str, version: int, created_by: str, reviewer: str, decision: ReviewDecision
+) -> None:
+    """An approval is a second pair of eyes: the uploader's own does not count. Applied
+    only to authenticated actors (a self-declared name proves nothing either way)."""
+    if decision is ReviewDecision.APPROVE and reviewer == created_by:
+        raise PermissionDenied(
+            f"{model} v{version} was uploaded by {quote(reviewer)}, who cannot approve it"
+        )
 
 
 def check_status_change(

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from modelplane.kernel.auth import current_principal
 from modelplane.kernel.errors import (
     InvalidArgument,
     ModelplaneError,
@@ -42,6 +43,11 @@ WatchEvent = domain.AliasEvent | domain.ModelVersion | domain.RolloutPolicy
 
 
 def actor_of(context: grpc.aio.ServicerContext) -> str:
+    """The authenticated principal when auth is on (a self-declared name is ignored);
+    otherwise the name the caller declares in `x-modelplane-actor`."""
+    principal = current_principal()
+    if principal is not None:
+        return principal.name
     for key, value in context.invocation_metadata() or ():
         if key == ACTOR_METADATA_KEY and isinstance(value, str) and value.strip():
             return value.strip()[:MAX_ACTOR_LENGTH]
@@ -151,6 +157,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
+        domain.validate_query(request.query)
         limit = domain.page_size(request.page_size)
         models = await asyncio.to_thread(
             self._store.list_models,
@@ -350,7 +357,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             context,
             f"version.review.{decision.value}",
             f"{request.model}/v{request.version}",
-            self._store.add_review,
+            self._review if current_principal() is not None else self._store.add_review,
             request.model,
             request.version,
             decision,
@@ -359,6 +366,16 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         return pb.ReviewVersionResponse(
             review=convert.review_to_pb(review), version=convert.version_to_pb(version)
         )
+
+    def _review(
+        self, model: str, version: int, decision: domain.ReviewDecision, comment: str, actor: str
+    ) -> tuple[domain.Review, domain.ModelVersion]:
+        """A review by an authenticated principal: nobody approves their own upload (a
+        version's uploader never changes, so checking before the review's transaction is
+        safe)."""
+        current = self._store.get_version(model, version)
+        domain.check_not_own_upload(model, version, current.created_by, actor, decision)
+        return self._store.add_review(model, version, decision, comment, actor)
 
     async def ListReviews(
         self, request: pb.ListReviewsRequest, context: grpc.aio.ServicerContext

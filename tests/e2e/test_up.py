@@ -4,6 +4,7 @@ listing its API through reflection, the demo model answering, Ctrl-C stops all."
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -205,6 +206,79 @@ def test_up_serves_all_four_and_stops_cleanly_on_ctrl_c(tmp_path):
         if process.poll() is None:
             # Ctrl-C first: `up` then stops its four children, which run in sessions of
             # their own and would outlive a killed `up`.
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def test_up_with_tls_and_auth_from_the_environment(tmp_path):
+    """With every service serving TLS with auth on, and the client settings (CA, token)
+    in the environment, `up` checks health, registers the demo and materializes over
+    them; the children call each other with the same credentials."""
+    from modelplane.client.credentials import ClientCredentials
+    from modelplane.kernel.auth import add_token
+    from tests.certificates import CertificateAuthority
+
+    ca = CertificateAuthority(tmp_path / "pki")
+    server = ca.server()
+    tokens = tmp_path / "tokens.jsonl"
+    token = add_token(tokens, "operator", ["admin"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPLANE_")}
+    for service in EXPECTED_SERVICES:
+        prefix = f"MODELPLANE_{service.upper()}_"
+        env[f"{prefix}TLS_CERT_FILE"] = str(server.cert)
+        env[f"{prefix}TLS_KEY_FILE"] = str(server.key)
+        env[f"{prefix}AUTH_TOKENS_FILE"] = str(tokens)
+    env["MODELPLANE_TLS_CA"] = str(ca.cert_file)
+    env["MODELPLANE_TOKEN"] = token
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "modelplane.cli.main",
+            "up",
+            "--any-ports",
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        addresses: dict[str, str] = {}
+        assert process.stdout is not None
+        for line in process.stdout:
+            words = line.split()
+            if len(words) >= 3 and words[0] in EXPECTED_SERVICES and words[1] == "grpc":
+                addresses[words[0]] = words[2]
+            if line.startswith("Press Ctrl-C"):
+                break
+        assert set(addresses) == set(EXPECTED_SERVICES), addresses
+        credentials = ClientCredentials(ca_file=ca.cert_file, token=token)
+        for name, address in addresses.items():
+            with credentials.channel(address) as channel:
+                response = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=10
+                )
+            assert response.status == health_pb2.HealthCheckResponse.SERVING, name
+            with grpc.insecure_channel(address) as plain, pytest.raises(grpc.RpcError):
+                health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        # The demo was registered through TLS with the token: inference serves it.
+        from modelplane.client.inference import InferenceClient
+
+        with InferenceClient(addresses["inference"], timeout=10, credentials=credentials) as client:
+            answer = client.predict_entities("fraud", {"customer_id": [1]})
+        assert answer.model_version == "1"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
             process.send_signal(signal.SIGINT)
             try:
                 process.wait(timeout=60)

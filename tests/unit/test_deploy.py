@@ -14,6 +14,7 @@ replicas keep their state under.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -33,10 +34,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from modelplane.cli import health
 from modelplane.cli.main import build_parser
 from modelplane.cli.serve import settings_from_args
 from modelplane.cli.services import DEFAULT_PORTS, SERVICES, service_main
+from modelplane.client import credentials as client_credentials
 from modelplane.examples import features as demo_features
+from modelplane.kernel import auth
 from modelplane.services.feature.definitions import definitions_from_yaml
 from modelplane.services.feature.domain import FeatureView
 
@@ -57,6 +61,19 @@ WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")
 # What the downward API gives a container, as the tests stand it in.
 POD_FIELDS = {"metadata.name": "modelplane-pod-0", "metadata.namespace": "default"}
 Doc = dict[str, Any]
+# What every client reads (modelplane.client.credentials), not a service's setting.
+CLIENT_VARIABLES = {
+    client_credentials.ENV_CA,
+    client_credentials.ENV_CERT,
+    client_credentials.ENV_KEY,
+    client_credentials.ENV_TLS,
+    client_credentials.ENV_SERVER_NAME,
+    client_credentials.ENV_TOKEN,
+}
+# The TLS Secret the operator (or cert-manager) makes; deploy/ only mounts it.
+TLS_SECRET = "modelplane-tls"
+TLS_SECRET_KEYS = {"tls.crt", "tls.key", "ca.crt"}
+HEALTHCHECK = "/opt/modelplane/healthcheck.py"
 
 
 # --- loading -----------------------------------------------------------------------------
@@ -401,10 +418,11 @@ def test_every_container_runs_a_valid_command_with_known_settings(variant, monke
         args = build_parser().parse_args(container["args"])
         env, declared = container_env(docs, container, image_stage(container))
         if args.command != "serve":
-            assert not declared, f"{name}: settings for a client command"
+            unknown = declared - CLIENT_VARIABLES
+            assert not unknown, f"{name}: settings for a client command: {sorted(unknown)}"
             continue
         served_services.add(args.service)
-        unknown = declared - known_variables(args.service)
+        unknown = declared - known_variables(args.service) - CLIENT_VARIABLES
         assert not unknown, f"{name}: {sorted(unknown)} are not settings of {args.service}"
         effective_settings(monkeypatch, container["args"], env)
         # Service links would inject MODELPLANE_<SERVICE>_PORT=tcp://... (a setting's name).
@@ -443,7 +461,18 @@ def test_ports_probes_and_metrics_agree(variant, service, monkeypatch):
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == settings.port, probe
+        # Exec probes: the kubelet's gRPC probes speak plaintext, and the port is TLS.
+        command = container[probe]["exec"]["command"]
+        assert command[:2] == ["python", HEALTHCHECK], probe
+        assert HEALTHCHECK in {c[-1] for c in dockerfile_stages()["runtime"]["copy"]}
+        parser = argparse.ArgumentParser()
+        health.add_arguments(parser)
+        asked = parser.parse_args(command[2:])
+        assert asked.address == f"127.0.0.1:{settings.port}", probe
+        # The name checked in the certificate is the Service's, the one clients dial.
+        probed = find(docs, "Service", asked.server_name)
+        assert pod in pods_behind(docs, probed), probe
+        assert container[probe]["timeoutSeconds"] > asked.timeout, probe
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(settings.metrics_port)
@@ -973,3 +1002,158 @@ def test_the_collector_pipeline_receives_otlp_and_exports_to_jaeger(compose):
     (mount,) = compose["services"]["otel-collector"]["configs"]
     assert compose["configs"][mount["source"]]["file"] == "./observability/otel-collector.yaml"
     assert compose["services"]["otel-collector"]["command"] == [f"--config={mount['target']}"]
+
+
+# --- Kubernetes: authentication and TLS ----------------------------------------------------
+
+
+def secret_mount(docs: list[Doc], pod: Doc, container: Doc, path: str) -> tuple[str, str]:
+    """(Secret name, key) of the read-only Secret volume file at `path`."""
+    found = mount_for(pod, container, path)
+    assert found is not None, f"{path} is not mounted"
+    mount, volume = found
+    assert mount.get("readOnly") is True, path
+    assert "secret" in volume, f"{path} is on {volume}, not a Secret"
+    name = volume["secret"]["secretName"]
+    relative = str(PurePosixPath(path).relative_to(mount["mountPath"]))
+    items = volume["secret"].get("items")
+    if items is not None:
+        (key,) = [i["key"] for i in items if i["path"] == relative]
+    else:
+        key = relative
+    if name == TLS_SECRET:
+        assert key in TLS_SECRET_KEYS, path
+    else:
+        secret_value(docs, name, key)  # made by dependencies/
+    return name, key
+
+
+def token_store(docs: list[Doc], tmp_path: Path, secret: str, key: str) -> auth.TokenStore:
+    path = tmp_path / f"{secret}-{key}"
+    path.write_text(secret_value(docs, secret, key))
+    return auth.TokenStore(path)
+
+
+def secrets_readable(pod: Doc) -> None:
+    """Secret volumes are readable by the process: by everyone, or by its fsGroup."""
+    fs_group = pod["spec"]["securityContext"].get("fsGroup")
+    for volume in pod["spec"].get("volumes", []):
+        if "secret" in volume:
+            mode = volume["secret"].get("defaultMode", 0o644)
+            assert mode & 0o004 or (fs_group == 10001 and mode & 0o040), volume["name"]
+
+
+# The RPCs each caller in the cluster makes.
+CALLS = {
+    "inference": [
+        "/modelplane.registry.v1.RegistryService/WatchModel",
+        "/modelplane.registry.v1.RegistryService/GetVersion",
+        "/modelplane.registry.v1.RegistryService/DownloadArtifact",
+        "/modelplane.feature.v1.FeatureService/GetBundleTensor",
+        "/modelplane.monitoring.v1.MonitoringService/LogPredictions",
+    ],
+    "monitoring": [
+        "/modelplane.registry.v1.RegistryService/GetVersion",
+        "/modelplane.registry.v1.RegistryService/DownloadArtifact",
+    ],
+    "materialize": ["/modelplane.feature.v1.FeatureService/Materialize"],
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_service_serves_tls_with_auth_on(variant, service, monkeypatch, tmp_path):
+    docs = system(variant)
+    _, pod, container = served(docs, service)
+    env, _ = container_env(docs, container, image_stage(container))
+    settings = effective_settings(monkeypatch, container["args"], env)
+    assert settings.auth_tokens_file is not None and settings.tls_cert_file is not None
+    tokens = secret_mount(docs, pod, container, str(settings.auth_tokens_file))
+    assert token_store(docs, tmp_path, *tokens)  # the file parses
+    cert = secret_mount(docs, pod, container, str(settings.tls_cert_file))
+    key = secret_mount(docs, pod, container, str(settings.tls_key_file))
+    assert (cert, key) == ((TLS_SECRET, "tls.crt"), (TLS_SECRET, "tls.key"))
+    # Server TLS, no client certificates: callers (the probes too) prove who they are
+    # with bearer tokens.
+    assert settings.tls_client_ca_file is None
+    # The probes and the service's own calls trust the CA of the same Secret.
+    ca = env[client_credentials.ENV_CA]
+    assert secret_mount(docs, pod, container, ca) == (TLS_SECRET, "ca.crt")
+    secrets_readable(pod)
+
+
+def caller_token(container: Doc) -> tuple[str, str]:
+    (variable,) = [v for v in container["env"] if v["name"] == client_credentials.ENV_TOKEN]
+    ref = variable["valueFrom"]["secretKeyRef"]
+    return ref["name"], ref["key"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_calls_between_services_carry_tokens_with_the_roles_they_need(variant, tmp_path):
+    docs = system(variant)
+    (job,) = [
+        (p, c) for _, p, c in our_containers(docs) if c["args"][:2] == ["features", "materialize"]
+    ]
+    callers = {
+        "inference": served(docs, "inference")[1:],
+        "monitoring": served(docs, "monitoring")[1:],
+        "materialize": job,
+    }
+    for caller, (pod, container) in callers.items():
+        name, key = caller_token(container)
+        env = {v["name"]: v.get("value") for v in container["env"]}
+        assert secret_mount(docs, pod, container, env[client_credentials.ENV_CA]) == (
+            TLS_SECRET,
+            "ca.crt",
+        )
+        secrets_readable(pod)
+        for service in SERVICES:
+            # Every service reads the same token file.
+            _, served_pod, served_container = served(docs, service)
+            served_env, _ = container_env(docs, served_container, image_stage(served_container))
+            path = served_env[f"MODELPLANE_{service.upper()}_AUTH_TOKENS_FILE"]
+            mounted = secret_mount(docs, served_pod, served_container, path)
+            principal = token_store(docs, tmp_path, *mounted).authenticate(
+                secret_value(docs, name, key)
+            )
+            assert principal is not None, f"{caller}'s token is not in {service}'s file"
+            for method in CALLS[caller]:
+                assert principal.may(auth.REQUIRED_ROLE[method]), (caller, method)
+            # No more than it needs: no caller here approves or administers.
+            assert not principal.may(auth.APPROVER) and not principal.may(auth.ADMIN), caller
+
+
+def test_secret_volumes_are_made_by_dependencies_or_are_the_tls_secret():
+    made = {d["metadata"]["name"] for d in files_of(DEPENDENCIES) if d["kind"] == "Secret"}
+    for _, pod, _ in our_containers(files_of(K8S)):
+        for volume in pod["spec"].get("volumes", []):
+            if "secret" in volume:
+                assert volume["secret"]["secretName"] in made | {TLS_SECRET}
+    assert TLS_SECRET not in made  # a private key is never committed
+
+
+# --- Batch scoring examples (deploy/batch/, outside the kustomization) --------------------
+
+BATCH_EXAMPLES = sorted((DEPLOY / "batch").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", BATCH_EXAMPLES, ids=lambda p: p.name)
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_batch_examples_match_the_kubernetes_schema(path, version):
+    for document in yaml.safe_load_all(path.read_text()):
+        kubernetes_validate.validate(document, version, strict=True)
+
+
+@pytest.mark.parametrize("path", BATCH_EXAMPLES, ids=lambda p: p.name)
+def test_batch_examples_run_a_valid_score_command(path):
+    for document in yaml.safe_load_all(path.read_text()):
+        pod = document["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        for container in pod["containers"]:
+            assert container["image"].split(":")[-1] == VERSION
+            script = " ".join(container["args"])
+            command = shlex.split(script.split("exec modelplane", 1)[1].replace("$DAY", "day"))
+            args = build_parser().parse_args(command)
+            assert (args.command, args.score_command) == ("score", "batch")
+            assert args.output.is_absolute() and args.output.parts[1] == "data"
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert document["spec"]["concurrencyPolicy"] == "Forbid"

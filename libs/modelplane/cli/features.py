@@ -222,12 +222,17 @@ def materialize_views(args: argparse.Namespace) -> int:
         return 1
 
     def materialize(client: FeatureClient) -> int:
+        failed = 0
         for run in client.materialize(args.view, start, end):
+            if run.error:
+                failed += 1
+                print(f"{run.view}: not materialized: {run.error}", file=sys.stderr)
+                continue
             print(
                 f"{run.view}: {_json_time(run.start)} → {_json_time(run.end)}  "
                 f"read {run.rows_read}, written {run.rows_written}, ignored {run.rows_ignored}"
             )
-        return 0
+        return 1 if failed else 0
 
     return _with_client(args, materialize)
 

@@ -23,6 +23,9 @@ COMMAND_MODULES = (
     "modelplane.cli.predict",
     "modelplane.cli.models",
     "modelplane.cli.monitor",
+    "modelplane.cli.auth",
+    "modelplane.cli.health",
+    "modelplane.cli.score",
 )
 
 

@@ -32,6 +32,16 @@ def register(commands: Any) -> None:
         sub.add_argument(
             "--cpus", help="CPUs to run on, as a Linux CPU list such as 1 or 0-3 (default: any)"
         )
+        sub.add_argument(
+            "--tls-cert", dest="tls_cert_file", type=Path, help="PEM server certificate (TLS)"
+        )
+        sub.add_argument("--tls-key", dest="tls_key_file", type=Path, help="PEM key of --tls-cert")
+        sub.add_argument(
+            "--tls-client-ca",
+            dest="tls_client_ca_file",
+            type=Path,
+            help="PEM CA: clients must present a certificate it signed (mutual TLS)",
+        )
         if hasattr(module, "add_arguments"):
             module.add_arguments(sub)
         sub.set_defaults(handler=run_service, service_module=module)

@@ -8,6 +8,11 @@ registry (as a deployment would). `up` waits until every service reports SERVING
 the standard health service, materializes the demo features, prints the addresses
 and calls that work (a model; features into a model), and on Ctrl-C or SIGTERM stops
 them all gracefully.
+
+Every call `up` makes (health checks, registering the demo, materializing) goes through
+`ClientCredentials.from_env()`, like any client: with nothing set it is plaintext; with
+MODELPLANE_TLS_CA (and a token, client certificate) set, the same settings the children
+inherit for their own calls to each other, it reaches services serving TLS.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelplane.cli.services import DEFAULT_PORTS, SERVICES
+from modelplane.client.credentials import ClientCredentials
 from modelplane.client.monitoring import MonitoringClient
 from modelplane.client.registry import RegistryClient
 from modelplane.examples import fraud
@@ -118,7 +124,7 @@ def _start(name: str, args: argparse.Namespace, peers: dict[str, str] | None = N
     return Child(name, process)
 
 
-def _wait_serving(child: Child, deadline: float) -> None:
+def _wait_serving(child: Child, deadline: float, credentials: ClientCredentials) -> None:
     found: dict[str, Any] = {}
     assert child.process.stdout is not None
     reader = threading.Thread(
@@ -129,7 +135,7 @@ def _wait_serving(child: Child, deadline: float) -> None:
     if not found:
         raise RuntimeError(f"{child.name} did not start (exit code {child.process.poll()})")
     child.address, child.metrics_port = found["address"], found.get("metrics_port")
-    with grpc.insecure_channel(child.address) as channel:
+    with credentials.channel(child.address) as channel:
         response = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(),
             timeout=max(1.0, deadline - time.monotonic()),
@@ -156,13 +162,15 @@ def _stop_all(children: list[Child], grace: float = 15.0) -> bool:
     return clean
 
 
-def _register_demo(registry: Child, data_dir: Path) -> list[str]:
+def _register_demo(registry: Child, data_dir: Path, credentials: ClientCredentials) -> list[str]:
     """Registers the demo models on the first run and points `production` at them; a
     later run finds them there (and leaves any alias you moved where it is). The fraud
     model is trained here, on the demo feature view's history."""
     repository = data_dir / "models"
     said = []
-    with RegistryClient(registry.address, actor="modelplane-up", timeout=30) as client:
+    with RegistryClient(
+        registry.address, actor="modelplane-up", timeout=30, credentials=credentials
+    ) as client:
         said += _register_fraud(client, data_dir)
         for name in (DEMO_MODEL_NAME, SCORER):
             try:
@@ -184,11 +192,11 @@ def _register_demo(registry: Child, data_dir: Path) -> list[str]:
     return said
 
 
-def _configure_monitoring(monitoring: Child) -> str:
+def _configure_monitoring(monitoring: Child, credentials: ClientCredentials) -> str:
     """How the fraud model is judged: its score is output probabilities[1] of a binary
     classifier (quality once labels arrive), and an alert fires when a feature drifts in
     two 5-minute windows in a row. Left as it is when already set."""
-    with MonitoringClient(monitoring.address, timeout=10) as client:
+    with MonitoringClient(monitoring.address, timeout=10, credentials=credentials) as client:
         if client.get_config(fraud.MODEL).revision:
             return "monitoring config of fraud kept as it was"
         client.set_config(
@@ -238,10 +246,10 @@ def _register_fraud(client: RegistryClient, data_dir: Path) -> list[str]:
     return said
 
 
-def _materialize_demo(feature: Child) -> str:
+def _materialize_demo(feature: Child, credentials: ClientCredentials) -> str:
     """Copies the demo source's rows into the online store (incremental: a later run
     reads only rows newer than the last) and says what it did."""
-    with grpc.insecure_channel(feature.address) as channel:
+    with credentials.channel(feature.address) as channel:
         response = feature_pb2_grpc.FeatureServiceStub(channel).Materialize(
             feature_pb2.MaterializeRequest(), timeout=60
         )
@@ -326,24 +334,25 @@ def up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     children: list[Child] = []
     try:
+        credentials = ClientCredentials.from_env()
         deadline = time.monotonic() + START_TIMEOUT_S
         # Monitoring after the registry (it reads references from there); inference
         # last: it is started with the others' addresses, serves what the registry's
         # aliases say and fetches features for models that name a bundle.
         children = [_start(name, args) for name in ("registry", "feature")]
         for child in children:
-            _wait_serving(child, deadline)
+            _wait_serving(child, deadline, credentials)
         peers = {child.name: child.address for child in children}
         monitoring = _start("monitoring", args, peers)
         children.append(monitoring)
-        _wait_serving(monitoring, deadline)
+        _wait_serving(monitoring, deadline, credentials)
         peers["monitoring"] = monitoring.address
         registry = next(child for child in children if child.name == "registry")
-        registered = _register_demo(registry, args.data_dir)
-        configured = _configure_monitoring(monitoring)
+        registered = _register_demo(registry, args.data_dir, credentials)
+        configured = _configure_monitoring(monitoring, credentials)
         inference = _start("inference", args, peers)
         children.append(inference)
-        _wait_serving(inference, deadline)
+        _wait_serving(inference, deadline, credentials)
         children.sort(key=lambda child: SERVICES.index(child.name))
         for child in children:
             print(
@@ -355,7 +364,7 @@ def up(args: argparse.Namespace) -> int:
             print(f"{'registry':<11} {line}", flush=True)
         print(f"{'monitoring':<11} {configured}", flush=True)
         feature = next(c for c in children if c.name == "feature")
-        print(f"{feature.name:<11} {_materialize_demo(feature)}", flush=True)
+        print(f"{feature.name:<11} {_materialize_demo(feature, credentials)}", flush=True)
         print(_usage(children), flush=True)
         while not stop.is_set():
             if any(child.process.poll() is not None for child in children):

@@ -15,6 +15,7 @@ from typing import Any, Self, TypeVar
 
 import grpc
 
+from modelplane.client.credentials import ClientCredentials, resolve
 from modelplane.kernel.settings import MAX_MESSAGE_BYTES
 from modelplane.kernel.telemetry import trace_metadata
 
@@ -43,9 +44,13 @@ class ServiceClient:
         timeout: float,
         connect_timeout: float | None = CONNECT_TIMEOUT_S,
         options: Sequence[tuple[str, Any]] = (),
+        credentials: ClientCredentials | None = None,
     ) -> None:
+        """`credentials`: TLS and token (default: from the environment, see
+        modelplane.client.credentials)."""
         self.address = address
-        self._channel = grpc.insecure_channel(
+        self.credentials = resolve(credentials)
+        self._channel = self.credentials.channel(
             address,
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

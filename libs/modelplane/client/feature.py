@@ -43,6 +43,7 @@ import yaml
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from modelplane.client.channel import CONNECT_TIMEOUT_S, ServiceClient
+from modelplane.client.credentials import ClientCredentials
 from modelplane.feature.v1 import feature_pb2 as pb
 from modelplane.feature.v1 import feature_pb2_grpc as pb_grpc
 
@@ -574,6 +575,8 @@ class Materialization:
     rows_read: int
     rows_written: int
     rows_ignored: int
+    error: str = ""
+    """Why the view was not materialized (an unfiltered call goes on with the others)."""
 
 
 _CHANGES = {v: k.removeprefix("CHANGE_KIND_").lower() for k, v in pb.ChangeKind.items()}
@@ -627,8 +630,9 @@ class FeatureClient(ServiceClient):
         long_timeout: float = 3600.0,
         connect_timeout: float | None = CONNECT_TIMEOUT_S,
         retry_writes: bool = True,
+        credentials: ClientCredentials | None = None,
     ) -> None:
-        super().__init__(address, timeout, connect_timeout)
+        super().__init__(address, timeout, connect_timeout, credentials=credentials)
         self.stub = pb_grpc.FeatureServiceStub(self._channel)
         self.long_timeout = long_timeout
         self.retry_writes = retry_writes
@@ -757,6 +761,7 @@ class FeatureClient(ServiceClient):
                 v.rows_read,
                 v.rows_written,
                 v.rows_ignored,
+                v.error,
             )
             for v in response.views
         ]

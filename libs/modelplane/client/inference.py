@@ -30,6 +30,7 @@ from modelplane.client.channel import (  # noqa: F401 - re-exported
     CannotConnect,
     ServiceClient,
 )
+from modelplane.client.credentials import ClientCredentials
 from modelplane.kserve_types import CONTENTS_FIELD, RAW_DTYPES
 
 DEFAULT_ADDRESS = "127.0.0.1:8001"
@@ -265,8 +266,9 @@ class InferenceClient(ServiceClient):
         address: str = DEFAULT_ADDRESS,
         timeout: float = 30.0,
         connect_timeout: float | None = CONNECT_TIMEOUT_S,
+        credentials: ClientCredentials | None = None,
     ) -> None:
-        super().__init__(address, timeout, connect_timeout)
+        super().__init__(address, timeout, connect_timeout, credentials=credentials)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
 
     # --- calls ----------------------------------------------------------------------------

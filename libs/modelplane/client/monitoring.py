@@ -28,6 +28,7 @@ from modelplane.client.channel import (  # noqa: F401 - re-exported
     CannotConnect,
     ServiceClient,
 )
+from modelplane.client.credentials import ClientCredentials
 from modelplane.kernel.telemetry import trace_metadata
 from modelplane.monitoring.v1 import monitoring_pb2 as pb
 from modelplane.monitoring.v1 import monitoring_pb2_grpc as pb_grpc
@@ -152,12 +153,14 @@ class MonitoringClient(ServiceClient):
         address: str = DEFAULT_ADDRESS,
         timeout: float = 30.0,
         connect_timeout: float | None = CONNECT_TIMEOUT_S,
+        credentials: ClientCredentials | None = None,
     ) -> None:
         super().__init__(
             address,
             timeout,
             connect_timeout,
             options=[("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)],
+            credentials=credentials,
         )
         self.stub = pb_grpc.MonitoringServiceStub(self._channel)
 

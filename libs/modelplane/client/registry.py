@@ -13,9 +13,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from modelplane.client.credentials import ClientCredentials, resolve
 from modelplane.kernel.settings import MAX_MESSAGE_BYTES
 from modelplane.registry.v1 import registry_pb2 as pb
 from modelplane.registry.v1 import registry_pb2_grpc as pb_grpc
@@ -75,9 +75,12 @@ class RegistryClient:
         timeout: float = 30.0,
         transfer_timeout: float = 3600.0,
         keepalive_s: float | None = None,
+        credentials: ClientCredentials | None = None,
     ) -> None:
         """`keepalive_s`: ping an idle connection this often, so a long watch learns
-        within about twice that when the registry vanished without closing it."""
+        within about twice that when the registry vanished without closing it.
+        `credentials`: TLS and token (default: from the environment, see
+        modelplane.client.credentials)."""
         options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -89,7 +92,8 @@ class RegistryClient:
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.max_pings_without_data", 0),
             ]
-        self._channel = grpc.insecure_channel(address, options=options)
+        self.credentials = resolve(credentials)
+        self._channel = self.credentials.channel(address, options=options)
         self.stub = pb_grpc.RegistryServiceStub(self._channel)
         self._metadata = ((ACTOR_METADATA_KEY, actor),) if actor else ()
         self.timeout = timeout

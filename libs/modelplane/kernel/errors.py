@@ -86,6 +86,12 @@ class Cancelled(ModelplaneError):
     code = grpc.StatusCode.CANCELLED
 
 
+class PermissionDenied(ModelplaneError):
+    """The authenticated caller may not do this (e.g. approve their own upload)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 # The message travels in the grpc-message trailer: past gRPC's metadata limit (8 KiB by
 # default) the call fails on the client with another code (often RESOURCE_EXHAUSTED),
 # so a message echoing a huge request field is cut well below it.
@@ -100,6 +106,22 @@ def bounded_message(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
         return message
     keep = limit - len(_TRUNCATED)
     return encoded[:keep].decode(errors="ignore") + _TRUNCATED
+
+
+MAX_ECHOED_CHARS = 64
+
+
+def clip(value: object, limit: int = MAX_ECHOED_CHARS) -> str:
+    """`value` as text for a message, cut to `limit` characters (marked with "…" and the
+    full length when cut): messages name what the caller sent, and a caller may send a
+    name of any length. Control characters are escaped so a message stays one line."""
+    text = str(value)
+    cut = len(text) > limit
+    if cut:
+        text = text[:limit]
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")[:limit]
+    return f"{text}…({len(str(value))} chars)" if cut else text
 
 
 def status_for(exc: BaseException, method: str = "") -> tuple[grpc.StatusCode, str]:

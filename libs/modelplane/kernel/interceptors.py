@@ -6,23 +6,124 @@ call with the matching code and the error's message, cut to
 reach the caller as a different error). Anything unexpected becomes
 INTERNAL with an opaque incident id (the traceback goes to the log, never to the
 caller).
+
+They also parse each request themselves (`_tolerant`): gRPC's own parsing of a request
+that is not a valid message raises inside grpc, which logs a traceback per request and
+answers UNKNOWN (INTERNAL on the synchronous server). Here such a request becomes an
+`Undecodable` marker that the wrapped handler refuses with INVALID_ARGUMENT (in a client
+stream, when the handler reads that frame), logged as one rate-limited line.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable, Iterator
+import logging
+import threading
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from modelplane.kernel.errors import status_for
+from modelplane.kernel.errors import InvalidArgument, status_for
+
+log = logging.getLogger("modelplane.errors")
 
 
-def _wrap_aio_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+class RateLimitedLog:
+    """Logs a bad-input warning at most once per `interval_s`, saying how many were left
+    out since the last one; never with a traceback (the input is the caller's fault)."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
+        self._log = logger
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._next = 0.0
+        self._suppressed = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                self._suppressed += 1
+                return
+            suppressed, self._suppressed = self._suppressed, 0
+            self._next = now + self.interval_s
+        if suppressed:
+            message += " (%d more bad requests left out)"
+            args = (*args, suppressed)
+        self._log.warning(message, *args)
+
+
+bad_input_log = RateLimitedLog(log)
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """A request (or client-stream frame) that is not a valid message of its type."""
+
+    type_name: str
+    size: int
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(
+            f"the request ({self.size} bytes) could not be decoded as {self.type_name}"
+        )
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer` returning `Undecodable` instead of raising."""
+    if deserializer is None:
+        return None
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = getattr(descriptor, "full_name", "the request message")
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # DecodeError, or anything else the parser raises on bad bytes
+            bad_input_log.warning("undecodable %s (%d bytes) refused", name, len(data))
+            return Undecodable(name, len(data))
+
+    return parse
+
+
+def _refuse_undecodable(request: Any) -> None:
+    if isinstance(request, Undecodable):
+        raise request.error()
+
+
+async def _checked_aio_frames(frames: AsyncIterable[Any]) -> AsyncIterator[Any]:
+    async for frame in frames:
+        _refuse_undecodable(frame)
+        yield frame
+
+
+def _checked_sync_frames(frames: Iterable[Any]) -> Iterator[Any]:
+    for frame in frames:
+        _refuse_undecodable(frame)
+        yield frame
+
+
+def _checked_request(request_or_iterator: Any, client_streaming: bool, aio: bool) -> Any:
+    """The request, refused when undecodable; or the client stream, whose undecodable
+    frames are refused when the handler reaches them."""
+    if not client_streaming:
+        _refuse_undecodable(request_or_iterator)
+        return request_or_iterator
+    if aio:
+        return _checked_aio_frames(request_or_iterator)
+    return _checked_sync_frames(request_or_iterator)
+
+
+def _wrap_aio_unary(
+    behavior: Callable[..., Any], method: str, client_streaming: bool = False
+) -> Callable[..., Any]:
     async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await behavior(request_or_iterator, context)
+            request = _checked_request(request_or_iterator, client_streaming, aio=True)
+            return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
@@ -32,14 +133,17 @@ def _wrap_aio_unary(behavior: Callable[..., Any], method: str) -> Callable[..., 
     return wrapper
 
 
-def _wrap_aio_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _wrap_aio_stream(
+    behavior: Callable[..., Any], method: str, client_streaming: bool = False
+) -> Callable[..., Any]:
     if inspect.isasyncgenfunction(behavior):
 
         async def gen_wrapper(
             request_or_iterator: Any, context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Any]:
             try:
-                async for response in behavior(request_or_iterator, context):
+                request = _checked_request(request_or_iterator, client_streaming, aio=True)
+                async for response in behavior(request, context):
                     yield response
             except grpc.aio.AbortError:
                 raise
@@ -49,7 +153,7 @@ def _wrap_aio_stream(behavior: Callable[..., Any], method: str) -> Callable[...,
 
         return gen_wrapper
     # A coroutine handler that writes with context.write() behaves like a unary one.
-    return _wrap_aio_unary(behavior, method)
+    return _wrap_aio_unary(behavior, method, client_streaming)
 
 
 class _WrappedHandlers:
@@ -88,27 +192,28 @@ class AioErrorInterceptor(grpc.aio.ServerInterceptor):
 
     @staticmethod
     def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        parse = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_aio_unary(handler.unary_unary, method),
-                handler.request_deserializer,
+                parse,
                 handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_aio_unary(handler.stream_unary, method),
-                handler.request_deserializer,
+                _wrap_aio_unary(handler.stream_unary, method, client_streaming=True),
+                parse,
                 handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_aio_stream(handler.unary_stream, method),
-                handler.request_deserializer,
+                parse,
                 handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_aio_stream(handler.stream_stream, method),
-            handler.request_deserializer,
+            _wrap_aio_stream(handler.stream_stream, method, client_streaming=True),
+            parse,
             handler.response_serializer,
         )
 
@@ -121,20 +226,26 @@ def _abort_sync(exc: Exception, context: grpc.ServicerContext, method: str) -> N
     context.abort(code, message)
 
 
-def _wrap_sync_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _wrap_sync_unary(
+    behavior: Callable[..., Any], method: str, client_streaming: bool = False
+) -> Callable[..., Any]:
     def wrapper(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
         try:
-            return behavior(request_or_iterator, context)
+            request = _checked_request(request_or_iterator, client_streaming, aio=False)
+            return behavior(request, context)
         except Exception as exc:
             _abort_sync(exc, context, method)
 
     return wrapper
 
 
-def _wrap_sync_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _wrap_sync_stream(
+    behavior: Callable[..., Any], method: str, client_streaming: bool = False
+) -> Callable[..., Any]:
     def wrapper(request_or_iterator: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
-            yield from behavior(request_or_iterator, context)
+            request = _checked_request(request_or_iterator, client_streaming, aio=False)
+            yield from behavior(request, context)
         except Exception as exc:
             _abort_sync(exc, context, method)
 
@@ -159,26 +270,27 @@ class SyncErrorInterceptor(grpc.ServerInterceptor):
 
     @staticmethod
     def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        parse = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_sync_unary(handler.unary_unary, method),
-                handler.request_deserializer,
+                parse,
                 handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_sync_unary(handler.stream_unary, method),
-                handler.request_deserializer,
+                _wrap_sync_unary(handler.stream_unary, method, client_streaming=True),
+                parse,
                 handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_sync_stream(handler.unary_stream, method),
-                handler.request_deserializer,
+                parse,
                 handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_sync_stream(handler.stream_stream, method),
-            handler.request_deserializer,
+            _wrap_sync_stream(handler.stream_stream, method, client_streaming=True),
+            parse,
             handler.response_serializer,
         )

@@ -2,10 +2,11 @@
 
 A service hands over its settings, its gRPC service names and a function that
 adds its servicers; the bootstrap adds the standard health service, server
-reflection, raised message-size limits, the error-mapping and tracing
-interceptors and a Prometheus /metrics endpoint, and shuts down gracefully:
-health flips to NOT_SERVING first, new calls are refused, in-flight calls get
-the grace period to finish.
+reflection, bounded message sizes (settings.max_message_bytes, 64 MiB), the
+error-mapping and tracing interceptors and a Prometheus /metrics endpoint, and shuts
+down gracefully: from the start of stop() new calls get UNAVAILABLE at once, health
+flips to NOT_SERVING, and in-flight calls get the grace period to finish before gRPC
+itself stops (see `_Drain`).
 
 `AioServiceServer` (grpc.aio) suits the I/O-bound services, streaming RPCs and
 handlers that wait on other work (the inference service's batcher: a waiting request is
@@ -16,11 +17,13 @@ costs a little less CPU per request for short handlers that never wait.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import signal
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -30,19 +33,213 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from modelplane.kernel.auth import aio_auth_interceptors, sync_auth_interceptors
 from modelplane.kernel.interceptors import AioErrorInterceptor, SyncErrorInterceptor
 from modelplane.kernel.logs import configure_logging
 from modelplane.kernel.metrics import MetricsServer, new_registry
 from modelplane.kernel.settings import ServiceSettings
 from modelplane.kernel.telemetry import aio_tracing_interceptor, sync_tracing_interceptor
+from modelplane.kernel.tls import server_credentials
 
 log = logging.getLogger("modelplane.server")
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+SHUTTING_DOWN = "the server is shutting down; retry on another replica"
+
+
+class _Drain:
+    """What stop() drains. Once `begin()` runs, a call that arrives is answered
+    UNAVAILABLE at once by the drain interceptors below (clients retry that elsewhere),
+    while the listener stays open and the calls already running finish; only when
+    they have (or the grace period ran out) does stop() hand over to grpc's own stop.
+    Stopping grpc at once instead closes the listener while calls still arrive: one
+    that reaches grpc core in that instant is CANCELLED by core (seen under load), which
+    clients treat as final and services never count. Health checks are never refused
+    (they answer NOT_SERVING), so load balancers watching them see the drain.
+
+    Running calls are counted by a wrapper per method (one frame, one lock per call)."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self._running = 0
+        self._idle = threading.Condition()
+
+    def begin(self) -> None:
+        self.started = True
+
+    def enter(self) -> None:
+        with self._idle:
+            self._running += 1
+
+    def leave(self) -> None:
+        with self._idle:
+            self._running -= 1
+            if self._running <= 0:
+                self._idle.notify_all()
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Blocks until no counted call runs or `timeout` passed; True when idle."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._running <= 0, timeout)
+
+    async def wait_idle_async(self, timeout: float) -> bool:
+        """wait_idle for an event loop, which must keep running the calls it waits for."""
+        deadline = time.monotonic() + timeout
+        while self._running > 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(0.005, left))
+        return True
+
+
+def _handler_like(
+    handler: grpc.RpcMethodHandler, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind whose behaviour is `wrap(its behaviour)`."""
+    kinds = (
+        (handler.unary_unary, grpc.unary_unary_rpc_method_handler),
+        (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
+        (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
+        (handler.stream_stream, grpc.stream_stream_rpc_method_handler),
+    )
+    for behavior, make in kinds:
+        if behavior is not None:
+            return make(wrap(behavior), handler.request_deserializer, handler.response_serializer)
+    return handler
+
+
+class _Counted:
+    """Counting wrappers, one per method handler (built once, reused)."""
+
+    def __init__(self, build: Callable[[grpc.RpcMethodHandler], grpc.RpcMethodHandler]) -> None:
+        self._build = build
+        self._by_method: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def get(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        cached = self._by_method.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._build(handler)
+        self._by_method[method] = (handler, wrapped)
+        return wrapped
+
+
+class AioDrainInterceptor(grpc.aio.ServerInterceptor):
+    """Counts running calls; once the server drains, answers UNAVAILABLE to every new
+    call but health checks."""
+
+    def __init__(self, drain: _Drain) -> None:
+        self._drain = drain
+        self._counted = _Counted(lambda handler: _handler_like(handler, self._count))
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or _is_health(method):
+            return handler
+        if self._drain.started:
+            return _handler_like(handler, lambda _: _refuse_aio)
+        return self._counted.get(method, handler)
+
+    def _count(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        drain = self._drain
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                drain.enter()
+                try:
+                    async for reply in behavior(request, context):
+                        yield reply
+                finally:
+                    drain.leave()
+
+            return stream
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            drain.enter()
+            try:
+                result = behavior(request, context)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+            finally:
+                drain.leave()
+
+        return call
+
+
+async def _refuse_aio(request: Any, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+
+
+class SyncDrainInterceptor(grpc.ServerInterceptor):
+    """The synchronous server's AioDrainInterceptor."""
+
+    def __init__(self, drain: _Drain) -> None:
+        self._drain = drain
+        self._counted = _Counted(lambda handler: self._wrap(handler))
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or _is_health(method):
+            return handler
+        if self._drain.started:
+            return _handler_like(handler, lambda _: _refuse_sync)
+        return self._counted.get(method, handler)
+
+    def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        drain = self._drain
+        streaming = handler.response_streaming
+
+        def count(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            if streaming:
+
+                def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                    drain.enter()
+                    try:
+                        yield from behavior(request, context)
+                    finally:
+                        drain.leave()
+
+                return stream
+
+            def call(request: Any, context: grpc.ServicerContext) -> Any:
+                drain.enter()
+                try:
+                    return behavior(request, context)
+                finally:
+                    drain.leave()
+
+            return call
+
+        return _handler_like(handler, count)
+
+
+def _refuse_sync(request: Any, context: grpc.ServicerContext) -> None:
+    context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+
+
+def _is_health(method: str) -> bool:
+    return method.startswith(f"/{HEALTH_SERVICE}/")
 
 
 def grpc_options(settings: ServiceSettings, reuse_port: bool = False) -> list[tuple[str, Any]]:
-    """Channel options every server uses: large messages, no port sharing unless asked."""
+    """Channel options every server uses: the message-size bound, no port sharing unless
+    asked."""
     return [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -83,8 +280,15 @@ class _ServiceServerBase:
         return f"{self.settings.host}:{self.port}"
 
     def _bind(self, server: grpc.Server | grpc.aio.Server) -> None:
+        """Plaintext, or TLS with tls_cert_file + tls_key_file; with tls_client_ca_file too,
+        clients must present a certificate that CA signed (mTLS). Only the gRPC port:
+        the /metrics endpoint stays plain HTTP (bind it to a private interface)."""
+        credentials = server_credentials(self.settings)
         try:
-            port = server.add_insecure_port(self.settings.address)
+            if credentials is None:
+                port = server.add_insecure_port(self.settings.address)
+            else:
+                port = server.add_secure_port(self.settings.address, credentials)
         except RuntimeError as exc:  # grpc raises this when the address is taken
             raise OSError(f"{self.name}: cannot bind {self.settings.address}") from exc
         if port == 0:
@@ -142,10 +346,13 @@ class AioServiceServer(_ServiceServerBase):
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
+        self._drain = _Drain()
 
     async def start(self) -> int:
         """Binds, starts serving and marks every service SERVING; returns the port."""
         interceptors: list[grpc.aio.ServerInterceptor] = []
+        interceptors.extend(aio_auth_interceptors(self.settings, self.registry))
+        interceptors.append(AioDrainInterceptor(self._drain))
         if self.settings.spans_enabled:
             interceptors.append(aio_tracing_interceptor(self.name, self.settings.otlp_endpoint))
         interceptors.append(AioErrorInterceptor())
@@ -172,8 +379,11 @@ class AioServiceServer(_ServiceServerBase):
             return
         grace = self.settings.grace_period_s if grace is None else grace
         log.info("%s shutting down (grace %.1fs)", self.name, grace)
+        started = time.monotonic()
+        self._drain.begin()
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(grace)
+        await self._drain.wait_idle_async(grace)
+        await self._server.stop(max(0.0, grace - (time.monotonic() - started)))
         for hook in self._on_stop:
             await hook()
         self._stop_metrics()
@@ -223,9 +433,12 @@ class SyncServiceServer(_ServiceServerBase):
         self._server: grpc.Server | None = None
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
+        self._drain = _Drain()
 
     def start(self) -> int:
         interceptors: list[grpc.ServerInterceptor] = []
+        interceptors.extend(sync_auth_interceptors(self.settings, self.registry))
+        interceptors.append(SyncDrainInterceptor(self._drain))
         if self.settings.spans_enabled:
             interceptors.append(sync_tracing_interceptor(self.name, self.settings.otlp_endpoint))
         interceptors.append(SyncErrorInterceptor())
@@ -257,8 +470,11 @@ class SyncServiceServer(_ServiceServerBase):
                 return
             grace = self.settings.grace_period_s if grace is None else grace
             log.info("%s shutting down (grace %.1fs)", self.name, grace)
+            started = time.monotonic()
+            self._drain.begin()
             self.health.enter_graceful_shutdown()
-            self._server.stop(grace).wait()
+            self._drain.wait_idle(grace)
+            self._server.stop(max(0.0, grace - (time.monotonic() - started))).wait()
             for hook in self._on_stop:
                 hook()
             self._stop_metrics()

@@ -30,11 +30,14 @@ class ServiceSettings(BaseSettings):
     data_dir: Path = Field(
         Path(".modelplane"), description="Directory for embedded state (SQLite files, artifacts)."
     )
+    # 64 MiB, not gRPC's largest frame: a bigger request is refused by gRPC before it is
+    # read (RESOURCE_EXHAUSTED). What is larger travels in chunks (registry uploads and
+    # downloads: at most 4 MiB each) or as a file (a training set with output_path).
     max_message_bytes: int = Field(
-        MAX_MESSAGE_BYTES,
+        64 * 2**20,
         gt=0,
         le=MAX_MESSAGE_BYTES,
-        description="Largest gRPC message sent or received.",
+        description="Largest gRPC message sent or received (64 MiB; at most 2 GiB - 1).",
     )
     grace_period_s: float = Field(
         10.0, ge=0, description="Seconds in-flight calls get to finish after SIGTERM."
@@ -48,11 +51,34 @@ class ServiceSettings(BaseSettings):
     otlp_endpoint: str | None = Field(
         None, description="OTLP/gRPC collector address for spans; unset exports nothing."
     )
+    auth_tokens_file: Path | None = Field(
+        None,
+        description="Bearer token file (`modelplane auth add-token`); set: every RPC needs a "
+        "token whose roles allow it (see modelplane.kernel.auth); unset: no authentication.",
+    )
+    auth_open_methods: tuple[str, ...] = Field(
+        (
+            "/grpc.health.v1.Health/",
+            "/grpc.reflection.v1alpha.ServerReflection/",
+            "/grpc.reflection.v1.ServerReflection/",
+        ),
+        description="RPCs callable without a token when auth is on: '/pkg.Service/Method', "
+        "or '/pkg.Service/' for all of a service.",
+    )
     cpus: str = Field(
         "",
         description="CPUs the process runs on, as a Linux CPU list ('1', '0-3'); empty leaves "
         "placement to the OS. One CPU per process suits a Python server: "
         "see modelplane.kernel.cpu_affinity.",
+    )
+    tls_cert_file: Path | None = Field(
+        None, description="PEM server certificate (chain); with tls_key_file the port serves TLS."
+    )
+    tls_key_file: Path | None = Field(
+        None, description="PEM private key of tls_cert_file; required when the cert is set."
+    )
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle; set: clients must present a certificate it signed (mTLS)."
     )
 
     @field_validator("cpus")

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from modelplane.client.credentials import ClientCredentials
 from modelplane.loadtest.generator import Samples, Share, channel_options, raw_infer, run_share
 
 CONNECT_TIMEOUT_S = 30.0
@@ -40,7 +41,9 @@ class Engine(Protocol):
 
 
 async def _open_channels(target: str, count: int) -> list[grpc.aio.Channel]:
-    channels = [grpc.aio.insecure_channel(target, options=channel_options(i)) for i in range(count)]
+    # TLS and the token as every client of ours gets them (see modelplane.client.credentials).
+    credentials = ClientCredentials.from_env()
+    channels = [credentials.aio_channel(target, options=channel_options(i)) for i in range(count)]
     try:
         for channel in channels:
             await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)

@@ -15,7 +15,9 @@ def unique_prefix() -> str:
 
 
 def settings_for(store_kind: str, data_dir: Path, prefix: str) -> Settings:
+    """Sources may lie anywhere under data_dir's parent (each test's tmp_path)."""
     return Settings(
+        source_roots=[str(data_dir.parent)],
         port=0,
         data_dir=data_dir,
         online_store="sqlite" if store_kind == "sqlite" else REDIS_URL,

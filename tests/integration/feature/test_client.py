@@ -211,7 +211,7 @@ def test_bad_names_and_values_raise_the_services_error(client):
     assert apply_error.value.code is grpc.StatusCode.INVALID_ARGUMENT
 
     demo_yaml = features.DEFINITIONS.replace(
-        "customer_stats.parquet", "/nowhere/customer_stats.parquet"
+        "customer_stats.parquet", "elsewhere/customer_stats.parquet"
     )
     changes = client.apply(demo_yaml, dry_run=True)
     assert {(c.kind, c.name) for c in changes} >= {

@@ -85,3 +85,15 @@ def lookup() -> onnx.ModelProto:
         [table],
     )
     return _finish(graph)
+
+
+def text_echo() -> onnx.ModelProto:
+    """text [batch, length] STRING (length variable) → same [batch, length]: a BYTES input
+    whose non-batch dimension the request declares."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["text"], ["same"])],
+        "text_echo",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["batch", "length"])],
+        [helper.make_tensor_value_info("same", TensorProto.STRING, ["batch", "length"])],
+    )
+    return _finish(graph)

@@ -9,9 +9,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from modelplane.client.monitoring import MonitoringClient, prediction_batch
 from modelplane.monitoring.v1 import monitoring_pb2 as pb
+from modelplane.monitoring.v1 import monitoring_pb2_grpc as pb_grpc
 from modelplane.services.monitoring.domain import MAX_RECORDS_PER_CALL
 from modelplane.services.monitoring.ingest import decode
 from modelplane.services.monitoring.main import Settings, build
@@ -220,3 +222,33 @@ def test_records_survive_a_restart_and_stay_idempotent(tmp_path):
         with running_aio_in_thread(server) as address, MonitoringClient(address) as client:
             assert client.log_predictions([records]).stored == expected_new
             assert client.summary("fraud").count == 2
+
+
+def test_out_of_range_input_is_invalid_argument(tmp_path: Path):
+    """Found by tests/fuzz, each answered INTERNAL: timestamps that are not valid
+    (nanos outside 0..999,999,999, seconds past year 9999) or at year 1 (a report's
+    buckets then fall before year 1); producer counters past int64 (SQLite cannot store
+    them); a config revision of 2**63 - 1 (its successor overflows int64)."""
+    server = build(Settings(port=0, data_dir=tmp_path, log_json=False, log_level="WARNING"))
+    with running_aio_in_thread(server) as address, grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.MonitoringServiceStub(channel)
+        year_1 = Timestamp(seconds=-62_135_596_800)
+        calls = []
+        for bad in [Timestamp(seconds=1, nanos=-1), Timestamp(seconds=2**62), year_1]:
+            summary = pb.GetPredictionSummaryRequest(model_name="fraud", start_time=bad)
+            report = pb.GetReportRequest(model_name="fraud", start_time=bad, end_time=bad)
+            calls += [(stub.GetPredictionSummary, summary), (stub.GetReport, report)]
+        counters = pb.LogPredictionsRequest(
+            producer_id="inference-0",
+            counters=[pb.ProducerCounters(model_name="fraud", dropped_records=2**63)],
+        )
+        config = pb.SetMonitorConfigRequest(
+            config=pb.MonitorConfig(model_name="fraud", revision=2**63 - 1)
+        )
+        calls += [(stub.LogPredictions, counters), (stub.SetMonitorConfig, config)]
+        for method, request in calls:
+            with pytest.raises(grpc.RpcError) as error:
+                method(request, timeout=10)
+            assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT, request
+        counters.counters[0].dropped_records = 2**63 - 1
+        stub.LogPredictions(counters, timeout=10)

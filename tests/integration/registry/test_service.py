@@ -13,10 +13,12 @@ from pathlib import Path
 import grpc
 import onnx
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from modelplane.client.registry import RegistryClient, file_sha256
 from modelplane.examples.models import mlp
 from modelplane.registry.v1 import registry_pb2 as pb
+from modelplane.registry.v1 import registry_pb2_grpc as pb_grpc
 from tests.integration.registry.conftest import ThreadedServer
 from tests.integration.registry.large_onnx import write_large_onnx
 from tests.postgres import POSTGRES_URL
@@ -359,3 +361,30 @@ def test_watch_hears_changes_made_through_another_replica(
             assert next(stream).alias_moved.alias == "canary"  # nothing repeated in between
         finally:
             stream.cancel()
+
+
+def test_bad_timestamps_and_oversized_queries_are_invalid_argument(
+    registry: ThreadedServer, client: RegistryClient
+) -> None:
+    """Found by tests/fuzz: these answered INTERNAL (a ValueError from Timestamp's
+    conversion; SQLite's "LIKE or GLOB pattern too complex")."""
+    client.create_model("fraud", owner="risk")
+    with grpc.insecure_channel(registry.address) as channel:
+        stub = pb_grpc.RegistryServiceStub(channel)
+        for bad in [Timestamp(seconds=1, nanos=-1), Timestamp(seconds=2**62)]:
+            audit = pb.ListAuditEventsRequest(since=bad)
+            alias_at = pb.GetAliasAtRequest(model="fraud", alias="production", time=bad)
+            for code, details in (
+                _code(lambda r=audit: stub.ListAuditEvents(r, timeout=10)),
+                _code(lambda r=alias_at: stub.GetAliasAt(r, timeout=10)),
+            ):
+                assert code is grpc.StatusCode.INVALID_ARGUMENT
+                assert details.startswith("invalid timestamp")
+        code, details = _code(
+            lambda: stub.ListModels(pb.ListModelsRequest(query="%_" * 30_000), timeout=10)
+        )
+        assert (code, details) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "query of 60000 characters: at most 256 are allowed",
+        )
+        assert [m.name for m in client.list_models(query="fra")] == ["fraud"]

@@ -68,7 +68,7 @@ def test_bytes_round_trip_with_length_prefixes():
     "data, count, message",
     [
         (b"\x05\x00\x00\x00abc", 1, "beyond the end"),
-        (b"\x01\x00\x00\x00a", 2, "fewer than"),
+        (b"\x01\x00\x00\x00a", 2, "hold at most 1"),
         (b"\x01\x00\x00\x00a\x00", 1, "more than"),
         (b"\x01\x00\x00\x00\xff", 1, "not UTF-8"),
     ],

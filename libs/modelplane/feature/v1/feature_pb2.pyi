@@ -937,6 +937,7 @@ class ViewMaterialization(_message.Message):
     ROWS_READ_FIELD_NUMBER: _builtins.int
     ROWS_WRITTEN_FIELD_NUMBER: _builtins.int
     ROWS_IGNORED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     feature_view: _builtins.str
     """Feature view."""
     rows_read: _builtins.int
@@ -945,6 +946,11 @@ class ViewMaterialization(_message.Message):
     """Rows stored (the latest per entity in the range)."""
     rows_ignored: _builtins.int
     """Rows ignored because the store held newer ones."""
+    error: _builtins.str
+    """Why the view could not be materialized (an unfiltered call does the other views
+    and reports this one here); empty when it was. Bounded, and never about files
+    outside the service's source folders.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Start of the range materialized."""
@@ -962,10 +968,11 @@ class ViewMaterialization(_message.Message):
         rows_read: _builtins.int = ...,
         rows_written: _builtins.int = ...,
         rows_ignored: _builtins.int = ...,
+        error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "feature_view", b"feature_view", "rows_ignored", b"rows_ignored", "rows_read", b"rows_read", "rows_written", b"rows_written", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "feature_view", b"feature_view", "rows_ignored", b"rows_ignored", "rows_read", b"rows_read", "rows_written", b"rows_written", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1009,6 +1016,7 @@ class GetTrainingSetRequest(_message.Message):
     TIMESTAMP_COLUMN_FIELD_NUMBER: _builtins.int
     INCLUDE_STATUSES_FIELD_NUMBER: _builtins.int
     OUTPUT_PATH_FIELD_NUMBER: _builtins.int
+    OVERWRITE_FIELD_NUMBER: _builtins.int
     entity_parquet: _builtins.bytes
     """Parquet file contents."""
     entity_csv: _builtins.bytes
@@ -1023,7 +1031,12 @@ class GetTrainingSetRequest(_message.Message):
     """Add a "<view>__<feature>__status" column per feature."""
     output_path: _builtins.str
     """Write the Parquet result to this path inside the server's files directory
-    (relative paths are taken from there) instead of returning it.
+    (relative paths are taken from there) instead of returning it. An existing file is
+    refused with ALREADY_EXISTS unless `overwrite` is set.
+    """
+    overwrite: _builtins.bool
+    """Replace an existing file at output_path (atomically: readers see the old file or
+    the new one, never half of one).
     """
     @_builtins.property
     def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -1040,10 +1053,11 @@ class GetTrainingSetRequest(_message.Message):
         timestamp_column: _builtins.str = ...,
         include_statuses: _builtins.bool = ...,
         output_path: _builtins.str = ...,
+        overwrite: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["entities", b"entities", "entity_csv", b"entity_csv", "entity_parquet", b"entity_parquet", "entity_path", b"entity_path"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "entities", b"entities", "entity_csv", b"entity_csv", "entity_parquet", b"entity_parquet", "entity_path", b"entity_path", "features", b"features", "include_statuses", b"include_statuses", "output_path", b"output_path", "timestamp_column", b"timestamp_column"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "entities", b"entities", "entity_csv", b"entity_csv", "entity_parquet", b"entity_parquet", "entity_path", b"entity_path", "features", b"features", "include_statuses", b"include_statuses", "output_path", b"output_path", "overwrite", b"overwrite", "timestamp_column", b"timestamp_column"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_entities: _TypeAlias = _typing.Literal["entity_parquet", "entity_csv", "entity_path"]  # noqa: Y015
     _WhichOneofArgType_entities: _TypeAlias = _typing.Literal["entities", b"entities"]  # noqa: Y015

@@ -1,0 +1,90 @@
+"""A real registry (SQLite, port 0) holding small MLPs, and, for bundle models, a real
+feature service on the demo feature definitions (examples.features)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from modelplane.client.feature import FeatureClient
+from modelplane.client.registry import RegistryClient
+from modelplane.examples import features
+from modelplane.examples.models import mlp
+from modelplane.registry.v1 import registry_pb2 as rpb
+from modelplane.services.feature.main import build as build_feature
+from modelplane.services.registry.main import Settings as RegistrySettings
+from tests.integration.feature.servers import settings_for, unique_prefix
+from tests.integration.registry.conftest import ThreadedServer
+from tests.support import running_sync
+
+WIDTH = 8
+MODEL = "scorer"
+BUNDLE_MODEL = "fraud"
+
+
+@dataclass
+class Registry:
+    address: str
+    client: RegistryClient
+    artifacts: Path
+
+    def register(
+        self,
+        model: str,
+        seed: int,
+        layers: tuple[int, ...] = (WIDTH, 16, 3),
+        feature_input: rpb.FeatureInput | None = None,
+        alias: str = "production",
+    ) -> Path:
+        """Registers a new version of an MLP, moves `alias` to it; returns its file."""
+        path = self.artifacts / f"{model}-{seed}.onnx"
+        onnx.save(mlp(layers, seed=seed, name=model), path)
+        metadata = rpb.UploadMetadata(model=model, feature_input=feature_input)
+        version = int(self.client.upload_file(path, metadata).version)
+        current = {a.alias: a.version for a in self.client.list_aliases(model)}.get(alias, 0)
+        self.client.set_alias(model, alias, version, expected_version=current)
+        return path
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    server = ThreadedServer(
+        RegistrySettings(
+            data_dir=tmp_path / "registry",
+            port=0,
+            tracing_enabled=False,
+            log_json=False,
+            log_level="WARNING",
+        )  # type: ignore[call-arg]
+    )
+    client = RegistryClient(server.address, actor="test")
+    for name in (MODEL, BUNDLE_MODEL):
+        client.create_model(name)
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    try:
+        yield Registry(server.address, client, artifacts)
+    finally:
+        client.close()
+        server.stop()
+
+
+@pytest.fixture
+def feature_service(tmp_path: Path) -> Iterator[tuple[str, FeatureClient]]:
+    """A feature service (SQLite online store) with the demo definitions applied."""
+    server = build_feature(settings_for("sqlite", tmp_path / "feature-state", unique_prefix()))
+    definitions = features.ensure_demo_features(tmp_path / "features")
+    with running_sync(server) as address, FeatureClient(address) as client:
+        client.apply(definitions)
+        yield address, client
+
+
+def ort_outputs(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(["output"], {"input": x.astype(np.float32)})[0])
