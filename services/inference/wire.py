@@ -12,8 +12,6 @@ as one warning line, without traceback, at most once per `RateLimitedLog.interva
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,36 +21,11 @@ from google.protobuf.message import DecodeError, Message
 
 from inference import grpc_service_pb2 as pb
 from modelplane.kernel.errors import InvalidArgument
+from modelplane.kernel.logs import RateLimitedLog
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
 log = logging.getLogger("modelplane.inference.wire")
-
-
-class RateLimitedLog:
-    """Logs a bad-input warning at most once per `interval_s`, saying how many were left
-    out since the last one. Never with a traceback: the input is the
-    caller's fault, and its stack is always the same."""
-
-    def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
-        self._log = logger
-        self.interval_s = interval_s
-        self._lock = threading.Lock()
-        self._next = 0.0
-        self._suppressed = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now < self._next:
-                self._suppressed += 1
-                return
-            suppressed, self._suppressed = self._suppressed, 0
-            self._next = now + self.interval_s
-        if suppressed:
-            message += " (%d more bad requests left out)"
-            args = (*args, suppressed)
-        self._log.warning(message, *args)
 
 
 bad_input_log = RateLimitedLog(log)

@@ -45,6 +45,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter
 
+from modelplane.kernel.logs import RateLimitedLog
 from modelplane.kernel.settings import ServiceSettings
 
 log = logging.getLogger("modelplane.auth")
@@ -496,27 +497,6 @@ def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
     return None
 
 
-class _RateLimitedLog:
-    """One warning per kind of denial per interval, with how many were not logged: an
-    attacker's flood of bad calls must not flood the log."""
-
-    def __init__(self, interval_s: float = 10.0) -> None:
-        self._interval_s = interval_s
-        self._next: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def warn(self, kind: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now < self._next.get(kind, 0.0):
-                self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
-                return
-            self._next[kind] = now + self._interval_s
-            suppressed = self._suppressed.pop(kind, 0)
-        log.warning(message + " (%d similar not logged)", *args, suppressed)
-
-
 class Authorizer:
     """The decision shared by both interceptors: who is calling, and may they."""
 
@@ -540,7 +520,7 @@ class Authorizer:
             ["method", "code"],
             registry=registry,
         )
-        self._log = _RateLimitedLog()
+        self._log = RateLimitedLog(log)
 
     def is_open(self, method: str) -> bool:
         return any(
@@ -589,13 +569,13 @@ class Authorizer:
 
     def record(self, method: str, denied: _Denied, peer: str) -> None:
         self._denials.labels(method, denied.code.name).inc()
-        self._log.warn(
-            denied.code.name,
+        self._log.warning(
             "auth: %s %s for %s from %s",
             denied.code.name,
             method,
             denied.principal or "(no valid token)",
             peer,
+            kind=denied.code.name,
         )
 
 

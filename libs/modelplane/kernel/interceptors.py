@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import threading
-import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,33 +25,9 @@ from typing import Any
 import grpc
 
 from modelplane.kernel.errors import InvalidArgument, status_for
+from modelplane.kernel.logs import RateLimitedLog
 
 log = logging.getLogger("modelplane.errors")
-
-
-class RateLimitedLog:
-    """Logs a bad-input warning at most once per `interval_s`, saying how many were left
-    out since the last one; never with a traceback (the input is the caller's fault)."""
-
-    def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
-        self._log = logger
-        self.interval_s = interval_s
-        self._lock = threading.Lock()
-        self._next = 0.0
-        self._suppressed = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now < self._next:
-                self._suppressed += 1
-                return
-            suppressed, self._suppressed = self._suppressed, 0
-            self._next = now + self.interval_s
-        if suppressed:
-            message += " (%d more bad requests left out)"
-            args = (*args, suppressed)
-        self._log.warning(message, *args)
 
 
 bad_input_log = RateLimitedLog(log)

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from modelplane.kernel import interceptors
+from modelplane.kernel.logs import RateLimitedLog
 from modelplane.kernel.server import AioServiceServer, SyncServiceServer
 from modelplane.kernel.settings import ServiceSettings
 from tests.support import running_aio_in_thread, running_sync
@@ -98,14 +98,14 @@ def test_an_undecodable_frame_of_a_client_stream_is_invalid_argument(address):
 
 
 def test_bad_input_is_logged_once_per_interval_with_a_count(caplog):
-    log = interceptors.RateLimitedLog(logging.getLogger("test.bad-input"), interval_s=3600)
+    log = RateLimitedLog(logging.getLogger("test.bad-input"), interval_s=3600)
     with caplog.at_level(logging.WARNING, "test.bad-input"):
         for n in range(3):
             log.warning("bad request %d", n)
         log.interval_s = 0
-        log._next = 0.0
+        log._next.clear()
         log.warning("bad request %d", 3)
     assert [r.getMessage() for r in caplog.records] == [
         "bad request 0",
-        "bad request 3 (2 more bad requests left out)",
+        "bad request 3 (2 more left out)",
     ]
