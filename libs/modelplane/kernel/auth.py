@@ -45,6 +45,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter
 
+from modelplane.kernel.interceptors import WrappedHandlers, rewrap
 from modelplane.kernel.logs import RateLimitedLog
 from modelplane.kernel.settings import ServiceSettings
 
@@ -603,60 +604,16 @@ def _reset(token: contextvars.Token[Principal | None]) -> None:
         _principal.reset(token)
 
 
-def _handler_of(
-    handler: grpc.RpcMethodHandler, wrap: Callable[[Callable[..., Any], bool], Callable[..., Any]]
-) -> grpc.RpcMethodHandler:
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(
-            wrap(handler.unary_unary, False),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(
-            wrap(handler.stream_unary, False),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            wrap(handler.unary_stream, True),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
-    return grpc.stream_stream_rpc_method_handler(
-        wrap(handler.stream_stream, True),
-        handler.request_deserializer,
-        handler.response_serializer,
-    )
-
-
-class _Cache:
-    """Wrapped handlers, one per method (keyed by the handler they wrap)."""
-
-    def __init__(self) -> None:
-        self._by_method: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    def get(
-        self,
-        method: str,
-        handler: grpc.RpcMethodHandler,
-        build: Callable[[], grpc.RpcMethodHandler],
-    ) -> grpc.RpcMethodHandler:
-        cached = self._by_method.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = build()
-        self._by_method[method] = (handler, wrapped)
-        return wrapped
-
-
 class AioAuthInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates and authorises every call of a grpc.aio server."""
 
     def __init__(self, authorizer: Authorizer) -> None:
         self._authorizer = authorizer
-        self._cache = _Cache()
+        self._handlers = WrappedHandlers(
+            lambda handler, method: rewrap(
+                handler, lambda behavior, _cs, streaming: self._wrap(behavior, streaming, method)
+            )
+        )
 
     async def intercept_service(
         self,
@@ -667,9 +624,7 @@ class AioAuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or self._authorizer.is_open(method):
             return handler
-        return self._cache.get(
-            method, handler, lambda: _handler_of(handler, lambda b, s: self._wrap(b, s, method))
-        )
+        return self._handlers.get(handler, method)
 
     async def _admit(self, method: str, context: grpc.aio.ServicerContext) -> Principal:
         try:
@@ -713,7 +668,11 @@ class SyncAuthInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, authorizer: Authorizer) -> None:
         self._authorizer = authorizer
-        self._cache = _Cache()
+        self._handlers = WrappedHandlers(
+            lambda handler, method: rewrap(
+                handler, lambda behavior, _cs, streaming: self._wrap(behavior, streaming, method)
+            )
+        )
 
     def intercept_service(
         self,
@@ -724,9 +683,7 @@ class SyncAuthInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or self._authorizer.is_open(method):
             return handler
-        return self._cache.get(
-            method, handler, lambda: _handler_of(handler, lambda b, s: self._wrap(b, s, method))
-        )
+        return self._handlers.get(handler, method)
 
     def _admit(self, method: str, context: grpc.ServicerContext) -> Principal:
         try:

@@ -130,7 +130,33 @@ def _wrap_aio_stream(
     return _wrap_aio_unary(behavior, method, client_streaming)
 
 
-class _WrappedHandlers:
+Behavior = Callable[..., Any]
+
+
+def rewrap(
+    handler: grpc.RpcMethodHandler,
+    wrap: Callable[[Behavior, bool, bool], Behavior],
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind whose behaviour is `wrap(behaviour, client
+    streaming, server streaming)`, with another request parser when one is given: what
+    every server interceptor here (errors, authentication, drain) builds per method."""
+    parse = request_deserializer or handler.request_deserializer
+    serialize = handler.response_serializer
+    if handler.unary_unary:
+        behavior = wrap(handler.unary_unary, False, False)
+        return grpc.unary_unary_rpc_method_handler(behavior, parse, serialize)
+    if handler.stream_unary:
+        behavior = wrap(handler.stream_unary, True, False)
+        return grpc.stream_unary_rpc_method_handler(behavior, parse, serialize)
+    if handler.unary_stream:
+        behavior = wrap(handler.unary_stream, False, True)
+        return grpc.unary_stream_rpc_method_handler(behavior, parse, serialize)
+    behavior = wrap(handler.stream_stream, True, True)
+    return grpc.stream_stream_rpc_method_handler(behavior, parse, serialize)
+
+
+class WrappedHandlers:
     """Each method's wrapped handler, built once: wrapping allocates, and the services'
     handlers never change (an entry is keyed by the handler it wraps). Handler threads
     of the synchronous server may race to fill an entry; either result is the same."""
@@ -152,7 +178,7 @@ class AioErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps exceptions raised by grpc.aio handlers to status codes."""
 
     def __init__(self) -> None:
-        self._handlers = _WrappedHandlers(self._wrap)
+        self._handlers = WrappedHandlers(self._wrap)
 
     async def intercept_service(
         self,
@@ -166,30 +192,12 @@ class AioErrorInterceptor(grpc.aio.ServerInterceptor):
 
     @staticmethod
     def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        parse = _tolerant(handler.request_deserializer)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_aio_unary(handler.unary_unary, method),
-                parse,
-                handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_aio_unary(handler.stream_unary, method, client_streaming=True),
-                parse,
-                handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_aio_stream(handler.unary_stream, method),
-                parse,
-                handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            _wrap_aio_stream(handler.stream_stream, method, client_streaming=True),
-            parse,
-            handler.response_serializer,
-        )
+        def wrap(behavior: Behavior, client_streaming: bool, server_streaming: bool) -> Behavior:
+            if server_streaming:
+                return _wrap_aio_stream(behavior, method, client_streaming=client_streaming)
+            return _wrap_aio_unary(behavior, method, client_streaming=client_streaming)
+
+        return rewrap(handler, wrap, _tolerant(handler.request_deserializer))
 
 
 def _abort_sync(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
@@ -230,7 +238,7 @@ class SyncErrorInterceptor(grpc.ServerInterceptor):
     """Maps exceptions raised by synchronous grpc.server handlers to status codes."""
 
     def __init__(self) -> None:
-        self._handlers = _WrappedHandlers(self._wrap)
+        self._handlers = WrappedHandlers(self._wrap)
 
     def intercept_service(
         self,
@@ -244,27 +252,9 @@ class SyncErrorInterceptor(grpc.ServerInterceptor):
 
     @staticmethod
     def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        parse = _tolerant(handler.request_deserializer)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_sync_unary(handler.unary_unary, method),
-                parse,
-                handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_sync_unary(handler.stream_unary, method, client_streaming=True),
-                parse,
-                handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_sync_stream(handler.unary_stream, method),
-                parse,
-                handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            _wrap_sync_stream(handler.stream_stream, method, client_streaming=True),
-            parse,
-            handler.response_serializer,
-        )
+        def wrap(behavior: Behavior, client_streaming: bool, server_streaming: bool) -> Behavior:
+            if server_streaming:
+                return _wrap_sync_stream(behavior, method, client_streaming=client_streaming)
+            return _wrap_sync_unary(behavior, method, client_streaming=client_streaming)
+
+        return rewrap(handler, wrap, _tolerant(handler.request_deserializer))

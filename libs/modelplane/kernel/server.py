@@ -34,7 +34,12 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from modelplane.kernel.auth import aio_auth_interceptors, sync_auth_interceptors
-from modelplane.kernel.interceptors import AioErrorInterceptor, SyncErrorInterceptor
+from modelplane.kernel.interceptors import (
+    AioErrorInterceptor,
+    SyncErrorInterceptor,
+    WrappedHandlers,
+    rewrap,
+)
 from modelplane.kernel.logs import configure_logging
 from modelplane.kernel.metrics import MetricsServer, new_registry
 from modelplane.kernel.settings import ServiceSettings
@@ -97,45 +102,15 @@ class _Drain:
         return True
 
 
-def _handler_like(
-    handler: grpc.RpcMethodHandler, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
-) -> grpc.RpcMethodHandler:
-    """A handler of `handler`'s kind whose behaviour is `wrap(its behaviour)`."""
-    kinds = (
-        (handler.unary_unary, grpc.unary_unary_rpc_method_handler),
-        (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
-        (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
-        (handler.stream_stream, grpc.stream_stream_rpc_method_handler),
-    )
-    for behavior, make in kinds:
-        if behavior is not None:
-            return make(wrap(behavior), handler.request_deserializer, handler.response_serializer)
-    return handler
-
-
-class _Counted:
-    """Counting wrappers, one per method handler (built once, reused)."""
-
-    def __init__(self, build: Callable[[grpc.RpcMethodHandler], grpc.RpcMethodHandler]) -> None:
-        self._build = build
-        self._by_method: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    def get(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        cached = self._by_method.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._build(handler)
-        self._by_method[method] = (handler, wrapped)
-        return wrapped
-
-
 class AioDrainInterceptor(grpc.aio.ServerInterceptor):
     """Counts running calls; once the server drains, answers UNAVAILABLE to every new
     call but health checks."""
 
     def __init__(self, drain: _Drain) -> None:
         self._drain = drain
-        self._counted = _Counted(lambda handler: _handler_like(handler, self._count))
+        self._counted = WrappedHandlers(
+            lambda handler, _method: rewrap(handler, lambda behavior, *_: self._count(behavior))
+        )
 
     async def intercept_service(
         self,
@@ -147,8 +122,8 @@ class AioDrainInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or _is_health(method):
             return handler
         if self._drain.started:
-            return _handler_like(handler, lambda _: _refuse_aio)
-        return self._counted.get(method, handler)
+            return rewrap(handler, lambda *_: _refuse_aio)
+        return self._counted.get(handler, method)
 
     def _count(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
         drain = self._drain
@@ -186,7 +161,7 @@ class SyncDrainInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, drain: _Drain) -> None:
         self._drain = drain
-        self._counted = _Counted(lambda handler: self._wrap(handler))
+        self._counted = WrappedHandlers(lambda handler, _method: self._wrap(handler))
 
     def intercept_service(
         self,
@@ -198,14 +173,15 @@ class SyncDrainInterceptor(grpc.ServerInterceptor):
         if handler is None or _is_health(method):
             return handler
         if self._drain.started:
-            return _handler_like(handler, lambda _: _refuse_sync)
-        return self._counted.get(method, handler)
+            return rewrap(handler, lambda *_: _refuse_sync)
+        return self._counted.get(handler, method)
 
     def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         drain = self._drain
-        streaming = handler.response_streaming
 
-        def count(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        def count(
+            behavior: Callable[..., Any], _client_streaming: bool, streaming: bool
+        ) -> Callable[..., Any]:
             if streaming:
 
                 def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
@@ -226,7 +202,7 @@ class SyncDrainInterceptor(grpc.ServerInterceptor):
 
             return call
 
-        return _handler_like(handler, count)
+        return rewrap(handler, count)
 
 
 def _refuse_sync(request: Any, context: grpc.ServicerContext) -> None:
