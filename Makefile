@@ -12,7 +12,7 @@ OWN_CODE := libs/modelplane/kernel libs/modelplane/cli libs/modelplane/client li
 
 .DEFAULT_GOAL := help
 
-.PHONY: help run test fuzz proto lint bench browser clean
+.PHONY: help run test fuzz proto lint bench chaos browser clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -52,8 +52,13 @@ lint: $(STAMP) $(BUF) ## ruff, ruff format --check, mypy, buf lint
 	$(BIN)/mypy
 	$(BUF) lint
 
+# bench/chaos.py kills and overloads services: `make chaos` runs it, apart.
+BENCHES := $(filter-out bench/chaos.py,$(sort $(wildcard bench/*.py)))
 bench: $(STAMP) ## Print the performance figures the issues ask for
-	@set -e; for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script; done
+	@set -e; for script in $(BENCHES); do echo "== $$script"; $(BIN)/python $$script; done
+
+chaos: $(STAMP) ## Overload, slow clients, SIGKILL and SIGTERM of the services: one table
+	$(BIN)/python bench/chaos.py
 
 browser: ## Install Debian's chromium for the HTML report test (needs root)
 	command -v chromium >/dev/null 2>&1 || { \

@@ -88,6 +88,9 @@ class Service:
         self, store: str, data_dir: Path, prefix: str, tracing: str = "auto", cpus: str = ""
     ) -> None:
         env = dict(os.environ, MODELPLANE_FEATURE_REDIS_KEY_PREFIX=prefix)
+        # The Parquet source lies beside the data directories (feature views' sources
+        # must lie in a source root).
+        env["MODELPLANE_FEATURE_SOURCE_ROOTS"] = str(data_dir.parent)
         if tracing != "auto":  # auto: the service's default (spans only when exported)
             env["MODELPLANE_FEATURE_TRACING_ENABLED"] = str(tracing == "on").lower()
         command = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
@@ -66,15 +67,32 @@ async def running_aio(
 
 @contextmanager
 def running_sync(
-    server: SyncServiceServer, credentials: ClientCredentials | None = None
+    server: SyncServiceServer | AioServiceServer, credentials: ClientCredentials | None = None
 ) -> Iterator[str]:
-    """Starts a synchronous service server; yields its address."""
+    """Starts a synchronous service server (an aio one on a loop in a background thread,
+    for tests driving it with blocking clients); yields its address."""
+    if isinstance(server, AioServiceServer):
+        with running_aio_in_thread(server, credentials) as address:
+            yield address
+        return
     server.start()
     try:
         wait_serving_sync(server.address, credentials=credentials)
         yield server.address
     finally:
         server.stop(grace=1.0)
+
+
+# The loop each server of running_aio_in_thread runs on.
+_server_loops: weakref.WeakKeyDictionary[AioServiceServer, asyncio.AbstractEventLoop] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def stop_in_thread(server: AioServiceServer, grace: float = 0.0) -> None:
+    """Stops a server that running_aio_in_thread (or running_sync) runs, from a test's
+    thread."""
+    asyncio.run_coroutine_threadsafe(server.stop(grace=grace), _server_loops[server]).result(60)
 
 
 @contextmanager
@@ -86,6 +104,7 @@ def running_aio_in_thread(
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="test-server-loop", daemon=True)
     thread.start()
+    _server_loops[server] = loop
     try:
         asyncio.run_coroutine_threadsafe(server.start(), loop).result(120)
         wait_serving_sync(server.address, credentials=credentials)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +15,7 @@ from modelplane.feature.v1 import feature_pb2, feature_pb2_grpc
 from modelplane.kernel.gc_tuning import SERVING_THRESHOLD, tune_gc
 from modelplane.kernel.metrics import new_registry
 from modelplane.kernel.postgres import PostgresChangeListener
-from modelplane.kernel.server import SyncServiceServer
+from modelplane.kernel.server import AioServiceServer
 from modelplane.kernel.settings import ServiceSettings
 from modelplane.kernel.state_lock import StateLock
 from modelplane.services.feature.definition_store import is_postgres_url, open_definition_store
@@ -78,7 +79,10 @@ class Settings(ServiceSettings):
         0.5, gt=0, description="Redis connect timeout; an unreachable Redis fails fast."
     )
     max_workers: int = Field(
-        32, ge=1, description="gRPC handler threads (calls in flight beyond 4x are refused)."
+        32,
+        ge=1,
+        description="Threads running handlers once a request has arrived (more calls wait as "
+        "coroutines, up to max_concurrent_rpcs).",
     )
     gc_threshold: int = Field(
         SERVING_THRESHOLD,
@@ -143,7 +147,7 @@ def make_store(settings: Settings) -> OnlineStore:
     )
 
 
-def build(settings: Settings) -> SyncServiceServer:
+def build(settings: Settings) -> AioServiceServer:
     location = settings.definitions_db or str(settings.data_dir / "feature_registry.db")
     closing: list[Callable[[], None]] = []
     if not is_postgres_url(location):
@@ -158,7 +162,7 @@ def build(settings: Settings) -> SyncServiceServer:
 
 def _build(
     settings: Settings, location: str, closing: list[Callable[[], None]]
-) -> SyncServiceServer:
+) -> AioServiceServer:
     """`closing` runs, in order, when the server stops or if this fails."""
     try:
         definitions = open_definition_store(location, settings.definitions_schema)
@@ -191,19 +195,31 @@ def _build(
             files,
             sources,
         )
-        return SyncServiceServer(
+        # grpc.aio, not the synchronous server: grpc's thread pool takes a thread for a call
+        # before its request arrives, so clients that send headers and no body held every
+        # thread (issue #17). Here a call waits for its request as a coroutine (bounded,
+        # see modelplane.kernel.call_bounds) and the synchronous handlers, whose store
+        # calls block, run on `max_workers` threads once it has arrived.
+        return AioServiceServer(
             settings,
             "feature",
             [SERVICE_NAME],
             lambda server: feature_pb2_grpc.add_FeatureServiceServicer_to_server(servicer, server),
-            max_workers=settings.max_workers,
-            on_stop=closing,
+            on_stop=[_in_thread(close) for close in closing],
             registry=metrics,
+            handler_threads=settings.max_workers,
         )
     except BaseException:
         for close in closing:
             close()
         raise
+
+
+def _in_thread(close: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+    async def hook() -> None:
+        await asyncio.to_thread(close)
+
+    return hook
 
 
 def follow_changes(registry: DefinitionRegistry, url: str, channel: str) -> PostgresChangeListener:
@@ -229,4 +245,4 @@ def run(settings: Settings) -> None:
     """Serves until SIGTERM/SIGINT."""
     server = build(settings)
     tune_gc(settings.gc_threshold)  # after build: what it made lives as long as the process
-    server.serve_until_signal()
+    server.run()

@@ -1,8 +1,8 @@
 """FeatureService over gRPC: proto → domain call → proto, nothing else.
 
-Synchronous handlers: the service runs on the kernel's thread-pool server, where
-a unary call costs less CPU than under grpc.aio and blocking store calls need no
-hand-off to another thread.
+Synchronous handlers: their store calls block, so the kernel's aio server runs them on
+its handler threads once a request has arrived (see main.build for why not the
+synchronous server).
 """
 
 from __future__ import annotations

@@ -23,6 +23,12 @@ threads) per *request*, which was most of its CPU (measured, see the inference i
 - Batches count rows, not requests: a request of 5 rows takes 5 slots, in the queue
   bound and in the batch. Requests whose inputs differ in a variable non-batch
   dimension carry different `shape_key`s and never share a batch.
+- Admission: a request is rejected at once (Overloaded, UNAVAILABLE, with a retry hint)
+  when its rows do not fit in the queue, when the rows ahead of it (queued and running)
+  would take longer than `max_queue_wait_s` at the rate recent batches ran at, or could
+  not be computed before its deadline. A rejection costs the
+  caller a round trip instead of a wait ending in DEADLINE_EXCEEDED, and costs the
+  server no compute for an answer nobody would read.
 - A request whose deadline passed or whose caller went away is dropped before it runs.
   When a batch fails in the runtime, each of its requests is retried alone so one bad
   request fails alone.
@@ -72,6 +78,16 @@ def running_batch() -> Sequence[PendingRequest]:
     return getattr(_running, "batch", ())
 
 
+DEFAULT_MAX_QUEUE_WAIT_S = 0.0
+"""Off by default, as Triton's queue timeout is. Set (e.g. 0.1 s), the queue is kept short
+in time, not only in rows: 1,024 queued rows of the heavy demo MLP are ~0.7 s of work, so
+without it every admitted request waits that long under overload, while with it admitted
+requests keep about the latency they have at capacity. Not on by default because the
+rate it divides by comes from recent batches: after a quiet spell (small, slow-per-row
+batches) it underestimates what large batches drain, and a sudden burst of a few dozen
+calls on a cold server was refused (measured on the heavy model, 64 concurrent calls)."""
+
+
 @dataclass(frozen=True, slots=True)
 class BatchingPolicy:
     """How a model version's queue forms batches."""
@@ -86,6 +102,9 @@ class BatchingPolicy:
     """Under load, how long past its oldest request's arrival a short batch may wait."""
     max_queue_rows: int = 1024
     """Rows waiting at most; beyond it requests are rejected at once."""
+    max_queue_wait_s: float = DEFAULT_MAX_QUEUE_WAIT_S
+    """Longest expected wait a request is admitted to (0: no bound but the deadline's
+    and the queue's); never less than two batches' time (see `_admit`)."""
     peak_window_s: float = 0.5
     """How long the most rows in flight at once is remembered (for two windows), so a
     hold adapts within a second when fewer callers remain."""
@@ -193,6 +212,61 @@ class Unloading(Unavailable):
     """The batcher closed between the caller's model lookup and its submit."""
 
 
+class Rejected(Overloaded):
+    """Refused at submit: `reason` is one of REJECT_REASONS; `retry_after_ms` is the time
+    the rows ahead would take (sent as `grpc-retry-pushback-ms`)."""
+
+    def __init__(self, message: str, reason: str, retry_after_ms: int) -> None:
+        super().__init__(message, retry_after_ms)
+        self.reason = reason
+
+
+REJECT_REASONS = ("queue_full", "queue_wait", "deadline")
+DEFAULT_RETRY_AFTER_MS = 100
+"""The retry hint before any batch has finished (no service rate known yet)."""
+MAX_RETRY_AFTER_MS = 10_000
+
+
+class ServiceRate:
+    """Rows per second one instance drains, from recent batches: decayed sums of rows
+    and of the time each batch held its instance, from the event loop's hand-off to the
+    loop taking the result back (under load the loop's own delays are part of what
+    draining the queue costs). Batches weigh by their duration, so under load the large
+    batches that drain a queue dominate the estimate."""
+
+    __slots__ = ("_batches", "_ns", "_rows")
+
+    DECAY = 0.9
+    """Weight kept by the past at each batch: the estimate follows ~10 batches, so one
+    batch stalled by a busy CPU does not make the queue look hopeless."""
+
+    def __init__(self) -> None:
+        self._rows = 0.0
+        self._ns = 0.0
+        self._batches = 0.0
+
+    def add(self, rows: int, ns: int) -> None:
+        if rows <= 0 or ns <= 0:
+            return
+        self._rows = self._rows * self.DECAY + rows
+        self._ns = self._ns * self.DECAY + ns
+        self._batches = self._batches * self.DECAY + 1
+
+    @property
+    def batch_s(self) -> float | None:
+        """How long a recent batch held its instance (None until one finished)."""
+        if self._batches <= 0:
+            return None
+        return self._ns / self._batches / 1e9
+
+    @property
+    def rows_per_s(self) -> float | None:
+        """None until a batch has finished."""
+        if self._ns <= 0:
+            return None
+        return self._rows * 1e9 / self._ns
+
+
 class ExecutionFailed(InvalidArgument):
     """The runtime rejected a well-formed request's values when it ran alone."""
 
@@ -211,12 +285,14 @@ class _Instance:
         self._batcher = batcher
         self._runner = runner
         self._inbox: queue.SimpleQueue[list[PendingRequest] | None] = queue.SimpleQueue()
+        self.started_ns = 0  # when the event loop handed it its current batch
         self._thread = threading.Thread(
             target=self._run, name=f"batcher-{batcher.name}-{index}", daemon=True
         )
         self._thread.start()
 
     def start(self, batch: list[PendingRequest]) -> None:
+        self.started_ns = time.perf_counter_ns()
         self._inbox.put(batch)
 
     def stop(self) -> None:
@@ -280,25 +356,29 @@ class DynamicBatcher:
         self._peak_window_end_ns = 0
         self._closing = False
         self._drained: asyncio.Event | None = None
+        self.rate = ServiceRate()
 
     @property
     def queued_rows(self) -> int:
         return self._queued_rows
 
     @property
+    def rows_per_s(self) -> float | None:
+        """The rate all instances drain the queue at, from recent batches (None: unknown)."""
+        rate = self.rate.rows_per_s
+        return None if rate is None else rate * len(self._instances)
+
+    @property
     def instances(self) -> int:
         return len(self._instances)
 
     def submit(self, request: PendingRequest) -> asyncio.Future[dict[str, np.ndarray]]:
-        """Queues a request and returns the future of its outputs; raises Overloaded at
-        once when its rows do not fit, Unloading when the batcher is closing."""
+        """Queues a request and returns the future of its outputs; raises Rejected (an
+        Overloaded) at once when its rows do not fit or cannot be reached before its
+        deadline, Unloading when the batcher is closing."""
         if self._closing:
             raise Unloading(f"model '{self.name}' is unloading; retry")
-        if self._queued_rows + request.rows > self.policy.max_queue_rows:
-            raise Overloaded(
-                f"Exceeds maximum queue size: model '{self.name}' has "
-                f"{self._queued_rows} of {self.policy.max_queue_rows} rows queued"
-            )
+        self._admit(request)
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
@@ -317,6 +397,54 @@ class DynamicBatcher:
             self._dispatch(under_load=False)
         self._note_in_flight(in_flight, request.enqueued_ns)
         return request.future
+
+    def _admit(self, request: PendingRequest) -> None:
+        """Raises Rejected when `request` cannot be queued, or cannot be answered before
+        its deadline: when the rows ahead of it and its own, at the recent rate, would
+        take longer than the time it has left."""
+        ahead = self._queued_rows + self._running_rows
+        rate = self.rows_per_s
+        wait_s = None if rate is None else ahead / rate
+        retry_ms = (
+            DEFAULT_RETRY_AFTER_MS
+            if wait_s is None
+            else min(max(1, int(wait_s * 1000) + 1), MAX_RETRY_AFTER_MS)
+        )
+        if self._queued_rows + request.rows > self.policy.max_queue_rows:
+            raise Rejected(
+                f"Exceeds maximum queue size: model '{self.name}' has "
+                f"{self._queued_rows} of {self.policy.max_queue_rows} rows queued; "
+                f"retry after {retry_ms} ms",
+                "queue_full",
+                retry_ms,
+            )
+        if rate is None:
+            return
+        bound_s = self.policy.max_queue_wait_s
+        if bound_s > 0 and wait_s is not None:
+            # A slow model's one running batch must not refuse the next request: the
+            # bound is never below two batches' time.
+            bound_s = max(bound_s, 2 * (self.rate.batch_s or 0.0))
+            if wait_s > bound_s:
+                raise Rejected(
+                    f"Queue too long: model '{self.name}' has {ahead} rows ahead at about "
+                    f"{rate:.0f} rows/s, {wait_s * 1000:.0f} ms of work (bound "
+                    f"{bound_s * 1000:.0f} ms); retry after {retry_ms} ms",
+                    "queue_wait",
+                    retry_ms,
+                )
+        if request.deadline is None:
+            return
+        left_s = request.deadline - time.monotonic()
+        done_s = (ahead + request.rows) / rate
+        if done_s > left_s:
+            raise Rejected(
+                f"Cannot answer before the deadline: model '{self.name}' has {ahead} rows "
+                f"ahead at about {rate:.0f} rows/s, {done_s * 1000:.0f} ms of work, and the "
+                f"request has {max(left_s, 0) * 1000:.0f} ms left; retry after {retry_ms} ms",
+                "deadline",
+                retry_ms,
+            )
 
     async def infer(self, request: PendingRequest) -> dict[str, np.ndarray]:
         """Submits and waits for the outputs."""
@@ -468,7 +596,10 @@ class DynamicBatcher:
 
     def _finished(self, instance: _Instance, batch: list[PendingRequest], timing: _Timing) -> None:
         self._idle.append(instance)
-        self._running_rows -= sum(request.rows for request in batch)
+        rows = sum(request.rows for request in batch)
+        self._running_rows -= rows
+        if batch[0].error is None and batch[-1].error is None:
+            self.rate.add(rows, time.perf_counter_ns() - instance.started_ns)
         # Start the next batch before answering this one: the instance works meanwhile.
         if self._queue:
             self._dispatch(under_load=True)

@@ -22,6 +22,7 @@ from modelplane.kernel.settings import MAX_MESSAGE_BYTES, ServiceSettings
 from modelplane.kernel.startup import StartupError
 from modelplane.kernel.telemetry import tracer_provider
 from modelplane.services.inference import wire
+from modelplane.services.inference.batcher import DEFAULT_MAX_QUEUE_WAIT_S
 from modelplane.services.inference.codec import InputLimits
 from modelplane.services.inference.enrichment import EnrichmentMetrics, FeatureSource
 from modelplane.services.inference.model_config import Defaults
@@ -108,6 +109,12 @@ class Settings(ServiceSettings):
     )
     max_queue_rows: int = Field(
         1024, gt=0, description="Queue bound in rows where config.pbtxt sets none."
+    )
+    max_queue_wait_us: int = Field(
+        int(DEFAULT_MAX_QUEUE_WAIT_S * 1e6),
+        ge=0,
+        description="Longest expected queue wait a request is admitted to (µs; at least two "
+        "batches' time; 0: none) where config.pbtxt sets no default_timeout_microseconds.",
     )
     instance_count: int = Field(
         1, gt=0, description="Runtime instances per model where config.pbtxt sets none."
@@ -376,6 +383,7 @@ def build(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime) -> 
             max_batch_size=settings.max_batch_size,
             max_queue_delay_us=settings.max_queue_delay_us,
             max_queue_rows=settings.max_queue_rows,
+            max_queue_wait_us=settings.max_queue_wait_us,
             instance_count=settings.instance_count,
             execution_provider=settings.execution_provider,
             thread_budget=settings.thread_budget or thread_layout(process_share()).intra_op_threads,

@@ -15,7 +15,7 @@ from google.protobuf import text_format
 
 from inference import model_config_pb2 as mc
 from modelplane.kernel.errors import InvalidArgument
-from modelplane.services.inference.batcher import BatchingPolicy
+from modelplane.services.inference.batcher import DEFAULT_MAX_QUEUE_WAIT_S, BatchingPolicy
 
 CONFIG_FILE = "config.pbtxt"
 DEFAULT_MODEL_FILE = "model.onnx"
@@ -28,6 +28,7 @@ class Defaults:
     max_batch_size: int = 64
     max_queue_delay_us: int = 0
     max_queue_rows: int = 1024
+    max_queue_wait_us: int = int(DEFAULT_MAX_QUEUE_WAIT_S * 1e6)
     instance_count: int = 1
     execution_provider: str = "auto"
     thread_budget: int = 2
@@ -95,6 +96,10 @@ def resolve(config: mc.ModelConfig | None, name: str, where: str, defaults: Defa
                 f"{where}: preferred_batch_size {size} must be between 1 and max_batch_size {limit}"
             )
     queue_rows = dynamic.default_queue_policy.max_queue_size or defaults.max_queue_rows
+    # Triton's queue timeout, as the bound on a request's expected wait at admission.
+    wait_us = (
+        dynamic.default_queue_policy.default_timeout_microseconds or defaults.max_queue_wait_us
+    )
     delay_us = (
         dynamic.max_queue_delay_microseconds
         if config.HasField("dynamic_batching")
@@ -106,6 +111,7 @@ def resolve(config: mc.ModelConfig | None, name: str, where: str, defaults: Defa
         preferred_batch_sizes=preferred,
         max_queue_delay_s=delay_us / 1e6,
         max_queue_rows=queue_rows,
+        max_queue_wait_s=wait_us / 1e6,
     )
 
     count = sum(group.count or 1 for group in config.instance_group) or defaults.instance_count

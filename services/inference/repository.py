@@ -618,6 +618,9 @@ def _full_config(
         dynamic.preferred_batch_size[:] = list(policy.preferred_batch_sizes)
         dynamic.max_queue_delay_microseconds = int(policy.max_queue_delay_s * 1e6)
         dynamic.default_queue_policy.max_queue_size = policy.max_queue_rows
+        dynamic.default_queue_policy.default_timeout_microseconds = int(
+            policy.max_queue_wait_s * 1e6
+        )
     else:
         config.ClearField("dynamic_batching")
     config.parameters["execution_provider"].string_value = provider

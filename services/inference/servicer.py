@@ -28,12 +28,11 @@ from modelplane import __version__
 from modelplane.kernel.errors import (
     InvalidArgument,
     ModelplaneError,
-    Overloaded,
     clip,
     status_for,
 )
 from modelplane.services.inference import codec
-from modelplane.services.inference.batcher import PendingRequest, Unloading
+from modelplane.services.inference.batcher import PendingRequest, Rejected, Unloading
 from modelplane.services.inference.enrichment import FEATURE_STATUS, FEATURE_VALUES
 from modelplane.services.inference.prediction_log import PredictionLog
 from modelplane.services.inference.repository import ModelRepository, ModelVersion
@@ -263,16 +262,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Queues a request; returns the version that took it (a reload or an alias move
         may swap it) and the route that chose it."""
         try:
-            model.batcher.submit(pending)
-        except Overloaded:
-            model.stats.request_failed(pending, "rejected")
+            try:
+                model.batcher.submit(pending)
+            except Unloading:
+                # Looked up just before a reload, an alias move or an unload swapped it
+                # out: ask again once. Its inputs were checked against the old version; a
+                # new version with another signature fails the request in the runtime.
+                model, route = self._route(request)
+                model.batcher.submit(pending)
+        except Rejected as exc:
+            model.stats.request_rejected(pending, exc.reason)
             raise
-        except Unloading:
-            # Looked up just before a reload, an alias move or an unload swapped it out:
-            # ask again once. Its inputs were checked against the old version; a new
-            # version with another signature fails the request in the runtime, alone.
-            model, route = self._route(request)
-            model.batcher.submit(pending)
         if route is not None and self._routing is not None:
             self._routing.routed(model.name, route.alias)
         return model, route

@@ -17,7 +17,7 @@ import numpy as np
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from modelplane.services.inference.batcher import PendingRequest
+from modelplane.services.inference.batcher import REJECT_REASONS, PendingRequest
 
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -70,8 +70,10 @@ class InferenceMetrics:
         self.requests = Counter(
             "modelplane_inference_requests",
             "Inference requests by outcome (success, invalid, rejected, expired, cancelled, "
-            "failed)",
-            [*labels, "outcome"],
+            "failed); a rejected one by reason (queue_full: no room in the queue; queue_wait: "
+            "the work ahead passes the queue-wait bound; deadline: the work ahead would "
+            "outlast its deadline), others with an empty reason",
+            [*labels, "outcome", "reason"],
             registry=registry,
         )
         self.latency = Histogram(
@@ -153,10 +155,14 @@ class VersionStats:
         self._s = StatsSnapshot()
         self._tracer = tracer
         self._metrics = metrics
-        self._success = metrics.requests.labels(model, version, "success")
+        self._success = metrics.requests.labels(model, version, "success", "")
         self._outcomes = {
-            outcome: metrics.requests.labels(model, version, outcome)
-            for outcome in ("invalid", "rejected", "expired", "cancelled", "failed")
+            outcome: metrics.requests.labels(model, version, outcome, "")
+            for outcome in ("invalid", "expired", "cancelled", "failed")
+        }
+        self._rejected = {
+            reason: metrics.requests.labels(model, version, "rejected", reason)
+            for reason in REJECT_REASONS
         }
         self._latency = metrics.latency.labels(model, version)
         self._queue = metrics.queue.labels(model, version)
@@ -215,8 +221,8 @@ class VersionStats:
             self._trace([request], 0, now, reason)
 
     def request_failed(self, request: PendingRequest | None, reason: str) -> None:
-        """A request that failed validation ("invalid"), was rejected by a full queue
-        ("rejected") or failed in the runtime ("failed"/"execution")."""
+        """A request that failed validation ("invalid") or failed in the runtime
+        ("failed"/"execution")."""
         now = time.perf_counter_ns()
         outcome = "failed" if reason == "execution" else reason
         with self._lock:
@@ -224,11 +230,19 @@ class VersionStats:
                 self._s.fail.add(now - request.received_ns)
             else:
                 self._s.fail.add(0)
-            if outcome == "rejected":
-                self._s.rejected += 1
         self._outcomes[outcome].inc()
         if self._tracer is not None and request is not None:
             self._trace([request], 0, now, outcome)
+
+    def request_rejected(self, request: PendingRequest, reason: str) -> None:
+        """A request refused at admission, by batcher.REJECT_REASONS (batcher.Rejected)."""
+        now = time.perf_counter_ns()
+        with self._lock:
+            self._s.fail.add(now - request.received_ns)
+            self._s.rejected += 1
+        self._rejected[reason].inc()
+        if self._tracer is not None:
+            self._trace([request], 0, now, f"rejected: {reason}")
 
     # --- readers -----------------------------------------------------------------------
 

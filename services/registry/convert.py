@@ -76,7 +76,9 @@ def decode_int_token(token: str) -> int:
 
 
 def policy_from_pb(policy: pb.ApprovalPolicy) -> domain.ApprovalPolicy:
-    return domain.ApprovalPolicy(policy.required_approvals, tuple(policy.protected_aliases))
+    return domain.ApprovalPolicy(
+        policy.required_approvals, tuple(policy.protected_aliases), policy.allow_self_approval
+    )
 
 
 def model_to_pb(model: domain.Model) -> pb.Model:
@@ -90,6 +92,7 @@ def model_to_pb(model: domain.Model) -> pb.Model:
         approval_policy=pb.ApprovalPolicy(
             required_approvals=model.approval_policy.required_approvals,
             protected_aliases=list(model.approval_policy.protected_aliases),
+            allow_self_approval=model.approval_policy.allow_self_approval,
         ),
         created_by=model.created_by,
     )

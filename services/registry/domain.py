@@ -74,6 +74,8 @@ class MissingFeaturePolicy(enum.StrEnum):
 class ApprovalPolicy:
     required_approvals: int = 0
     protected_aliases: tuple[str, ...] = ()
+    # Off by default: an approval is a second pair of eyes. Small teams may turn it on.
+    allow_self_approval: bool = False
 
     def guards(self, alias: str) -> bool:
         return self.required_approvals > 0 and alias in self.protected_aliases
@@ -585,10 +587,18 @@ def check_reviewable(model: str, version: int, status: VersionStatus) -> None:
 
 
 def check_not_own_upload(
-    model: str, version: int, created_by: str, reviewer: str, decision: ReviewDecision
+    model: str,
+    version: int,
+    created_by: str,
+    reviewer: str,
+    decision: ReviewDecision,
+    policy: ApprovalPolicy,
 ) -> None:
-    """An approval is a second pair of eyes: the uploader's own does not count. Applied
-    only to authenticated actors (a self-declared name proves nothing either way)."""
+    """An approval is a second pair of eyes: the uploader's own does not count unless the
+    model's policy allows it. Applied only to authenticated actors (a self-declared name
+    proves nothing either way)."""
+    if policy.allow_self_approval:
+        return
     if decision is ReviewDecision.APPROVE and reviewer == created_by:
         raise PermissionDenied(
             f"{model} v{version} was uploaded by {quote(reviewer)}, who cannot approve it"

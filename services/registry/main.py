@@ -17,6 +17,7 @@ from modelplane.kernel.server import AioServiceServer
 from modelplane.kernel.settings import ServiceSettings
 from modelplane.registry.v1 import registry_pb2, registry_pb2_grpc
 from modelplane.services.registry.artifacts import LocalArtifactStore
+from modelplane.services.registry.denials import DenialAuditor
 from modelplane.services.registry.servicer import RegistryServicer, WatchEvent
 from modelplane.services.registry.store import Store, open_store
 from modelplane.services.registry.store.postgres import PostgresStore
@@ -56,6 +57,14 @@ class Settings(ServiceSettings):
     )
     max_concurrent_uploads: int = Field(
         8, gt=0, description="Uploads received at once; more are refused with UNAVAILABLE."
+    )
+    # The registry's only client streams are uploads, whose clients send chunks back to
+    # back: one quiet for a minute has stalled, and its slot goes to another.
+    stream_idle_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds an upload may send nothing; then DEADLINE_EXCEEDED, its slot "
+        "and partial file freed (watches are never idle).",
     )
     watch_queue_size: int = Field(
         256,
@@ -170,7 +179,10 @@ def build(settings: Settings) -> AioServiceServer:
         local_fanout=not isinstance(store, PostgresStore),
     )
 
+    denials = DenialAuditor(store)
+
     async def close_store() -> None:
+        await asyncio.to_thread(denials.close)
         await asyncio.to_thread(store.close)
 
     return RegistryServer(
@@ -182,6 +194,7 @@ def build(settings: Settings) -> AioServiceServer:
         lambda server: registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server),
         on_stop=[close_store],
         registry=registry,
+        on_role_denied=denials,
     )
 
 

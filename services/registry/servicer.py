@@ -374,7 +374,8 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         version's uploader never changes, so checking before the review's transaction is
         safe)."""
         current = self._store.get_version(model, version)
-        domain.check_not_own_upload(model, version, current.created_by, actor, decision)
+        policy = self._store.get_model(model).approval_policy
+        domain.check_not_own_upload(model, version, current.created_by, actor, decision, policy)
         return self._store.add_review(model, version, decision, comment, actor)
 
     async def ListReviews(

@@ -34,7 +34,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from modelplane.cli import health
+from modelplane.cli import auth_bootstrap, health
 from modelplane.cli.main import build_parser
 from modelplane.cli.serve import settings_from_args
 from modelplane.cli.services import DEFAULT_PORTS, SERVICES, service_main
@@ -69,6 +69,7 @@ CLIENT_VARIABLES = {
     client_credentials.ENV_TLS,
     client_credentials.ENV_SERVER_NAME,
     client_credentials.ENV_TOKEN,
+    client_credentials.ENV_TOKEN_FILE,
 }
 # The TLS Secret the operator (or cert-manager) makes; deploy/ only mounts it.
 TLS_SECRET = "modelplane-tls"
@@ -868,7 +869,7 @@ def test_compose_service_runs_a_valid_command_on_the_default_ports(compose, serv
     spec = compose["services"][service]
     assert spec["image"] == f"{IMAGE}:{VERSION}"
     env = compose_env(spec)
-    unknown = set(env) - known_variables(service)
+    unknown = set(env) - known_variables(service) - CLIENT_VARIABLES
     assert not unknown, f"{service}: {sorted(unknown)}"
     settings = effective_settings(monkeypatch, spec["command"], {**image_env("cpu"), **env})
     assert settings.host == "0.0.0.0"
@@ -914,7 +915,7 @@ def test_compose_stores_are_the_shared_ones(compose, monkeypatch):
     assert definitions["target"] == feature.definitions_file
     source = compose["configs"][definitions["source"]]["file"]
     assert (DEPLOY / source).resolve() == DEPLOY / "config" / "features.yaml"
-    (files,) = services["feature"]["volumes"]
+    (files,) = [v for v in services["feature"]["volumes"] if v.startswith("feature-files:")]
     files_mount = files.split(":")[1]
     assert feature.files_dir == files_mount
     for view in definitions_from_yaml((DEPLOY / source).read_text()):
@@ -944,6 +945,43 @@ def test_compose_stores_are_the_shared_ones(compose, monkeypatch):
     password = interpolate(services["postgres"]["environment"]["POSTGRES_PASSWORD"])
     for url in (registry.database_url, feature.definitions_db, monitoring.database):
         assert urlsplit(url).password == password
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_compose_services_serve_tls_with_auth_on_from_the_bootstrapped_volume(
+    compose, service, monkeypatch
+):
+    services = compose["services"]
+    boot = services["credentials"]
+    assert boot["command"][:2] == ["auth", "bootstrap"]
+    (volume,) = boot["volumes"]
+    name, mount = volume.split(":")
+    spec = services[service]
+    assert f"{name}:{mount}:ro" in spec["volumes"]
+    assert spec["depends_on"]["credentials"] == {"condition": "service_completed_successfully"}
+    env = compose_env(spec)
+    settings = effective_settings(monkeypatch, spec["command"], {**image_env("cpu"), **env})
+    root = PurePosixPath(boot["command"][2])
+    assert PurePosixPath(mount) == root
+    # The files `modelplane auth bootstrap` writes (tested in
+    # tests/integration/registry/test_auth_bootstrap.py).
+    assert PurePosixPath(str(settings.auth_tokens_file)) == root / "tokens.jsonl"
+    assert PurePosixPath(str(settings.tls_cert_file)) == root / "server.crt"
+    assert PurePosixPath(str(settings.tls_key_file)) == root / "server.key"
+    assert PurePosixPath(env[client_credentials.ENV_CA]) == root / "ca.crt"
+    # The services that call others do so with their own token (the health probe needs
+    # none: health stays open).
+    token = env.get(client_credentials.ENV_TOKEN_FILE)
+    callers = {"inference": "inference", "monitoring": "monitoring"}
+    if service in callers:
+        assert token is not None
+        assert PurePosixPath(token) == root / "tokens" / f"{callers[service]}.token"
+        assert callers[service] in auth_bootstrap.PRINCIPALS
+    else:
+        assert token is None
+    # The image makes the mount point the services' user owns, so a new volume is theirs.
+    runs = [rest for keyword, rest in dockerfile_instructions() if keyword == "RUN"]
+    assert any("mkdir -p" in r and mount in r and "chown -R 10001:10001" in r for r in runs)
 
 
 def test_the_deployed_definitions_are_the_demos_with_sources_on_the_files_volume():
@@ -1134,7 +1172,13 @@ def test_secret_volumes_are_made_by_dependencies_or_are_the_tls_secret():
 
 # --- Batch scoring examples (deploy/batch/, outside the kustomization) --------------------
 
-BATCH_EXAMPLES = sorted((DEPLOY / "batch").glob("*.yaml"))
+# The RayJob example is a KubeRay custom resource, not in the Kubernetes schemas: checked
+# in tests/unit/scoring/test_rayjob_example.py.
+BATCH_EXAMPLES = sorted(
+    path
+    for path in (DEPLOY / "batch").glob("*.yaml")
+    if all(d["apiVersion"] != "ray.io/v1" for d in load_documents(path))
+)
 
 
 @pytest.mark.parametrize("path", BATCH_EXAMPLES, ids=lambda p: p.name)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from modelplane.cli import auth_bootstrap
 from modelplane.kernel.auth import ROLES, add_certificate, add_token, read_entries, remove_token
 
 DEFAULT_TOKENS_FILE = Path(".modelplane/auth_tokens.jsonl")
@@ -68,6 +69,22 @@ def register(commands: Any) -> None:
     listing = add("list", "list the principals (tokens and certificates), with their roles")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.set_defaults(handler=cmd_list)
+
+    boot = sub.add_parser(
+        "bootstrap",
+        help="make a CA, a server certificate and tokens for a single-host deployment",
+        description=auth_bootstrap.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    boot.add_argument("directory", type=Path, help="where to write them (must hold none yet)")
+    boot.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="another name or address the services are reached by (repeatable)",
+    )
+    boot.add_argument("--days", type=int, default=365, help="certificate validity (default 365)")
+    boot.set_defaults(handler=cmd_bootstrap)
 
     remove = add(
         "remove",
@@ -136,4 +153,19 @@ def cmd_remove(args: argparse.Namespace) -> int:
     if not removed:
         print(f"modelplane auth: no entry named {args.name!r} in {args.file}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    try:
+        written = auth_bootstrap.bootstrap(args.directory, args.host, args.days)
+    except auth_bootstrap.AlreadyBootstrapped as exc:
+        # Not an error: compose runs this before every start.
+        print(f"modelplane auth: {exc}; nothing changed", file=sys.stderr)
+        return 0
+    except (OSError, ValueError) as exc:
+        print(f"modelplane auth: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
     return 0

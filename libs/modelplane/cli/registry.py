@@ -423,6 +423,9 @@ def print_version(version: pb.ModelVersion) -> None:
 # --- commands -----------------------------------------------------------------------------
 
 
+SELF_APPROVAL_HELP = "let an uploader's own approval count toward their version (default: not)"
+
+
 def _client(args: argparse.Namespace) -> RegistryClient:
     return RegistryClient(args.address, actor=args.actor, timeout=args.timeout)
 
@@ -435,6 +438,7 @@ def cmd_create(args: argparse.Namespace, client: RegistryClient) -> None:
         tags=_pairs(args.tag, "--tag"),
         required_approvals=args.required_approvals,
         protected_aliases=args.protect or [],
+        allow_self_approval=args.allow_self_approval,
     )
     _emit(args, model, f"created model {model.name}")
 
@@ -497,6 +501,7 @@ def cmd_show(args: argparse.Namespace, client: RegistryClient) -> None:
         print(
             f"  policy: {policy.required_approvals} approval(s) before "
             + ", ".join(policy.protected_aliases)
+            + ("; an uploader's own approval counts" if policy.allow_self_approval else "")
         )
     print(f"  {'VERSION':>7}  {'STATUS':<11} {'APPROVALS':>9}  {'ALIASES':<24} SHA256")
     for version in versions:
@@ -550,9 +555,12 @@ def cmd_status(args: argparse.Namespace, client: RegistryClient) -> None:
 
 
 def cmd_policy(args: argparse.Namespace, client: RegistryClient) -> None:
-    model = client.set_approval_policy(args.model, args.required_approvals, args.protect or [])
+    model = client.set_approval_policy(
+        args.model, args.required_approvals, args.protect or [], args.allow_self_approval
+    )
     guarded = ", ".join(args.protect or []) or "-"
-    _emit(args, model, f"{model.name}: {args.required_approvals} approval(s) before {guarded}")
+    own = " (an uploader's own approval counts)" if args.allow_self_approval else ""
+    _emit(args, model, f"{model.name}: {args.required_approvals} approval(s) before {guarded}{own}")
 
 
 def cmd_download(args: argparse.Namespace, client: RegistryClient) -> None:
@@ -765,6 +773,7 @@ def register(commands: Any) -> None:
         help="approvals a version needs before a protected alias",
     )
     create.add_argument("--protect", action="append", help="alias the approvals guard (repeatable)")
+    create.add_argument("--allow-self-approval", action="store_true", help=SELF_APPROVAL_HELP)
 
     reg = add("register", "upload an ONNX file as the model's next version", cmd_register)
     reg.add_argument("model", help="model name")
@@ -859,6 +868,7 @@ def register(commands: Any) -> None:
     policy.add_argument("model", help="model name")
     policy.add_argument("--required-approvals", type=int, required=True, help="0 disables")
     policy.add_argument("--protect", action="append", help="alias the approvals guard (repeatable)")
+    policy.add_argument("--allow-self-approval", action="store_true", help=SELF_APPROVAL_HELP)
 
     download = add("download", "download a version's ONNX file, verifying its digest", cmd_download)
     download.add_argument("model", help="model name")

@@ -1,6 +1,7 @@
 """What the typed clients of the inference, feature and monitoring services share: one channel,
 a deadline on every call, a bounded wait for the first connection, and retries of
-idempotent calls only, with backoff and full jitter inside the call's deadline. Every
+idempotent calls only, with backoff and full jitter inside the call's deadline, never
+sooner than the server's retry hint (`grpc-retry-pushback-ms`, gRFC A6). Every
 call carries the current trace context, so a call made inside a span continues its
 trace in the service called."""
 
@@ -16,6 +17,7 @@ from typing import Any, Self, TypeVar
 import grpc
 
 from modelplane.client.credentials import ClientCredentials, resolve
+from modelplane.kernel.errors import RETRY_PUSHBACK_KEY
 from modelplane.kernel.settings import MAX_MESSAGE_BYTES
 from modelplane.kernel.telemetry import trace_metadata
 
@@ -26,6 +28,20 @@ INITIAL_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
 
 _T = TypeVar("_T")
+_sleep = time.sleep  # the pause between attempts (tests record it)
+
+
+def retry_pushback_s(error: grpc.RpcError) -> float | None:
+    """The server's retry hint in seconds (its `grpc-retry-pushback-ms` trailer); None
+    when there is none; negative when the server asks not to retry at all."""
+    trailers = getattr(error, "trailing_metadata", None)
+    for key, value in (trailers() if callable(trailers) else None) or ():
+        if key == RETRY_PUSHBACK_KEY:
+            try:
+                return int(value) / 1000
+            except (TypeError, ValueError):
+                return -1.0  # gRFC A6: an unparsable hint means "do not retry"
+    return None
 
 
 class CannotConnect(ConnectionError):
@@ -111,7 +127,10 @@ class ServiceClient:
         self, method: Callable[..., _T], request: Any, timeout: float | None = None
     ) -> _T:
         """Calls `method`, retrying UNAVAILABLE with backoff and full jitter until the
-        deadline (`timeout`, default the client's), which covers every attempt."""
+        deadline (`timeout`, default the client's), which covers every attempt. A server
+        retry hint (`grpc-retry-pushback-ms`) is a floor under the pause: the jitter is
+        added to it; a hint that cannot be met before the deadline ends the call at once,
+        and a negative one means no retry."""
         self.connect()
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         backoff = INITIAL_BACKOFF_S
@@ -125,8 +144,11 @@ class ServiceClient:
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE:  # type: ignore[attr-defined]
                     raise
-                pause = random.uniform(0.0, backoff)
+                pushback = retry_pushback_s(exc)
+                if pushback is not None and pushback < 0:
+                    raise
+                pause = (pushback or 0.0) + random.uniform(0.0, backoff)
                 if time.monotonic() + pause >= deadline:
                     raise
-                time.sleep(pause)  # backoff before the next attempt
+                _sleep(pause)  # backoff before the next attempt
                 backoff = min(backoff * 2, MAX_BACKOFF_S)

@@ -11,6 +11,8 @@ services' own calls to each other), so setting the environment once covers them 
     MODELPLANE_TLS_SERVER_NAME  name to verify in the server's certificate instead of
                           the address's host (a server reached through an IP or a tunnel)
     MODELPLANE_TOKEN      bearer token sent as `authorization: Bearer <token>`
+    MODELPLANE_TOKEN_FILE a file holding that token (a mounted secret); MODELPLANE_TOKEN
+                          wins when both are set
 
 Any of the TLS files set (or MODELPLANE_TLS=1) makes the channel TLS; nothing set leaves
 it plaintext, as on a loopback development setup.
@@ -41,6 +43,7 @@ ENV_KEY = "MODELPLANE_TLS_KEY"
 ENV_TLS = "MODELPLANE_TLS"
 ENV_SERVER_NAME = "MODELPLANE_TLS_SERVER_NAME"
 ENV_TOKEN = "MODELPLANE_TOKEN"
+ENV_TOKEN_FILE = "MODELPLANE_TOKEN_FILE"
 AUTHORIZATION_KEY = "authorization"
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -66,6 +69,15 @@ def _read(path: Path, what: str) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise ValueError(f"cannot read the TLS {what} {path}: {exc.strerror}") from None
+
+
+def _token_from_file(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text().strip() or None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the token file {path} ({ENV_TOKEN_FILE}): {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -99,7 +111,7 @@ class ClientCredentials:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ClientCredentials:
         """From MODELPLANE_TLS_CA, _TLS_CERT, _TLS_KEY, _TLS, _TLS_SERVER_NAME and
-        MODELPLANE_TOKEN (empty counts as unset)."""
+        MODELPLANE_TOKEN or MODELPLANE_TOKEN_FILE (empty counts as unset)."""
         env = os.environ if environ is None else environ
 
         def path(name: str) -> Path | None:
@@ -110,7 +122,7 @@ class ClientCredentials:
             ca_file=path(ENV_CA),
             cert_file=path(ENV_CERT),
             key_file=path(ENV_KEY),
-            token=env.get(ENV_TOKEN, "").strip() or None,
+            token=env.get(ENV_TOKEN, "").strip() or _token_from_file(path(ENV_TOKEN_FILE)),
             tls=env.get(ENV_TLS, "").strip().lower() in _TRUE,
             server_name=env.get(ENV_SERVER_NAME, "").strip() or None,
         )

@@ -126,6 +126,7 @@ class RegistryClient:
         tags: Mapping[str, str] | None = None,
         required_approvals: int = 0,
         protected_aliases: Iterable[str] = (),
+        allow_self_approval: bool = False,
     ) -> pb.Model:
         request = pb.CreateModelRequest(
             name=name,
@@ -133,7 +134,9 @@ class RegistryClient:
             owner=owner,
             tags=dict(tags or {}),
             approval_policy=pb.ApprovalPolicy(
-                required_approvals=required_approvals, protected_aliases=list(protected_aliases)
+                required_approvals=required_approvals,
+                protected_aliases=list(protected_aliases),
+                allow_self_approval=allow_self_approval,
             ),
         )
         response: pb.CreateModelResponse = self.stub.CreateModel(request, **self._options())
@@ -161,12 +164,18 @@ class RegistryClient:
                 return models
 
     def set_approval_policy(
-        self, model: str, required_approvals: int, protected_aliases: Iterable[str]
+        self,
+        model: str,
+        required_approvals: int,
+        protected_aliases: Iterable[str],
+        allow_self_approval: bool = False,
     ) -> pb.Model:
         request = pb.SetApprovalPolicyRequest(
             model=model,
             policy=pb.ApprovalPolicy(
-                required_approvals=required_approvals, protected_aliases=list(protected_aliases)
+                required_approvals=required_approvals,
+                protected_aliases=list(protected_aliases),
+                allow_self_approval=allow_self_approval,
             ),
         )
         response: pb.SetApprovalPolicyResponse = self.stub.SetApprovalPolicy(

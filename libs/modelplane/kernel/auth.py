@@ -481,11 +481,19 @@ class TokenStore:
 
 
 class _Denied(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str, principal: str | None) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, message: str, principal: str | None, role: str = ""
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.principal = principal
+        self.role = role  # the role the method needs ("" when no role may call it)
+
+
+# Told of every authenticated caller refused for lacking a role: (principal, method,
+# needed role). The registry records these in its audit log.
+RoleDenied = Callable[[str, str, str], None]
 
 
 def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
@@ -508,8 +516,10 @@ class Authorizer:
         registry: CollectorRegistry | None,
         required_role: Mapping[str, str] = REQUIRED_ROLE,
         certificates: bool = False,
+        on_role_denied: RoleDenied | None = None,
     ) -> None:
         self._store = store
+        self._on_role_denied = on_role_denied
         # True only where the handshake verifies client certificates (a client CA is
         # set): elsewhere a peer's certificate, if any, proves nothing.
         self.certificates = certificates
@@ -565,6 +575,7 @@ class Authorizer:
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"this method needs the {role!r} role",
                 principal.name,
+                role,
             )
         return principal
 
@@ -578,6 +589,15 @@ class Authorizer:
             peer,
             kind=denied.code.name,
         )
+        if (
+            self._on_role_denied is not None
+            and denied.code is grpc.StatusCode.PERMISSION_DENIED
+            and denied.principal is not None
+        ):
+            try:
+                self._on_role_denied(denied.principal, method, denied.role)
+            except Exception:  # the refusal stands whatever the audit hook does
+                log.exception("auth: recording a denial failed")
 
 
 def peer_common_name(auth_context: Mapping[str, Iterable[bytes]] | None) -> str | None:
@@ -719,7 +739,11 @@ class SyncAuthInterceptor(grpc.ServerInterceptor):
         return wrapper
 
 
-def _authorizer(settings: ServiceSettings, registry: CollectorRegistry | None) -> Authorizer | None:
+def _authorizer(
+    settings: ServiceSettings,
+    registry: CollectorRegistry | None,
+    on_role_denied: RoleDenied | None = None,
+) -> Authorizer | None:
     if settings.auth_tokens_file is None:
         return None
     return Authorizer(
@@ -727,20 +751,25 @@ def _authorizer(settings: ServiceSettings, registry: CollectorRegistry | None) -
         settings.auth_open_methods,
         registry,
         certificates=settings.tls_client_ca_file is not None,
+        on_role_denied=on_role_denied,
     )
 
 
 def aio_auth_interceptors(
-    settings: ServiceSettings, registry: CollectorRegistry | None
+    settings: ServiceSettings,
+    registry: CollectorRegistry | None,
+    on_role_denied: RoleDenied | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:
     """The auth interceptor when `auth_tokens_file` is set, else none."""
-    authorizer = _authorizer(settings, registry)
+    authorizer = _authorizer(settings, registry, on_role_denied)
     return [] if authorizer is None else [AioAuthInterceptor(authorizer)]
 
 
 def sync_auth_interceptors(
-    settings: ServiceSettings, registry: CollectorRegistry | None
+    settings: ServiceSettings,
+    registry: CollectorRegistry | None,
+    on_role_denied: RoleDenied | None = None,
 ) -> list[grpc.ServerInterceptor]:
     """The auth interceptor when `auth_tokens_file` is set, else none."""
-    authorizer = _authorizer(settings, registry)
+    authorizer = _authorizer(settings, registry, on_role_denied)
     return [] if authorizer is None else [SyncAuthInterceptor(authorizer)]

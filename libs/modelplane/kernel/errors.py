@@ -20,6 +20,9 @@ class ModelplaneError(Exception):
     """Base of every error a caller is meant to see."""
 
     code = grpc.StatusCode.UNKNOWN
+    retry_after_ms: int | None = None
+    """Set: how long the caller should wait before retrying, sent as gRPC's standard
+    `grpc-retry-pushback-ms` trailer (see `trailers_for`)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -57,9 +60,14 @@ class FailedPrecondition(ModelplaneError):
 
 
 class Overloaded(ModelplaneError):
-    """A bounded queue is full: rejected at once so the caller can back off."""
+    """A bounded queue is full: rejected at once so the caller can back off
+    (`retry_after_ms`: for how long, when the service can tell)."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
 
 
 class ResourceExhausted(ModelplaneError):
@@ -122,6 +130,19 @@ def clip(value: object, limit: int = MAX_ECHOED_CHARS) -> str:
     if not text.isprintable():
         text = text.encode("unicode_escape").decode("ascii")[:limit]
     return f"{text}…({len(str(value))} chars)" if cut else text
+
+
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+"""gRPC's trailer telling a client when to retry (gRFC A6); gRPC's own retry policy
+honours it, and so do modelplane's clients."""
+
+
+def trailers_for(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata an error is answered with: its retry hint, if any."""
+    retry_after_ms = getattr(exc, "retry_after_ms", None)
+    if isinstance(exc, ModelplaneError) and retry_after_ms is not None:
+        return ((RETRY_PUSHBACK_KEY, str(max(0, int(retry_after_ms)))),)
+    return ()
 
 
 def status_for(exc: BaseException, method: str = "") -> tuple[grpc.StatusCode, str]:

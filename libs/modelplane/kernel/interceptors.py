@@ -3,7 +3,8 @@
 Handlers raise `modelplane.kernel.errors` exceptions; these interceptors abort the
 call with the matching code and the error's message, cut to
 `MAX_STATUS_MESSAGE_BYTES` (a longer one would overflow gRPC's metadata limit and
-reach the caller as a different error). Anything unexpected becomes
+reach the caller as a different error), and with the error's retry hint, if any, as
+the `grpc-retry-pushback-ms` trailer. Anything unexpected becomes
 INTERNAL with an opaque incident id (the traceback goes to the log, never to the
 caller).
 
@@ -24,7 +25,7 @@ from typing import Any
 
 import grpc
 
-from modelplane.kernel.errors import InvalidArgument, status_for
+from modelplane.kernel.errors import InvalidArgument, status_for, trailers_for
 from modelplane.kernel.logs import RateLimitedLog
 
 log = logging.getLogger("modelplane.errors")
@@ -102,7 +103,7 @@ def _wrap_aio_unary(
             raise
         except Exception as exc:
             code, message = status_for(exc, method)
-            await context.abort(code, message)
+            await context.abort(code, message, trailers_for(exc))
 
     return wrapper
 
@@ -123,7 +124,7 @@ def _wrap_aio_stream(
                 raise
             except Exception as exc:
                 code, message = status_for(exc, method)
-                await context.abort(code, message)
+                await context.abort(code, message, trailers_for(exc))
 
         return gen_wrapper
     # A coroutine handler that writes with context.write() behaves like a unary one.
@@ -205,6 +206,9 @@ def _abort_sync(exc: Exception, context: grpc.ServicerContext, method: str) -> N
     if context.code() is not None:  # type: ignore[attr-defined]
         raise exc
     code, message = status_for(exc, method)
+    trailers = trailers_for(exc)
+    if trailers:
+        context.set_trailing_metadata(trailers)
     context.abort(code, message)
 
 

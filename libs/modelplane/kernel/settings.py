@@ -42,6 +42,26 @@ class ServiceSettings(BaseSettings):
     grace_period_s: float = Field(
         10.0, ge=0, description="Seconds in-flight calls get to finish after SIGTERM."
     )
+    # Slow and idle clients: see modelplane.kernel.call_bounds. A waiting call costs a
+    # coroutine, not a thread, so the bound on calls in flight is sized in the thousands.
+    request_body_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a call may wait for its whole request message after its start; "
+        "then DEADLINE_EXCEEDED.",
+    )
+    stream_idle_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds a client stream may send nothing while the server sends nothing "
+        "either; then DEADLINE_EXCEEDED (server-streaming watches are never idle).",
+    )
+    max_concurrent_rpcs: int = Field(
+        4096,
+        ge=1,
+        description="Calls in flight (those waiting for their request included); more are "
+        "refused at once with RESOURCE_EXHAUSTED.",
+    )
     log_level: str = Field("INFO", description="Log level (DEBUG, INFO, WARNING, ERROR).")
     log_json: bool = Field(True, description="Log one JSON object per line instead of plain text.")
     tracing_enabled: bool | None = Field(

@@ -133,6 +133,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         "versions.feature_input: JSON of the version's FeatureInput, '' for none",
         ("ALTER TABLE versions ADD COLUMN feature_input TEXT NOT NULL DEFAULT ''",),
     ),
+    Migration(
+        6,
+        "models.allow_self_approval: 1 when an uploader's own approval counts",
+        ("ALTER TABLE models ADD COLUMN allow_self_approval BIGINT NOT NULL DEFAULT 0",),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

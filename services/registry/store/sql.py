@@ -42,7 +42,7 @@ from modelplane.services.registry.store.migrations import LATEST_VERSION, MIGRAT
 
 _MODEL_COLUMNS = (
     "name, description, owner, required_approvals, protected_aliases, latest_version,"
-    " created_us, created_by"
+    " created_us, created_by, allow_self_approval"
 )
 _VERSION_COLUMNS = (
     "model, version, description, sha256, size_bytes, format, signature, lineage, card,"
@@ -143,7 +143,7 @@ class SqlStore(ABC):
         policy = new.approval_policy
         with self._transaction(write=True) as tx:
             row = tx.one(
-                f"INSERT INTO models ({_MODEL_COLUMNS}) VALUES (?, ?, ?, ?, ?, 0, ?, ?)"
+                f"INSERT INTO models ({_MODEL_COLUMNS}) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)"
                 " ON CONFLICT (name) DO NOTHING RETURNING name",
                 (
                     new.name,
@@ -153,6 +153,7 @@ class SqlStore(ABC):
                     codec.dumps(list(policy.protected_aliases)),
                     created,
                     actor,
+                    int(policy.allow_self_approval),
                 ),
             )
             if row is None:
@@ -210,8 +211,14 @@ class SqlStore(ABC):
         with self._transaction(write=True) as tx:
             self._lock_model(tx, name)
             tx.execute(
-                "UPDATE models SET required_approvals = ?, protected_aliases = ? WHERE name = ?",
-                (policy.required_approvals, codec.dumps(list(policy.protected_aliases)), name),
+                "UPDATE models SET required_approvals = ?, protected_aliases = ?,"
+                " allow_self_approval = ? WHERE name = ?",
+                (
+                    policy.required_approvals,
+                    codec.dumps(list(policy.protected_aliases)),
+                    int(policy.allow_self_approval),
+                    name,
+                ),
             )
             self._audit(
                 tx,
@@ -221,6 +228,7 @@ class SqlStore(ABC):
                 {
                     "required_approvals": policy.required_approvals,
                     "protected_aliases": list(policy.protected_aliases),
+                    "allow_self_approval": policy.allow_self_approval,
                 },
             )
             return self._model(tx, name)
@@ -622,13 +630,13 @@ class SqlStore(ABC):
 
     def _lock_model(self, tx: Tx, name: str) -> ApprovalPolicy:
         row = tx.one(
-            "SELECT required_approvals, protected_aliases FROM models WHERE name = ?"
-            + self.lock_clause,
+            "SELECT required_approvals, protected_aliases, allow_self_approval FROM models"
+            " WHERE name = ?" + self.lock_clause,
             (name,),
         )
         if row is None:
             raise NotFound(f"model {name!r} not found")
-        return ApprovalPolicy(int(row[0]), tuple(_json_list(row[1])))
+        return ApprovalPolicy(int(row[0]), tuple(_json_list(row[1])), bool(row[2]))
 
     def _model(self, tx: Tx, name: str) -> Model:
         row = tx.one(f"SELECT {_MODEL_COLUMNS} FROM models WHERE name = ?", (name,))
@@ -645,7 +653,7 @@ class SqlStore(ABC):
             description=row[1],
             owner=row[2],
             tags=tags,
-            approval_policy=ApprovalPolicy(int(row[3]), tuple(_json_list(row[4]))),
+            approval_policy=ApprovalPolicy(int(row[3]), tuple(_json_list(row[4])), bool(row[8])),
             latest_version=int(row[5]),
             created_at=codec.from_us(row[6]),
             created_by=row[7],

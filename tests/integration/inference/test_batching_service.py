@@ -84,7 +84,7 @@ def test_a_full_queue_rejects_at_once_with_unavailable(repository):
         assert [len(output(f.result())) for f in [first, *queued]] == [1, 2, 2]
         rejected_count = server.registry.get_sample_value(
             "modelplane_inference_requests_total",
-            {"model": "light", "version": "1", "outcome": "rejected"},
+            {"model": "light", "version": "1", "outcome": "rejected", "reason": "queue_full"},
         )
     assert rejected_count == 1
 
@@ -112,7 +112,7 @@ def test_expired_and_cancelled_requests_are_not_executed(repository):
         def count(outcome: str) -> float | None:
             return server.registry.get_sample_value(
                 "modelplane_inference_requests_total",
-                {"model": "lookup", "version": "1", "outcome": outcome},
+                {"model": "lookup", "version": "1", "outcome": outcome, "reason": ""},
             )
 
         assert count("expired") == 1

@@ -31,7 +31,7 @@ from tests.integration.feature.servers import settings_for, unique_prefix
 from tests.integration.inference.conftest import Gate, fp32_request, output
 from tests.integration.inference.test_registry_serving import Registry
 from tests.integration.registry.conftest import ThreadedServer
-from tests.support import running_aio_in_thread, running_sync, wait_until
+from tests.support import running_aio_in_thread, running_sync, stop_in_thread, wait_until
 
 MODEL = features.SCORER
 FEATURE_CALLS = "modelplane_inference_feature_calls_total"
@@ -201,7 +201,7 @@ def test_feature_service_down_fails_enriched_requests_fast_only(demo, registry, 
     register(registry, model, rpb.MISSING_FEATURE_POLICY_REJECT)
     with inference(registry, feature, tmp_path) as (_, stub):
         assert stub.ModelInfer(by_ids(1), timeout=10).model_version == "1"
-        servers[0].stop(grace=0)
+        stop_in_thread(servers[0])
         with pytest.raises(grpc.RpcError) as down:
             stub.ModelInfer(by_ids(1), timeout=10)
         assert down.value.code() in (

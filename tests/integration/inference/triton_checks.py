@@ -248,7 +248,8 @@ def check_metrics_endpoint_has_process_cpu_and_inference_series(ctx: Context) ->
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     assert "process_cpu_seconds_total" in text
     assert (
-        'modelplane_inference_requests_total{model="light",outcome="success",version="1"}' in text
+        'modelplane_inference_requests_total{model="light",outcome="success",reason="",version="1"}'
+        in text
     )
     assert "modelplane_inference_batch_size_bucket" in text
     assert "modelplane_inference_queue_rows" in text

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from modelplane.client.credentials import ClientCredentials
 from modelplane.kernel.server import AioServiceServer
 from modelplane.services.registry.main import Settings, build
 from modelplane.services.registry.store import Store
@@ -50,7 +51,8 @@ class ThreadedServer:
     """A registry server on its own event loop thread, so tests can use the blocking
     client (which would otherwise block the loop the server runs on)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, credentials: ClientCredentials | None = None) -> None:
+        """`credentials`: what the readiness check presents (a TLS server needs its CA)."""
         self.settings = settings
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -63,7 +65,7 @@ class ThreadedServer:
 
         self.server = asyncio.run_coroutine_threadsafe(start(), self._loop).result(30)
         self.address = self.server.address
-        wait_serving_sync(self.address)
+        wait_serving_sync(self.address, credentials=credentials)
 
     def call(self, fn: Callable[[], object]) -> object:
         """Runs `fn` on the server's loop (for objects bound to it, like the watch hub)."""
@@ -86,7 +88,7 @@ class ThreadedServer:
 def server_factory(tmp_path: Path) -> Iterator[Callable[..., ThreadedServer]]:
     servers: list[ThreadedServer] = []
 
-    def start(**overrides: object) -> ThreadedServer:
+    def start(credentials: ClientCredentials | None = None, **overrides: object) -> ThreadedServer:
         settings = Settings(
             data_dir=tmp_path / "data",
             tracing_enabled=False,
@@ -94,7 +96,7 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ThreadedServer]]:
             log_level="WARNING",
             **overrides,
         )
-        server = ThreadedServer(settings)
+        server = ThreadedServer(settings, credentials)
         servers.append(server)
         return server
 

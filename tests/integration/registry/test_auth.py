@@ -5,6 +5,8 @@ the wire contract, not on how the typed client gathers its credentials."""
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -204,3 +206,63 @@ def test_an_admin_uploader_cannot_approve_its_own_upload(
     # Rejecting one's own upload is allowed: it only withholds.
     reject = pb.ReviewVersionRequest(model="fraud", version=1, decision=pb.REVIEW_DECISION_REJECT)
     stub.ReviewVersion(reject, metadata=root, timeout=10)
+
+
+def test_a_policy_may_let_an_uploader_approve_its_own_upload(
+    stub: pb_grpc.RegistryServiceStub,
+    tokens: tuple[Path, dict[str, Metadata]],
+    tmp_path: Path,
+) -> None:
+    root = tokens[1]["root"]
+    policy = pb.ApprovalPolicy(
+        required_approvals=1, protected_aliases=["production"], allow_self_approval=True
+    )
+    created = stub.CreateModel(
+        pb.CreateModelRequest(name="fraud", approval_policy=policy), metadata=root, timeout=10
+    )
+    assert created.model.approval_policy.allow_self_approval
+    path = tmp_path / "model.onnx"
+    onnx.save(mlp((8, 16, 3), seed=3), path)
+    _upload(stub, path, root)
+    assert _approve(stub, root).version.approvals == 1
+    # Turned off again, the next upload needs someone else.
+    policy.allow_self_approval = False
+    stub.SetApprovalPolicy(
+        pb.SetApprovalPolicyRequest(model="fraud", policy=policy), metadata=root, timeout=10
+    )
+    other = tmp_path / "other.onnx"
+    onnx.save(mlp((8, 16, 3), seed=4), other)
+    _upload(stub, other, root)
+    second = pb.ReviewVersionRequest(model="fraud", version=2, decision=pb.REVIEW_DECISION_APPROVE)
+    assert _code(lambda: stub.ReviewVersion(second, metadata=root, timeout=10)) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+
+
+def test_role_denials_are_audited_under_the_principal(
+    stub: pb_grpc.RegistryServiceStub,
+    tokens: tuple[Path, dict[str, Metadata]],
+    version: pb.ModelVersion,
+) -> None:
+    meta = tokens[1]
+    policy = pb.SetApprovalPolicyRequest(model="fraud", policy=pb.ApprovalPolicy())
+    for _ in range(3):
+        assert _code(
+            lambda: stub.SetApprovalPolicy(policy, metadata=meta["reader"], timeout=10)
+        ) == (grpc.StatusCode.PERMISSION_DENIED)
+    # No token: refused, but nobody to name — logged and counted, not audited.
+    assert _code(lambda: stub.SetApprovalPolicy(policy, timeout=10)) == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+    request = pb.ListAuditEventsRequest(action="auth.denied")
+    events: list[pb.AuditEvent] = []
+    for _ in range(200):  # written off the event loop: wait for it, boundedly
+        events = list(stub.ListAuditEvents(request, metadata=meta["reader"], timeout=10).events)
+        if events:
+            break
+        threading.Event().wait(0.05)
+    # Three refusals in a row make one row (repeats are coalesced per window).
+    assert [(e.actor, e.target) for e in events] == [
+        ("reader", "/modelplane.registry.v1.RegistryService/SetApprovalPolicy")
+    ]
+    assert json.loads(events[0].details_json)["needed_role"] == "approver"

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -579,6 +580,16 @@ def test_a_refused_mutation_changes_nothing(store: Store) -> None:
     assert store.alias_history("fraud") == []
 
 
+def _old_model_row(tx: Any) -> None:
+    """Model `fraud` as the first releases wrote it (today's store writes later columns
+    too, which an old schema lacks)."""
+    tx.execute(
+        "INSERT INTO models (name, description, owner, required_approvals,"
+        " protected_aliases, latest_version, created_us, created_by)"
+        " VALUES ('fraud', '', '', 0, '[]', 0, 1, 'bob')"
+    )
+
+
 def test_a_release_1_database_is_migrated_with_its_aliases(
     store_factory: StoreFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -588,9 +599,9 @@ def test_a_release_1_database_is_migrated_with_its_aliases(
     monkeypatch.setattr(sql_store, "LATEST_VERSION", 1)
     old = store_factory()
     assert old.schema_version() == 1
-    _model(old)
     digest = "ab" * 32
     with old._transaction(write=True) as tx:  # type: ignore[attr-defined]
+        _old_model_row(tx)
         for number in (1, 2):
             tx.execute(
                 "INSERT INTO versions (model, version, description, sha256, size_bytes, format,"
@@ -628,6 +639,7 @@ def test_a_release_1_database_is_migrated_with_its_aliases(
     assert new.get_version("fraud", 2).metadata.serving_config == ""
     assert new.get_version("fraud", 2).metadata.feature_input is None
     assert new.get_rollout("fraud").revision == 0
+    assert new.get_model("fraud").approval_policy.allow_self_approval is False
     new.set_rollout("fraud", (RouteWeight("production", 100),), NO_SHADOW, 0, "", "carol")
     moved, event = new.set_alias("fraud", "production", 1, 2, "", "carol")
     assert moved.event_id == event.id > alias.event_id
@@ -642,8 +654,8 @@ def test_versions_stored_before_feature_inputs_read_as_none(
     monkeypatch.setattr(sql_store, "LATEST_VERSION", 4)
     old = store_factory()
     assert old.schema_version() == 4
-    _model(old)
     with old._transaction(write=True) as tx:  # type: ignore[attr-defined]
+        _old_model_row(tx)
         tx.execute(
             "INSERT INTO versions (model, version, description, sha256, size_bytes, format,"
             " signature, lineage, card, feature_statistics, status, created_us, created_by,"
@@ -661,7 +673,7 @@ def test_versions_stored_before_feature_inputs_read_as_none(
     monkeypatch.undo()
 
     new = store_factory()
-    assert new.schema_version() == LATEST_VERSION == 5
+    assert new.schema_version() == LATEST_VERSION == 6
     migrated = new.get_version("fraud", 1)
     assert migrated.metadata.feature_input is None
     assert migrated.metadata.serving_config == SERVING_CONFIG

@@ -51,7 +51,7 @@ def test_each_request_gets_a_span_with_its_batch_and_stats_count_rows():
     assert registry.get_sample_value("modelplane_inference_batch_size_sum", labels) == 5
     assert (
         registry.get_sample_value(
-            "modelplane_inference_requests_total", {**labels, "outcome": "success"}
+            "modelplane_inference_requests_total", {**labels, "outcome": "success", "reason": ""}
         )
         == 2
     )

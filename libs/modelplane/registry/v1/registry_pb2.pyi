@@ -190,8 +190,13 @@ class ApprovalPolicy(_message.Message):
 
     REQUIRED_APPROVALS_FIELD_NUMBER: _builtins.int
     PROTECTED_ALIASES_FIELD_NUMBER: _builtins.int
+    ALLOW_SELF_APPROVAL_FIELD_NUMBER: _builtins.int
     required_approvals: _builtins.int
     """Distinct approvals required; 0 disables the check."""
+    allow_self_approval: _builtins.bool
+    """Whether an uploader's own approval counts toward their version (off: a second pair
+    of eyes is required). Applies to authenticated principals only.
+    """
     @_builtins.property
     def protected_aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Aliases the rule guards, e.g. "production"."""
@@ -201,10 +206,11 @@ class ApprovalPolicy(_message.Message):
         *,
         required_approvals: _builtins.int = ...,
         protected_aliases: _abc.Iterable[_builtins.str] | None = ...,
+        allow_self_approval: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["protected_aliases", b"protected_aliases", "required_approvals", b"required_approvals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_self_approval", b"allow_self_approval", "protected_aliases", b"protected_aliases", "required_approvals", b"required_approvals"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -794,9 +800,13 @@ class AuditEvent(_message.Message):
     id: _builtins.int
     """Increasing id."""
     actor: _builtins.str
-    """Caller identity from the x-modelplane-actor metadata."""
+    """Who: the authenticated principal; with authentication off, the caller's
+    self-declared x-modelplane-actor metadata.
+    """
     action: _builtins.str
-    """What was done, e.g. "alias.set"."""
+    """What was done, e.g. "alias.set"; "auth.denied" for a principal refused for lacking
+    a role (target: the method; details: the role needed, refusals coalesced).
+    """
     target: _builtins.str
     """What it was done to, e.g. "fraud@production"."""
     details_json: _builtins.str

@@ -1,0 +1,229 @@
+"""Scenario 1: the inference service at several times its capacity.
+
+Capacity is measured first: closed-loop throughput of the heavy demo MLP (one row a
+request) at a moderate concurrency, with its p99 ("at-capacity p99"). Then calls
+arrive open-loop at `overload_factor` times that rate for `overload_s`, each with a
+deadline, so the service must shed what it cannot serve. What a well-behaved service
+does: rejects quickly (RESOURCE_EXHAUSTED or UNAVAILABLE within 10 ms p99), keeps the
+calls it accepts within 2x of the at-capacity p99, never answers CANCELLED by itself,
+holds its memory, and serves normally within 1 s once the overload stops (a probe call
+with latency near the idle one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from modelplane.examples.models import HEAVY_MLP, mlp, write_model
+from modelplane.loadtest.chaos.calls import (
+    OK,
+    REJECTION_CODES,
+    Tally,
+    channel,
+    failure_details,
+    latency_ms,
+)
+from modelplane.loadtest.chaos.config import ChaosConfig
+from modelplane.loadtest.chaos.drivers import (
+    closed_loop_for,
+    probe_until_normal,
+    timed,
+)
+from modelplane.loadtest.chaos.processes import ServiceProcess
+from modelplane.loadtest.chaos.sender import SenderPool
+from modelplane.loadtest.chaos.table import ScenarioRow, verdict
+from modelplane.loadtest.chaos.workloads import HEAVY_MODEL, INFER, infer_request_bytes, raw_unary
+
+REJECT_P99_TARGET_MS = 10.0
+ACCEPTED_P99_RATIO_TARGET = 2.0
+RECOVERY_TARGET_S = 1.0
+RSS_GROWTH_BOUND_MB = 100.0
+
+
+def write_heavy_repository(root: Path) -> Path:
+    """The heavy demo MLP with no config.pbtxt: the service's defaults."""
+    write_model(mlp(HEAVY_MLP, seed=1, name=HEAVY_MODEL), root, HEAVY_MODEL)
+    return root
+
+
+def inference_process(
+    root: Path, data: Path, env: dict[str, str] | None = None, cpus: str = ""
+) -> ServiceProcess:
+    repository = root / "models"
+    if not (repository / HEAVY_MODEL).is_dir():
+        write_heavy_repository(repository)
+    args = ["--model-repository", str(repository), *(["--cpus", cpus] if cpus else [])]
+    return ServiceProcess("inference", data, args, env=env)
+
+
+async def run_overload(root: Path, config: ChaosConfig) -> ScenarioRow:
+    cpus = sorted(os.sched_getaffinity(0))
+    pinned = bool(config.pin) and len(cpus) >= 2
+    env = {"MODELPLANE_INFERENCE_MAX_QUEUE_WAIT_US": str(config.queue_wait_ms * 1000)}
+    service = inference_process(
+        root, root / "overload-inference", env=env, cpus=str(cpus[-1]) if pinned else ""
+    )
+    harness_cpus = frozenset(cpus[:-1]) if pinned else frozenset()
+    service.start()
+    try:
+        if pinned:
+            with pinned_to(harness_cpus):
+                return await _drive(service, config, harness_cpus)
+        return await _drive(service, config, harness_cpus)
+    finally:
+        service.stop()
+
+
+@contextlib.contextmanager
+def pinned_to(cpus: frozenset[int]) -> Iterator[None]:
+    """This process (its calling thread and the threads it starts) on `cpus` inside."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+async def _drive(
+    service: ServiceProcess, config: ChaosConfig, harness_cpus: frozenset[int]
+) -> ScenarioRow:
+    placement = (
+        f"the service on CPU {service.extra_args[-1]}, the harness on CPUs "
+        f"{','.join(map(str, sorted(harness_cpus)))}"
+        if harness_cpus
+        else "service and harness share every CPU"
+    )
+    request = infer_request_bytes()
+    load = channel(service.address, 1)
+    probe_channel = channel(service.address, 2)
+    try:
+        infer = raw_unary(load, INFER)
+        probe_infer = raw_unary(probe_channel, INFER)
+
+        async def send() -> object:
+            return await infer(request, timeout=config.deadline_s)
+
+        async def probe(timeout: float) -> None:
+            await probe_infer(request, timeout=timeout)
+
+        await closed_loop_for(send, 8, 1.0)  # warm-up: sessions, arenas, connections
+        idle = [await timed(lambda: probe(1.0)) for _ in range(50)]
+        idle_ok = [c for c in idle if c.code == OK]
+        idle_p50, idle_p99 = latency_ms(idle_ok, 50), latency_ms(idle_ok, 99)
+        capacity_calls, elapsed = await closed_loop_for(
+            send, config.capacity_concurrency, config.capacity_s
+        )
+        at_capacity = [c for c in capacity_calls if c.code == OK]
+        capacity = len(at_capacity) / elapsed
+        capacity_p99 = latency_ms(at_capacity, 99)
+        rate = capacity * config.overload_factor
+
+        senders = SenderPool(config.overload_senders)
+        try:
+            await asyncio.to_thread(senders.warm)
+            rss_before = service.rss_mb()
+            peak = [rss_before]
+            sampling = asyncio.create_task(_sample_rss(service, peak))
+            start_at = time.monotonic() + 1.0
+            sending = asyncio.create_task(
+                senders.run(
+                    service.address,
+                    request,
+                    rate,
+                    config.overload_s,
+                    config.deadline_s,
+                    start_at,
+                    harness_cpus,
+                )
+            )
+            # Recovery: from the end of the overload window (the calls still waiting
+            # finish meanwhile) until a probe is answered within a normal latency.
+            ended = start_at + config.overload_s
+            await asyncio.sleep(max(0.0, ended - time.monotonic()))
+            # Normal latency: the at-capacity p99 (thousands of calls; a p99 of 50 idle
+            # probes is one unlucky call on a shared machine).
+            normal_s = max(capacity_p99, idle_p50 + 2.0) / 1e3
+            recover_s, probes = await probe_until_normal(probe, ended, 10.0, normal_s)
+            run, calls = await sending
+        finally:
+            senders.close()
+        await asyncio.sleep(1.0)
+        sampling.cancel()
+        rss_after = service.rss_mb()
+    finally:
+        await load.close()
+        await probe_channel.close()
+
+    tally = Tally.of(calls)
+    accepted = [c for c in calls if c.code == OK]
+    rejected = [c for c in calls if c.code in REJECTION_CODES]
+    reject_p50, reject_p99 = latency_ms(rejected, 50), latency_ms(rejected, 99)
+    accepted_p99 = latency_ms(accepted, 99)
+    ratio = accepted_p99 / capacity_p99 if capacity_p99 > 0 else math.nan
+    cancelled = tally.failed.get("CANCELLED", 0)
+    growth = rss_after - rss_before
+    notes = [
+        f"idle (1 caller): p50 {idle_p50:.2f} ms, p99 {idle_p99:.2f} ms; capacity at "
+        f"c={config.capacity_concurrency}: {capacity:.0f} req/s, p99 {capacity_p99:.1f} ms",
+        f"offered {config.overload_factor:g}x = {rate:.0f} req/s for {config.overload_s:g} s "
+        f"from {config.overload_senders} processes "
+        f"(deadline {config.deadline_s:g} s; the service's queue-wait bound "
+        f"{config.queue_wait_ms} ms); sent {run.sent} = "
+        f"{run.sent / config.overload_s:.0f} req/s, sender at most "
+        f"{run.max_lag_s * 1e3:.0f} ms behind schedule"
+        + (f", {run.skipped} due but not sent (sender behind)" if run.skipped else "")
+        + f"; the service saw {run.sent / config.overload_s / capacity:.1f}x its capacity",
+        placement,
+        *(
+            [
+                "the sender fell behind its schedule: the latencies and deadline misses "
+                "below include time calls waited in the harness's own process, and the "
+                f"service saw {run.sent / config.overload_s / capacity:.1f}x, not "
+                f"{config.overload_factor:g}x"
+            ]
+            if run.max_lag_s > 0.1
+            else []
+        ),
+        f"accepted {tally.accepted} = {tally.accepted / config.overload_s:.0f} req/s, "
+        f"p50 {latency_ms(accepted, 50):.1f} ms, p99 {accepted_p99:.1f} ms",
+        f"rejection latency p50 {reject_p50:.2f} ms, p99 {reject_p99:.2f} ms "
+        f"(target <= {REJECT_P99_TARGET_MS:g} ms)  "
+        + (verdict(reject_p99 <= REJECT_P99_TARGET_MS) if rejected else "n/a: none rejected"),
+        f"accepted p99 / at-capacity p99: {ratio:.2f}x (target <= "
+        f"{ACCEPTED_P99_RATIO_TARGET:g}x)  {verdict(ratio <= ACCEPTED_P99_RATIO_TARGET)}",
+        f"CANCELLED answers: {cancelled} (target 0)  {verdict(cancelled == 0)}",
+        *([f"failures: {details}"] if (details := failure_details(calls)) else []),
+        f"RSS {rss_before:.0f} -> peak {max(peak):.0f} -> {rss_after:.0f} MiB after "
+        f"(growth {growth:+.0f} MiB, bound {RSS_GROWTH_BOUND_MB:g})  "
+        f"{verdict(growth <= RSS_GROWTH_BOUND_MB)}",
+        f"recovery: a probe answered within {normal_s * 1e3:.1f} ms "
+        f"{_seconds(recover_s)} after the overload stopped ({len(probes)} probes; "
+        f"target <= {RECOVERY_TARGET_S:g} s)  {verdict(recover_s <= RECOVERY_TARGET_S)}",
+    ]
+    return ScenarioRow.from_tally(
+        f"overload {config.overload_factor:g}x: inference",
+        tally,
+        rss_before_mb=rss_before,
+        rss_after_mb=rss_after,
+        recover_s=recover_s,
+        notes=notes,
+    )
+
+
+def _seconds(value: float) -> str:
+    return "never" if math.isinf(value) else f"{value * 1e3:.0f} ms"
+
+
+async def _sample_rss(service: ServiceProcess, peak: list[float]) -> None:
+    while True:
+        value = service.rss_mb()
+        if not math.isnan(value):
+            peak.append(value)
+        await asyncio.sleep(0.25)
