@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -303,6 +304,15 @@ class _Instance:
 
     def _run(self) -> None:
         batcher = self._batcher
+        if batcher.thread_nice > 0:
+            # Below the event loop's priority: under overload the loop, which answers
+            # every call (a rejection included), gets the CPU first and the model the
+            # rest, so rejections stay fast instead of queueing behind compute (see the
+            # README, Overload). Only raised: lowering it again needs privileges.
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), batcher.thread_nice)
+            except OSError:
+                log.warning("cannot lower the priority of %s's thread", batcher.name)
         # A runner may place the thread that runs it (OrtRuntime: on its model's CPUs).
         prepare = getattr(self._runner, "prepare_thread", None)
         if prepare is not None:
@@ -335,11 +345,14 @@ class DynamicBatcher:
         runners: Sequence[Runner],
         policy: BatchingPolicy,
         observer: BatchObserver | None = None,
+        thread_nice: int = 0,
     ) -> None:
+        """`thread_nice`: the nice value of the instance threads (see _Instance._run)."""
         if not runners:
             raise ValueError("a batcher needs at least one runtime instance")
         self.name = name
         self.policy = policy
+        self.thread_nice = thread_nice
         self._observer: BatchObserver = observer or NullObserver()
         self._queue: deque[PendingRequest] = deque()
         self._queued_rows = 0

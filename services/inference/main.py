@@ -119,6 +119,14 @@ class Settings(ServiceSettings):
     instance_count: int = Field(
         1, gt=0, description="Runtime instances per model where config.pbtxt sets none."
     )
+    runtime_thread_nice: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="Nice value of the threads that run batches (0: as the process); e.g. "
+        "10 on a dedicated CPU keeps overload rejections fast. Starves them beside other "
+        "busy processes on a shared CPU.",
+    )
     execution_provider: str = Field(
         "auto", description="auto (CUDA when present), cpu or cuda, where config sets none."
     )
@@ -384,6 +392,7 @@ def build(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime) -> 
             max_queue_delay_us=settings.max_queue_delay_us,
             max_queue_rows=settings.max_queue_rows,
             max_queue_wait_us=settings.max_queue_wait_us,
+            runtime_thread_nice=settings.runtime_thread_nice,
             instance_count=settings.instance_count,
             execution_provider=settings.execution_provider,
             thread_budget=settings.thread_budget or thread_layout(process_share()).intra_op_threads,

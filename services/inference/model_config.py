@@ -32,6 +32,7 @@ class Defaults:
     instance_count: int = 1
     execution_provider: str = "auto"
     thread_budget: int = 2
+    runtime_thread_nice: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -452,7 +452,9 @@ class ModelRepository:
         for instance in instances:
             _warm_up(instance, inputs, policy)
         stats = VersionStats(name, version, self._metrics, self._tracer)
-        batcher = DynamicBatcher(f"{name}:{version}", runners, policy, stats)
+        batcher = DynamicBatcher(
+            f"{name}:{version}", runners, policy, stats, self._defaults.runtime_thread_nice
+        )
         self._metrics.queue_rows.labels(name, version).set_function(lambda: batcher.queued_rows)
         self._metrics.queue_limit.labels(name, version).set(policy.max_queue_rows)
         self._metrics.instances.labels(name, version, first.provider).set(len(instances))

@@ -27,6 +27,11 @@ examples:
   modelplane score batch --sql 'SELECT * FROM events ORDER BY id' \\
       --db sqlite:///events.db --model fraud@production --features ... --output out/
 
+  # the same job on a Ray cluster (Parquet input): an actor pool, the verified model
+  # loaded once per actor; without --ray-address, a local Ray instance for the job
+  modelplane score batch data/ --model fraud@production --features ... --output out/ \\
+      --engine ray --ray-address 10.0.0.5:6379
+
 A killed job resumes where it stopped when run again with the same arguments: chunks
 in the output's manifest are skipped, the others scored again; every input row ends up
 in exactly one committed part file. A resume with another input, model version or
@@ -100,9 +105,20 @@ def _register_batch(subcommands: Any) -> None:
         default=(),
         help="key or timestamp columns to partition by (a timestamp by its date)",
     )
-    parser.add_argument("--chunk-rows", type=int, default=262_144, help="rows per committed chunk")
+    parser.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=262_144,
+        help="rows per committed chunk; about four chunks of model input are held in "
+        "memory: lower it for wide inputs (default %(default)s)",
+    )
     parser.add_argument("--batch-rows", type=int, default=16_384, help="rows per model run")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: all CPUs)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="model runs at once, one CPU each (0: all CPUs; --engine ray: per actor)",
+    )
     parser.add_argument(
         "--cache-dir",
         type=Path,
@@ -116,7 +132,29 @@ def _register_batch(subcommands: Any) -> None:
         default=0.01,
         help="fraction of rows logged to monitoring (default %(default)s)",
     )
-    parser.add_argument("--engine", choices=("local",), default="local", help="execution engine")
+    parser.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: in this process (default); ray: on a Ray cluster (Parquet input)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default="",
+        help="--engine ray: the cluster to join (default: a local Ray instance for the job)",
+    )
+    parser.add_argument(
+        "--ray-actors",
+        type=int,
+        default=0,
+        help="--engine ray: scoring actors (0: as many as the cluster's CPUs hold)",
+    )
+    parser.add_argument(
+        "--ray-actor-cpus",
+        type=float,
+        default=1.0,
+        help="--engine ray: CPUs per actor, and its batches scored at once unless --threads",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_batch)
 
@@ -128,7 +166,7 @@ def run_batch(args: argparse.Namespace) -> int:
     from modelplane.client.registry import RegistryClient
     from modelplane.scoring import batch
     from modelplane.scoring.manifest import JobRunning, ManifestMismatch
-    from modelplane.scoring.model import ModelRef, fetch, resolve
+    from modelplane.scoring.model import ModelRef, fetch, intra_op_threads, resolve
 
     if args.chunk_rows < 1 or args.batch_rows < 1:
         print("error: --chunk-rows and --batch-rows must be at least 1", file=sys.stderr)
@@ -147,7 +185,10 @@ def run_batch(args: argparse.Namespace) -> int:
         ref = ModelRef.parse(args.model)
         registry = RegistryClient(args.registry)
         clients.append(registry)
-        model = fetch(registry, resolve(registry, ref), args.cache_dir, threads=args.threads)
+        # One intra-op thread per run, and as many runs at once as CPUs (see
+        # BatchOptions.scoring_threads). The ray engine's actors load the model
+        # themselves: the driver only checks its inputs and outputs.
+        model = fetch(registry, resolve(registry, ref), args.cache_dir, threads=1)
         feature_client = None
         if args.feature_service:
             feature_client = FeatureClient(args.feature_service)
@@ -169,9 +210,28 @@ def run_batch(args: argparse.Namespace) -> int:
             chunk_delay_s=delay,
             progress=not args.no_progress,
             monitoring_sample=args.monitoring_sample if monitoring is not None else 0.0,
+            scoring_threads=args.threads or intra_op_threads(),
         )
         job = batch.BatchJob(source, model, options, feature_client, monitoring)
-        result = batch.run_local(job)
+        if args.engine == "ray":
+            from modelplane.scoring.ray_engine import RayOptions, run_ray
+
+            if args.ray_actors < 0 or args.ray_actor_cpus <= 0:
+                raise batch.BatchInputError("--ray-actors >= 0 and --ray-actor-cpus > 0")
+            ray_options = RayOptions(
+                address=args.ray_address,
+                actors=args.ray_actors,
+                actor_cpus=args.ray_actor_cpus,
+                threads=args.threads,
+                registry=args.registry,
+                cache_dir=args.cache_dir,
+                feature_service=args.feature_service,
+                monitoring=args.monitoring,
+                credentials=registry.credentials,
+            )
+            result = run_ray(job, ray_options)
+        else:
+            result = batch.run_local(job)
     except (batch.BatchInputError, ManifestMismatch, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -180,6 +240,9 @@ def run_batch(args: argparse.Namespace) -> int:
         return 1
     except FeatureServiceError as exc:
         print(f"error: feature service: {exc}", file=sys.stderr)
+        return 1
+    except ConnectionError as exc:  # --engine ray: no cluster at --ray-address
+        print(f"error: ray: {exc}", file=sys.stderr)
         return 1
     except grpc.RpcError as exc:
         code = exc.code()  # type: ignore[attr-defined]

@@ -85,7 +85,10 @@ class ChunkManifest:
             self._lock.close()
             raise JobRunning(f"another job is running in {directory}") from None
         # Autocommit mode: each statement is its own transaction, unless BEGIN is used.
-        self._db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        # Opened here, used by the local engine's writer thread (one thread at a time).
+        self._db = sqlite3.connect(
+            self.path, timeout=60.0, isolation_level=None, check_same_thread=False
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("CREATE TABLE IF NOT EXISTS job (identity TEXT NOT NULL, created REAL)")

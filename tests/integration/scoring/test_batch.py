@@ -21,7 +21,7 @@ import pytest
 from modelplane.cli.main import main
 from modelplane.examples import features
 from modelplane.registry.v1 import registry_pb2 as rpb
-from modelplane.scoring.batch import ROW_COLUMN, _plan_row_ranges
+from modelplane.scoring.batch import ROW_COLUMN, RowGroupCache, _plan_row_ranges
 from modelplane.scoring.manifest import MANIFEST_NAME, SUCCESS_NAME
 from tests.integration.scoring.conftest import BUNDLE_MODEL, MODEL, WIDTH, ort_outputs
 
@@ -409,3 +409,50 @@ def test_bundle_model_needs_a_timestamp_and_its_entity_keys(
 )
 def test_chunks_follow_row_groups(groups, chunk, expected):
     assert _plan_row_ranges(groups, chunk) == expected
+
+
+def test_chunks_that_split_a_row_group_decode_it_once_and_hold_every_row(
+    registry, tmp_path, monkeypatch
+):
+    path = registry.register(MODEL, seed=14)
+    rows = write_inputs(tmp_path / "in", files=1, rows=5_000, row_group=5_000)
+    decoded: list[list[int]] = []
+    read_row_groups = pq.ParquetFile.read_row_groups
+
+    def counting(self, row_groups, *args, **kwargs):
+        decoded.append(list(row_groups))
+        return read_row_groups(self, row_groups, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", counting)
+    out = tmp_path / "out"
+    args = ["--features", ",".join(FEATURES), "--keys", "id", "--chunk-rows", "700"]
+    assert score(registry, str(tmp_path / "in"), *args, "--output", str(out)) == 0
+    assert decoded == [[0]]  # 8 chunks of the one row group, decoded once
+    result = read_output(out)
+    assert result[ROW_COLUMN].to_pylist() == list(range(5_000))
+    predictions = np.array(result["output"].to_pylist(), dtype=np.float32)
+    np.testing.assert_array_equal(predictions, ort_outputs(path, matrix(rows)))
+
+
+def test_the_row_group_cache_reads_each_group_once_and_keeps_a_few():
+    reads: list[str] = []
+
+    def reader(name: str):
+        def read() -> pa.Table:
+            reads.append(name)
+            return pa.table({"x": [name]})
+
+        return read
+
+    cache = RowGroupCache(capacity=2)
+    for key in ("a", "a", "b", "a", "c", "a", "b"):
+        assert cache.get((key,), reader(key))["x"].to_pylist() == [key]
+    # a, b read; a again from the cache; c evicts b (a was used last); b read again.
+    assert reads == ["a", "b", "c", "b"]
+
+    def failing() -> pa.Table:
+        raise OSError("disk")
+
+    with pytest.raises(OSError):
+        cache.get(("d",), failing)
+    assert cache.get(("d",), reader("d"))["x"].to_pylist() == ["d"]  # not cached as failed

@@ -19,8 +19,12 @@ import pytest
 import redis
 from onnx import TensorProto, helper, numpy_helper
 
+from modelplane.client.feature import FeatureClient
+from modelplane.client.monitoring import MonitoringClient
 from modelplane.client.registry import RegistryClient
+from modelplane.examples import features as demo_features
 from modelplane.examples.models import IR_VERSION, OPSET, mlp
+from modelplane.feature.v1 import feature_pb2 as fpb
 from modelplane.registry.v1 import registry_pb2 as rpb
 from modelplane.scoring.stream import (
     StreamConfig,
@@ -28,13 +32,18 @@ from modelplane.scoring.stream import (
     config_from_args,
     register_stream,
 )
+from modelplane.services.feature.main import build as build_feature
+from modelplane.services.monitoring.main import Settings as MonitoringSettings
+from modelplane.services.monitoring.main import build as build_monitoring
 from modelplane.services.registry.main import Settings as RegistrySettings
+from tests.integration.feature.servers import settings_for, unique_prefix
 from tests.integration.registry.conftest import ThreadedServer
-from tests.support import wait_until
+from tests.support import running_aio_in_thread, running_sync, wait_until
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 WIDTH = 4
 LAYERS = (WIDTH, 8, 2)
+PRESENT = fpb.FEATURE_STATUS_PRESENT
 
 
 @dataclass
@@ -165,6 +174,8 @@ def test_events_are_scored_like_onnx_runtime_with_their_event_ids(
     ids = produce(r, c.input, data)
     with StreamScorer(c) as scorer:
         wait_until(lambda: r.xlen(c.output) >= len(ids), timeout=10)
+        # Counted just after the publish-and-ack script returns: wait for the count too.
+        wait_until(lambda: scorer.metrics.value("modelplane_stream_lag_seconds_count") >= 100)
         assert (
             scorer.metrics.value("modelplane_stream_events_total", {"model": name, "version": "1"})
             == 100
@@ -292,6 +303,16 @@ def test_poison_events_go_to_the_dead_letter_stream_and_do_not_block_the_group(
     with StreamScorer(c) as scorer:
         wait_until(lambda: r.xlen(c.dead_letter_stream) >= len(poison) + 1, timeout=15)
         wait_until(lambda: pending(r, c.input) == 0, timeout=5)
+        # Counted just after the publish-and-ack script returns: wait for the count too.
+        wait_until(
+            lambda: (
+                scorer.metrics.value(
+                    "modelplane_stream_dead_lettered_total", {"reason": "too_many_deliveries"}
+                )
+                >= 2
+            ),
+            timeout=5,
+        )
         dead_count = scorer.metrics.value(
             "modelplane_stream_dead_lettered_total", {"reason": "too_many_deliveries"}
         )
@@ -391,3 +412,98 @@ def test_the_command_line_builds_the_configuration() -> None:
         config_from_args(
             parser.parse_args(["stream", "--registry", "x", "--model", "m", "--batch-size", "0"])
         )
+
+
+# --- 7: a model fed by a feature bundle, with its predictions logged to monitoring -------
+
+
+@pytest.fixture
+def feature_service(tmp_path: Path) -> Iterator[tuple[str, FeatureClient]]:
+    """A real feature service (SQLite online store) with the demo features materialized."""
+    server = build_feature(settings_for("sqlite", tmp_path / "feature-state", unique_prefix()))
+    definitions = demo_features.ensure_demo_features(tmp_path / "features")
+    with running_sync(server) as address, FeatureClient(address) as client:
+        client.apply(definitions)
+        client.materialize()
+        yield address, client
+
+
+@pytest.fixture
+def monitoring(tmp_path: Path) -> Iterator[tuple[str, MonitoringClient]]:
+    server = build_monitoring(
+        MonitoringSettings(
+            port=0, data_dir=tmp_path / "monitoring", log_json=False, log_level="WARNING"
+        )  # type: ignore[call-arg]
+    )
+    with running_aio_in_thread(server) as address, MonitoringClient(address, timeout=10) as c:
+        yield address, c
+
+
+def test_bundle_events_are_enriched_from_the_feature_service_and_logged_to_monitoring(
+    registry: Registry,
+    prefix: str,
+    r: redis.Redis,
+    tmp_path: Path,
+    feature_service: tuple[str, FeatureClient],
+    monitoring: tuple[str, MonitoringClient],
+) -> None:
+    feature_address, features = feature_service
+    monitoring_address, monitor = monitoring
+    name = model_name()
+    registry.client.create_model(name)
+    path = registry.root / f"{name}-bundle.onnx"
+    onnx.save(mlp((demo_features.WIDTH, 8, 2), seed=5), path)
+    feature_input = rpb.FeatureInput(
+        bundle=demo_features.SCORER, missing_policy=rpb.MISSING_FEATURE_POLICY_REJECT
+    )
+    uploaded = registry.client.upload_file(
+        path, rpb.UploadMetadata(model=name, feature_input=feature_input)
+    )
+    registry.promote(name, int(uploaded.version))
+    known = list(range(1, 31))
+    unknown = [900_001, 900_002]  # no features: rejected by the REJECT policy
+    customers = known[:15] + unknown + known[15:]
+    pipe = r.pipeline(transaction=False)
+    for customer in customers:
+        pipe.xadd(f"{prefix}:events", {"customer_id": str(customer)})
+    ids = [i.decode() for i in pipe.execute()]
+    by_customer = dict(zip(customers, ids, strict=True))
+    # What the inference service would feed the model for these customers now.
+    online = features.get_bundle_tensor(demo_features.SCORER, {"customer_id": known})
+    assert (online.statuses == PRESENT).all()
+
+    c = config(
+        registry,
+        prefix,
+        f"{name}@production",
+        tmp_path,
+        feature_service=feature_address,
+        monitoring=monitoring_address,
+        monitoring_sample=1.0,
+        batch_size=8,
+    )
+    with StreamScorer(c):
+        wait_until(
+            lambda: r.xlen(c.output) >= len(known) and r.xlen(c.dead_letter_stream) >= 2,
+            timeout=15,
+        )
+        # Logged off the scoring path: wait for the monitoring service to hold them all.
+        wait_until(lambda: monitor.summary(name).count >= len(known), timeout=15)
+    out = by_event(predictions(r, c.output))
+    assert set(out) == {by_customer[k] for k in known}
+    got = np.array(
+        [json.loads(out[by_customer[k]]["outputs"])["output"] for k in known], dtype=np.float32
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(got, session.run(None, {"input": online.values})[0])
+
+    dead = predictions(r, c.dead_letter_stream)
+    assert sorted(e["event_id"] for e in dead) == sorted(by_customer[u] for u in unknown)
+    assert {e["reason"] for e in dead} == {"missing_feature"}
+    assert pending(r, c.input) == 0
+
+    summary = monitor.summary(name)
+    assert summary.count == len(known)  # every scored event, once; no rejected one
+    assert [(v.model_version, v.route, v.count) for v in summary.by_version_route] == [
+        ("1", "stream", len(known))
+    ]

@@ -10,8 +10,11 @@ exactly: no sleeps, no timing assertions (deadlines are seconds away from the es
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -23,6 +26,7 @@ from modelplane.services.inference.batcher import (
     PendingRequest,
     Rejected,
     ServiceRate,
+    Tensors,
 )
 from modelplane.services.inference.stats import InferenceMetrics, VersionStats
 from tests.unit.inference.test_batcher import GatedRunner, request, settle, start_busy
@@ -170,3 +174,23 @@ def test_rejections_are_counted_by_reason():
     assert (count("deadline"), count("queue_full")) == (2, 1)
     snapshot = stats.snapshot()
     assert snapshot.rejected == 3 and snapshot.fail.count == 3
+
+
+async def test_instance_threads_run_at_the_nice_value_asked():
+    class NiceProbe(GatedRunner):
+        nice = 0
+
+        def __call__(self, feeds: Tensors) -> dict[str, np.ndarray]:
+            self.nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            return super().__call__(feeds)
+
+    runner = NiceProbe()
+    runner.open()
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    batcher = DynamicBatcher("m", [runner], BatchingPolicy(), thread_nice=3)
+    pending = request(1.0)
+    batcher.submit(pending)
+    await settle(pending)
+    assert runner.nice == max(before, 3)  # set, never lowered below the process's
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # not ours
+    await batcher.close()

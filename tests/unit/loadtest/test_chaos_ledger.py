@@ -52,8 +52,10 @@ def test_knobs_come_from_the_environment() -> None:
             "MODELPLANE_CHAOS_SERVICES": "feature",
             "MODELPLANE_CHAOS_SLOW_CLIENTS": "20",
             "MODELPLANE_CHAOS_LOAD_S": "0.5",
+            "MODELPLANE_CHAOS_OVERLOAD_LAYERS": "512,64,16",
         }
     )
+    assert config.overload_layers == "512,64,16"
     assert config.scenarios == ("term", "kill")
     assert config.services == ("feature",)
     assert config.slow_clients == 20 and config.load_s == 0.5

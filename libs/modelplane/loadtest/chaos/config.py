@@ -25,6 +25,10 @@ class ChaosConfig:
     overload_factor: float = 5.0
     """The open-loop arrival rate, in multiples of the measured capacity."""
     overload_s: float = 10.0
+    overload_layers: str = "512,4096,4096,16"
+    """The MLP served in the overload: 3.6x the heavy demo's work per row, so its capacity
+    is low enough for the harness, on the CPU the service does not use, to offer 5x it (a
+    Python sender offers ~3,500 calls/s; the heavy demo's capacity is ~1,500)."""
     pin: int = 1
     """1: in the overload, the inference service runs on the last CPU and the harness on
     the others, so the load generator does not take the CPU the service is measured on."""
@@ -36,12 +40,20 @@ class ChaosConfig:
     """The inference service's queue-wait bound in the overload
     (MODELPLANE_INFERENCE_MAX_QUEUE_WAIT_US), as an operator who wants accepted calls to
     keep their latency sets it; 0: the service's default (off)."""
+    runtime_nice: int = 10
+    """The inference service's runtime_thread_nice in the overload (default 0), as for a
+    service on a CPU of its own: the event loop answers calls before the model computes,
+    so rejections stay fast."""
     slow_clients: int = 500
     """Calls that send headers and never a body (and as many idle client streams)."""
     slow_connections: int = 100
     """Connections the slow calls are spread over."""
     slow_hold_s: float = 8.0
     """How long the slow calls are held open while a normal client keeps calling."""
+    slow_timeout_s: float = 3.0
+    """The services' request_body_timeout_s and stream_idle_timeout_s in the slow-client
+    scenario (defaults 10 s and 300 s): shorter than the hold, so the table shows the
+    servers ending the slow calls themselves."""
     writers: int = 8
     """Closed-loop writers in the kill and term scenarios."""
     load_s: float = 3.0
@@ -70,6 +82,8 @@ class ChaosConfig:
                 values[field.name] = chosen
             elif field.type == "int":
                 values[field.name] = int(raw)
+            elif field.type == "str":
+                values[field.name] = raw
             else:
                 values[field.name] = float(raw)
         return cls(**values)  # type: ignore[arg-type]

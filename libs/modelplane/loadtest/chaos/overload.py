@@ -1,6 +1,6 @@
 """Scenario 1: the inference service at several times its capacity.
 
-Capacity is measured first: closed-loop throughput of the heavy demo MLP (one row a
+Capacity is measured first: closed-loop throughput of an MLP (`overload_layers`; one row a
 request) at a moderate concurrency, with its p99 ("at-capacity p99"). Then calls
 arrive open-loop at `overload_factor` times that rate for `overload_s`, each with a
 deadline, so the service must shed what it cannot serve. What a well-behaved service
@@ -46,18 +46,22 @@ RECOVERY_TARGET_S = 1.0
 RSS_GROWTH_BOUND_MB = 100.0
 
 
-def write_heavy_repository(root: Path) -> Path:
-    """The heavy demo MLP with no config.pbtxt: the service's defaults."""
-    write_model(mlp(HEAVY_MLP, seed=1, name=HEAVY_MODEL), root, HEAVY_MODEL)
+def write_heavy_repository(root: Path, layers: tuple[int, ...] = HEAVY_MLP) -> Path:
+    """An MLP (the heavy demo's by default) with no config.pbtxt: the service's defaults."""
+    write_model(mlp(layers, seed=1, name=HEAVY_MODEL), root, HEAVY_MODEL)
     return root
 
 
 def inference_process(
-    root: Path, data: Path, env: dict[str, str] | None = None, cpus: str = ""
+    root: Path,
+    data: Path,
+    env: dict[str, str] | None = None,
+    cpus: str = "",
+    layers: tuple[int, ...] = HEAVY_MLP,
 ) -> ServiceProcess:
     repository = root / "models"
     if not (repository / HEAVY_MODEL).is_dir():
-        write_heavy_repository(repository)
+        write_heavy_repository(repository, layers)
     args = ["--model-repository", str(repository), *(["--cpus", cpus] if cpus else [])]
     return ServiceProcess("inference", data, args, env=env)
 
@@ -65,9 +69,19 @@ def inference_process(
 async def run_overload(root: Path, config: ChaosConfig) -> ScenarioRow:
     cpus = sorted(os.sched_getaffinity(0))
     pinned = bool(config.pin) and len(cpus) >= 2
-    env = {"MODELPLANE_INFERENCE_MAX_QUEUE_WAIT_US": str(config.queue_wait_ms * 1000)}
+    env = {
+        "MODELPLANE_INFERENCE_MAX_QUEUE_WAIT_US": str(config.queue_wait_ms * 1000),
+        "MODELPLANE_INFERENCE_RUNTIME_THREAD_NICE": str(config.runtime_nice),
+    }
+    layers = tuple(int(width) for width in config.overload_layers.split(","))
+    if layers[0] != HEAVY_MLP[0]:
+        raise ValueError("overload_layers must take the heavy demo's 512 inputs")
     service = inference_process(
-        root, root / "overload-inference", env=env, cpus=str(cpus[-1]) if pinned else ""
+        root,
+        root / "overload-inference",
+        env=env,
+        cpus=str(cpus[-1]) if pinned else "",
+        layers=layers,
     )
     harness_cpus = frozenset(cpus[:-1]) if pinned else frozenset()
     service.start()
@@ -175,7 +189,8 @@ async def _drive(
         f"offered {config.overload_factor:g}x = {rate:.0f} req/s for {config.overload_s:g} s "
         f"from {config.overload_senders} processes "
         f"(deadline {config.deadline_s:g} s; the service's queue-wait bound "
-        f"{config.queue_wait_ms} ms); sent {run.sent} = "
+        f"{config.queue_wait_ms} ms, runtime threads at nice {config.runtime_nice}); "
+        f"sent {run.sent} = "
         f"{run.sent / config.overload_s:.0f} req/s, sender at most "
         f"{run.max_lag_s * 1e3:.0f} ms behind schedule"
         + (f", {run.skipped} due but not sent (sender behind)" if run.skipped else "")

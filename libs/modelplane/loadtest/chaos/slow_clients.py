@@ -66,7 +66,12 @@ def service_process(name: str, root: Path, env: dict[str, str] | None = None) ->
 
 
 async def run_slow_clients(root: Path, name: str, config: ChaosConfig) -> ScenarioRow:
-    service = service_process(name, root / f"slow-{name}")
+    prefix = f"MODELPLANE_{name.upper()}_"
+    env = {
+        f"{prefix}REQUEST_BODY_TIMEOUT_S": str(config.slow_timeout_s),
+        f"{prefix}STREAM_IDLE_TIMEOUT_S": str(config.slow_timeout_s),
+    }
+    service = service_process(name, root / f"slow-{name}", env)
     service.start()
     try:
         return await _drive(service, workload(name), config)
@@ -139,7 +144,8 @@ async def _drive(service: ServiceProcess, work: Workload, config: ChaosConfig) -
         f"p99 {latency_ms(ok, 99):.1f} ms; a new connection at the end: {fresh_call.code} "
         f"in {fresh_call.latency_s * 1e3:.0f} ms; others served throughout  {verdict(served)}",
         *(record.describe() for record, _ in held),
-        f"held {config.slow_hold_s:g} s over {config.slow_connections} connections; "
+        f"held {config.slow_hold_s:g} s over {config.slow_connections} connections "
+        f"(the service's body and idle timeouts: {config.slow_timeout_s:g} s); "
         f"recover = after the harness cancels the slow calls",
     ]
     return ScenarioRow.from_tally(
