@@ -263,11 +263,9 @@ def _committed(out: Path) -> int:
         return 0
 
 
-def test_a_job_killed_half_way_resumes_exactly_once(registry, tmp_path):
-    path = registry.register(MODEL, seed=6)
-    rows = write_inputs(tmp_path / "in", files=2, rows=3_000, row_group=500)
-    out = tmp_path / "out"
-    command = [
+def score_command(registry, tmp_path: Path, *extra: str) -> list[str]:
+    """`modelplane score batch` of tmp_path/in into tmp_path/out, 500-row chunks."""
+    return [
         sys.executable,
         "-m",
         "modelplane.cli.main",
@@ -283,18 +281,24 @@ def test_a_job_killed_half_way_resumes_exactly_once(registry, tmp_path):
         "--keys",
         "id",
         "--output",
-        str(out),
+        str(tmp_path / "out"),
         "--chunk-rows",
         "500",
         "--no-progress",
         "--cache-dir",
         str(tmp_path / "cache"),
+        *extra,
     ]
-    env = {**os.environ, "MODELPLANE_SCORE_CHUNK_DELAY_S": "0.2"}
+
+
+def kill_after(command: list[str], out: Path, committed: int, delay_s: float) -> int:
+    """Runs the job, SIGKILLs it once `committed` chunks are in the manifest (each commit
+    followed by `delay_s`, so it is caught half way), and returns how many were."""
+    env = {**os.environ, "MODELPLANE_SCORE_CHUNK_DELAY_S": str(delay_s)}
     job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while _committed(out) < 4:
+        deadline = time.monotonic() + 90
+        while _committed(out) < committed:
             assert job.poll() is None, job.stderr.read() if job.stderr else ""
             assert time.monotonic() < deadline
             time.sleep(0.02)  # ok-sleep: polling a subprocess's file
@@ -302,8 +306,28 @@ def test_a_job_killed_half_way_resumes_exactly_once(registry, tmp_path):
         job.send_signal(signal.SIGKILL)
         job.wait(30)
     killed_at = _committed(out)
-    assert 4 <= killed_at < 12
+    assert committed <= killed_at < 12
     assert not (out / SUCCESS_NAME).exists()
+    return killed_at
+
+
+def assert_every_row_once(out: Path, rows: pa.Table, model_path: Path) -> None:
+    """The 6,000 input rows, each exactly once, with ONNX Runtime's predictions."""
+    result = read_output(out)
+    assert result[ROW_COLUMN].to_pylist() == list(range(6_000))  # each row exactly once
+    assert result["id"].to_pylist() == rows["id"].to_pylist()
+    predictions = np.array(result["output"].to_pylist(), dtype=np.float32)
+    np.testing.assert_array_equal(predictions, ort_outputs(model_path, matrix(rows)))
+    assert not list(out.glob(".tmp-*"))
+    assert _committed(out) == 12
+
+
+def test_a_job_killed_half_way_resumes_exactly_once(registry, tmp_path):
+    path = registry.register(MODEL, seed=6)
+    rows = write_inputs(tmp_path / "in", files=2, rows=3_000, row_group=500)
+    out = tmp_path / "out"
+    command = score_command(registry, tmp_path)
+    killed_at = kill_after(command, out, committed=4, delay_s=0.2)
     # What a crash between a rename and its commit leaves: a part file no chunk names.
     (out / "part-f00001-r000000005500.parquet").write_bytes(b"torn")
     (out / ".tmp-f00001-r000000005000-dead.parquet").write_bytes(b"torn")
@@ -313,13 +337,7 @@ def test_a_job_killed_half_way_resumes_exactly_once(registry, tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr
     assert f"skipped {killed_at} committed chunks" in resumed.stdout
-    result = read_output(out)
-    assert result[ROW_COLUMN].to_pylist() == list(range(6_000))  # each row exactly once
-    assert result["id"].to_pylist() == rows["id"].to_pylist()
-    predictions = np.array(result["output"].to_pylist(), dtype=np.float32)
-    np.testing.assert_array_equal(predictions, ort_outputs(path, matrix(rows)))
-    assert not list(out.glob(".tmp-*"))
-    assert _committed(out) == 12
+    assert_every_row_once(out, rows, path)
 
 
 def test_resume_with_another_model_digest_or_options_is_refused(registry, tmp_path, capsys):

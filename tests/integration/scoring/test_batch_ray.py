@@ -6,9 +6,6 @@ once."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -28,11 +25,13 @@ from modelplane.scoring.ray_engine import _check_reachable
 from tests.integration.scoring.conftest import BUNDLE_MODEL, MODEL, ort_outputs
 from tests.integration.scoring.test_batch import (
     FEATURES,
-    _committed,
+    assert_every_row_once,
     input_table,
+    kill_after,
     matrix,
     read_output,
     score,
+    score_command,
     write_inputs,
 )
 
@@ -105,59 +104,14 @@ def test_a_ray_job_killed_half_way_resumes_exactly_once(registry, ray_address, t
     path = registry.register(MODEL, seed=12)
     rows = write_inputs(tmp_path / "in", files=2, rows=3_000, row_group=500)
     out = tmp_path / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "modelplane.cli.main",
-        "score",
-        "batch",
-        str(tmp_path / "in"),
-        "--model",
-        f"{MODEL}@production",
-        "--registry",
-        registry.address,
-        "--features",
-        ",".join(FEATURES),
-        "--keys",
-        "id",
-        "--output",
-        str(out),
-        "--chunk-rows",
-        "500",
-        "--no-progress",
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--engine",
-        "ray",
-        "--ray-address",
-        ray_address,
-    ]
+    command = score_command(registry, tmp_path, "--engine", "ray", "--ray-address", ray_address)
     # The driver pauses after each commit; the actors run ahead (their files, renamed
     # into place but not committed, are orphans for the re-run to delete).
-    env = {**os.environ, "MODELPLANE_SCORE_CHUNK_DELAY_S": "0.3"}
-    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 90
-        while _committed(out) < 2:
-            assert job.poll() is None, job.stderr.read() if job.stderr else ""
-            assert time.monotonic() < deadline
-            time.sleep(0.02)  # ok-sleep: polling a subprocess's file
-    finally:
-        job.send_signal(signal.SIGKILL)
-        job.wait(30)
-    killed_at = _committed(out)
-    assert 2 <= killed_at < 12
-    assert not (out / SUCCESS_NAME).exists()
+    kill_after(command, out, committed=2, delay_s=0.3)
 
     # The re-run, from this process (already connected to the same Ray instance).
     assert main(command[3:]) == 0
-    result = read_output(out)
-    assert result[ROW_COLUMN].to_pylist() == list(range(6_000))  # each row exactly once
-    assert result["id"].to_pylist() == rows["id"].to_pylist()
-    predictions = np.array(result["output"].to_pylist(), dtype=np.float32)
-    np.testing.assert_array_equal(predictions, ort_outputs(path, matrix(rows)))
-    assert not list(out.glob(".tmp-*"))
-    assert _committed(out) == 12
+    assert_every_row_once(out, rows, path)
     assert all(pq.read_metadata(p).num_rows for p in out.rglob("part-*"))
 
 
