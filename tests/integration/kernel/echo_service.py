@@ -1,7 +1,8 @@
 """A raw-bytes service for exercising the kernel without any real service's protos.
 
 Requests are UTF-8 commands: "echo:<text>", "sleep:<seconds>", "notfound",
-"crash", "big:<n>" (answers n bytes).
+"crash", "big:<n>" (answers n bytes), "block:<seconds>" (holds the aio server's event
+loop itself, as a loop too busy to take calls would).
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ def _answer(command: str) -> bytes | float:
 
 
 async def _aio_call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    verb, _, arg = request.decode().partition(":")
+    if verb == "block":
+        print("blocking", flush=True)
+        time.sleep(float(arg))  # ok-sleep: deliberately blocks the event loop
+        return b"unblocked"
     answer = _answer(request.decode())
     if isinstance(answer, float):
         print("in-flight", flush=True)

@@ -23,7 +23,10 @@ class ChaosConfig:
     """Closed-loop callers that measure the inference service's capacity."""
     capacity_s: float = 4.0
     overload_factor: float = 5.0
-    """The open-loop arrival rate, in multiples of the measured capacity."""
+    """The open-loop arrival rate, in multiples of the measured capacity (one run)."""
+    overload_factors: str = "2,5"
+    """The overload runs, each its own row: 2x, within what one CPU can receive and refuse,
+    and the issue's 5x, beyond it."""
     overload_s: float = 10.0
     overload_layers: str = "512,4096,4096,16"
     """The MLP served in the overload: 3.6x the heavy demo's work per row, so its capacity

@@ -13,6 +13,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from modelplane.kernel import grpc_defaults
@@ -37,7 +38,11 @@ def plan(config: ChaosConfig) -> list[tuple[str, Callable[[Path], Awaitable[Scen
     steps: list[tuple[str, Callable[[Path], Awaitable[ScenarioRow]]]] = []
     services = config.services
     if "overload" in config.scenarios and "inference" in services:
-        steps.append(("overload: inference", lambda root: run_overload(root, config)))
+        for factor in (float(f) for f in config.overload_factors.split(",") if f.strip()):
+            at = replace(config, overload_factor=factor)
+            steps.append(
+                (f"overload {factor:g}x: inference", lambda root, at=at: run_overload(root, at))
+            )
     for scenario, runner, names in (
         ("slow", run_slow_clients, services),
         ("kill", run_kill, [s for s in services if s in WRITE_SERVICES]),
