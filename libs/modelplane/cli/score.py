@@ -27,6 +27,14 @@ examples:
   modelplane score batch --sql 'SELECT * FROM events ORDER BY id' \\
       --db sqlite:///events.db --model fraud@production --features ... --output out/
 
+  # into a database table instead of Parquet (PostgreSQL or sqlite:///PATH), with a
+  # <table>_manifest of committed chunks next to it
+  modelplane score batch data/ --model fraud@production --features ... \
+      --output-db postgresql://scorer@db/reports --output-schema ml --output-table fraud_scores
+  # through the inference service instead of ONNX Runtime in process
+  modelplane score batch data/ --model fraud@production --features ... --output out/ \
+      --via-service 127.0.0.1:8001 --batch-rows 64
+
   # the same job on a Ray cluster (Parquet input): an actor pool, the verified model
   # loaded once per actor; without --ray-address, a local Ray instance for the job
   modelplane score batch data/ --model fraud@production --features ... --output out/ \\
@@ -34,8 +42,9 @@ examples:
 
 A killed job resumes where it stopped when run again with the same arguments: chunks
 in the output's manifest are skipped, the others scored again; every input row ends up
-in exactly one committed part file. A resume with another input, model version or
-options is refused.
+in exactly one committed part file (or, with --output-db, in the table: each chunk's
+rows and its manifest row are inserted in one transaction). A resume with another
+input, model version or options is refused.
 """
 
 # Testing only: seconds to pause after each committed chunk, so a test can kill a job
@@ -71,10 +80,11 @@ def _names(text: str) -> tuple[str, ...]:
 def _register_batch(subcommands: Any) -> None:
     parser = subcommands.add_parser(
         "batch",
-        help="score Parquet/CSV files or a SQL query into Parquet, resumable, exactly once",
+        help="score Parquet/CSV files or a SQL query into Parquet or a table, exactly once",
         description="Score every row of Parquet/CSV files (or a directory of them) or of a "
-        "SQL query with a registry model version (digest verified) in process, writing "
-        "Parquet part files and a manifest that makes a re-run resume exactly once.",
+        "SQL query with a registry model version (digest verified), in process or through "
+        "the inference service, writing Parquet part files or rows of a database table "
+        "and a manifest that makes a re-run resume exactly once.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -98,7 +108,18 @@ def _register_batch(subcommands: Any) -> None:
         default="",
         help="feature service host:port, for a model fed by a feature bundle",
     )
-    parser.add_argument("--output", type=Path, required=True, help="output directory")
+    parser.add_argument("--output", type=Path, help="output directory (Parquet part files)")
+    parser.add_argument(
+        "--output-db",
+        default="",
+        help="instead of --output: sqlite:///PATH or postgresql://... whose --output-table "
+        "receives the predictions (created if missing; <table>_manifest and <table>_job "
+        "beside it); local engine only",
+    )
+    parser.add_argument("--output-table", default="", help="--output-db: the table's name")
+    parser.add_argument(
+        "--output-schema", default="", help="--output-db on PostgreSQL: the table's schema"
+    )
     parser.add_argument(
         "--partition-by",
         type=_names,
@@ -112,7 +133,33 @@ def _register_batch(subcommands: Any) -> None:
         help="rows per committed chunk; about four chunks of model input are held in "
         "memory: lower it for wide inputs (default %(default)s)",
     )
-    parser.add_argument("--batch-rows", type=int, default=16_384, help="rows per model run")
+    parser.add_argument(
+        "--batch-rows",
+        type=int,
+        default=16_384,
+        help="rows per model run, or per request with --via-service (there at most the "
+        "served model's max_batch_size) (default %(default)s)",
+    )
+    parser.add_argument(
+        "--via-service",
+        default="",
+        metavar="ADDRESS",
+        help="score through the inference service at host:port (KServe v2 ModelInfer) "
+        "instead of ONNX Runtime in process; NAME@ALIAS is routed by the service, "
+        "NAME/VERSION pinned; each row records the version that answered",
+    )
+    parser.add_argument(
+        "--service-in-flight",
+        type=int,
+        default=4,
+        help="--via-service: requests in flight at once (default %(default)s)",
+    )
+    parser.add_argument(
+        "--service-timeout",
+        type=float,
+        default=30.0,
+        help="--via-service: deadline of each request, seconds (default %(default)s)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -159,6 +206,32 @@ def _register_batch(subcommands: Any) -> None:
     parser.set_defaults(handler=run_batch)
 
 
+def _output_problem(args: argparse.Namespace) -> str:
+    """What is wrong with the output and engine options ('' if nothing)."""
+    if (args.output is None) == (not args.output_db):
+        return "give either --output (a directory) or --output-db (a database)"
+    if args.output_db and not args.output_table:
+        return "--output-db takes --output-table"
+    if not args.output_db and (args.output_table or args.output_schema):
+        return "--output-table and --output-schema go with --output-db"
+    if args.engine == "ray" and args.output_db:
+        return "--engine ray writes Parquet only: use --output, or the local engine"
+    if args.engine == "ray" and args.via_service:
+        return "--engine ray scores in its actors: --via-service is for the local engine"
+    if args.service_in_flight < 1 or args.service_timeout <= 0:
+        return "--service-in-flight must be at least 1 and --service-timeout above 0"
+    return ""
+
+
+def _database_errors() -> tuple[type[BaseException], ...]:
+    """sqlite3's and psycopg's errors (raised while an output table is written)."""
+    import sqlite3
+
+    import psycopg
+
+    return (sqlite3.Error, psycopg.Error)
+
+
 def run_batch(args: argparse.Namespace) -> int:
     import grpc
 
@@ -171,6 +244,13 @@ def run_batch(args: argparse.Namespace) -> int:
     if args.chunk_rows < 1 or args.batch_rows < 1:
         print("error: --chunk-rows and --batch-rows must be at least 1", file=sys.stderr)
         return 2
+    problem = _output_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    from modelplane.scoring.via_service import ServiceModel, ServiceOptions, ServiceScoringError
+
+    database_errors = _database_errors()
     delay = float(os.environ.get(CHUNK_DELAY_ENV, "0") or 0)
     clients: list[Any] = []
     try:
@@ -200,7 +280,10 @@ def run_batch(args: argparse.Namespace) -> int:
             monitoring = MonitoringClient(args.monitoring)
             clients.append(monitoring)
         options = batch.BatchOptions(
-            output=args.output,
+            output=args.output if args.output is not None else Path(),
+            output_db=args.output_db,
+            output_table=args.output_table,
+            output_schema=args.output_schema,
             features=args.features,
             keys=args.keys,
             timestamp=args.timestamp,
@@ -213,6 +296,20 @@ def run_batch(args: argparse.Namespace) -> int:
             scoring_threads=args.threads or intra_op_threads(),
         )
         job = batch.BatchJob(source, model, options, feature_client, monitoring)
+        if args.via_service:
+            job.service = ServiceModel(
+                ref,
+                job.feed.input_name,
+                model.output_names,
+                ServiceOptions(
+                    address=args.via_service,
+                    batch_rows=args.batch_rows,
+                    in_flight=args.service_in_flight,
+                    timeout_s=args.service_timeout,
+                    credentials=registry.credentials,
+                ),
+            )
+            clients.append(job.service)
         if args.engine == "ray":
             from modelplane.scoring.ray_engine import RayOptions, run_ray
 
@@ -235,8 +332,11 @@ def run_batch(args: argparse.Namespace) -> int:
     except (batch.BatchInputError, ManifestMismatch, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except JobRunning as exc:
+    except (JobRunning, ServiceScoringError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except database_errors as exc:
+        print(f"error: output database: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except FeatureServiceError as exc:
         print(f"error: feature service: {exc}", file=sys.stderr)

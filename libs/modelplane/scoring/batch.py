@@ -58,6 +58,7 @@ from modelplane.scoring.manifest import (
     SUCCESS_NAME,
     TEMP_PREFIX,
     ChunkManifest,
+    CommittedChunk,
     fsync_dir,
 )
 from modelplane.scoring.model import ScoringModel
@@ -126,6 +127,16 @@ class InputSource(Protocol):
         """Every chunk in order; those in `skip` may come with a loader that is never
         called (Parquet) or are read and dropped (streams)."""
         ...
+
+
+class RemoteModel(Protocol):
+    """Scores rows elsewhere (the inference service: via_service.py)."""
+
+    def run(self, x: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Every output for every row of `x`, and each row's version that answered."""
+        ...
+
+    def close(self) -> None: ...
 
 
 def _chunk_id(prefix: str, start: int) -> str:
@@ -605,6 +616,11 @@ class BatchOptions:
     half way (set by MODELPLANE_SCORE_CHUNK_DELAY_S in the CLI)."""
     progress: bool = True
     monitoring_sample: float = 0.0
+    output_db: str = ""
+    """A database (sqlite:///PATH or postgresql://...) whose `output_table` receives the
+    predictions instead of Parquet files in `output` (db_output.py)."""
+    output_table: str = ""
+    output_schema: str = ""
     scoring_threads: int = 1
     """Batches scored at once, each on its own thread. With a session of one intra-op
     thread, one per CPU uses the machine better than one run spread over the CPUs:
@@ -620,7 +636,7 @@ class BatchResult:
     chunks_scored: int = 0
     chunks_skipped: int = 0
     seconds: float = 0.0
-    output: Path = field(default_factory=Path)
+    output: Path | str = field(default_factory=Path)
 
     @property
     def rows_per_s(self) -> float:
@@ -648,12 +664,16 @@ class BatchJob:
         options: BatchOptions,
         feature_client: FeatureClient | None = None,
         monitoring: Any = None,
+        service: RemoteModel | None = None,
     ) -> None:
         self.source = source
         self.model = model
         self.options = options
         self.feature_client = feature_client
         self.monitoring = monitoring
+        self.service = service
+        if options.output_db and options.partition_by:
+            raise BatchInputError("--partition-by is for Parquet output, not --output-db")
         bundle: BundleJoin | None = None
         if options.features:
             pass
@@ -715,6 +735,8 @@ class BatchJob:
                 "timestamp": self.options.timestamp,
                 "partition_by": list(self.options.partition_by),
                 "chunk_rows": self.options.chunk_rows,
+                # Only when set, so that the identity of other jobs is what it was.
+                **({"via_service": True} if self.service is not None else {}),
             },
         }
 
@@ -724,7 +746,13 @@ class BatchJob:
 
     def scorer(self) -> ChunkScorer:
         return ChunkScorer(
-            self.model, self.feed, self.keys, self.options, self.feature_client, self.monitoring
+            self.model,
+            self.feed,
+            self.keys,
+            self.options,
+            self.feature_client,
+            self.monitoring,
+            self.service,
         )
 
 
@@ -737,6 +765,9 @@ class Scored:
     mask: np.ndarray | None
     reasons: np.ndarray | None
     rejected: int
+    versions: np.ndarray | None = None
+    """Scored through the inference service: each row's version that answered (the
+    job's version where rejected); None: the job's version."""
 
 
 class ChunkPosition(Protocol):
@@ -760,6 +791,7 @@ class ChunkScorer:
         options: BatchOptions,
         feature_client: FeatureClient | None = None,
         monitoring: Any = None,
+        service: RemoteModel | None = None,
     ) -> None:
         self.model = model
         self.feed = feed
@@ -767,8 +799,9 @@ class ChunkScorer:
         self.options = options
         self.feature_client = feature_client
         self.monitoring = monitoring
+        self.service = service
         self._pool: ThreadPoolExecutor | None = None
-        if options.scoring_threads > 1:
+        if options.scoring_threads > 1 and service is None:
             self._pool = ThreadPoolExecutor(options.scoring_threads, thread_name_prefix="score")
 
     def close(self) -> None:
@@ -807,27 +840,36 @@ class ChunkScorer:
 
     def predict(self, x: np.ndarray, reasons: np.ndarray | None) -> Scored:
         """The model's outputs for every row not rejected."""
-        feed = self.feed
         if reasons is not None and (reasons != "").any():
             mask = reasons != ""
-            outputs_ok = run_model(
-                self.model,
-                feed,
-                x[~mask],
-                self.options.batch_rows,
-                self._pool,
-                self.options.scoring_threads,
-            )
+            outputs_ok, versions_ok = self._run(x[~mask])
             outputs = {}
             for name, values in outputs_ok.items():
                 full = np.zeros((len(x), *values.shape[1:]), dtype=values.dtype)
                 full[~mask] = values
                 outputs[name] = full
-            return Scored(outputs, mask, reasons, int(mask.sum()))
+            versions = None
+            if versions_ok is not None:
+                versions = np.full(len(x), self.model.version, np.int64)
+                versions[~mask] = versions_ok
+            return Scored(outputs, mask, reasons, int(mask.sum()), versions)
+        outputs, versions = self._run(x)
+        return Scored(outputs, None, reasons, 0, versions)
+
+    def _run(self, x: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """Outputs of rows `x`, in process or through the inference service (then with
+        each row's version that answered)."""
+        if self.service is not None:
+            return self.service.run(x)
         outputs = run_model(
-            self.model, feed, x, self.options.batch_rows, self._pool, self.options.scoring_threads
+            self.model,
+            self.feed,
+            x,
+            self.options.batch_rows,
+            self._pool,
+            self.options.scoring_threads,
         )
-        return Scored(outputs, None, reasons, 0)
+        return outputs, None
 
     def output_table(self, chunk: ChunkPosition, table: pa.Table, scored: Scored) -> pa.Table:
         rows = table.num_rows
@@ -836,7 +878,11 @@ class ChunkScorer:
             "model": pa.DictionaryArray.from_arrays(
                 pa.array(np.zeros(rows, np.int32)), pa.array([self.model.name])
             ),
-            "model_version": pa.array(np.full(rows, self.model.version, np.int64)),
+            "model_version": pa.array(
+                scored.versions
+                if scored.versions is not None
+                else np.full(rows, self.model.version, np.int64)
+            ),
             ROW_COLUMN: pa.array(np.arange(chunk.start, chunk.start + rows, dtype=np.int64)),
         }
         for key in self.keys:
@@ -856,54 +902,8 @@ class ChunkScorer:
         return pa.table(columns)
 
     def write_chunk(self, chunk: ChunkPosition, output: pa.Table) -> list[str]:
-        """Writes the chunk's part files (one per partition) to temporary names and
-        renames them into place, fsynced; returns their paths relative to the output."""
-        root = self.options.output
-        groups: list[tuple[Path, pa.Table]] = []
-        if self.options.partition_by:
-            # Each row's partition as one code (the product of its columns' codes), in
-            # vectorised steps rather than a Python comparison per row and partition.
-            code = np.zeros(output.num_rows, dtype=np.int64)
-            labels = []
-            for name in self.options.partition_by:
-                values, inverse = np.unique(
-                    np.asarray(_partition_values(output[name]), dtype=object),
-                    return_inverse=True,
-                )
-                code = code * len(values) + inverse
-                labels.append(values)
-            # In order of first appearance, as the rows come.
-            present, first = np.unique(code, return_index=True)
-            for value in present[np.argsort(first)]:
-                rest, combo = int(value), []
-                for values in reversed(labels):
-                    rest, index = divmod(rest, len(values))
-                    combo.append(values[index])
-                combo.reverse()
-                folder = root.joinpath(
-                    *(f"{c}={v}" for c, v in zip(self.options.partition_by, combo, strict=True))
-                )
-                groups.append((folder, output.filter(pa.array(code == value))))
-        else:
-            groups.append((root, output))
-        # Dictionary encoding only where it pays (constant or few values): tried on the
-        # outputs, row numbers, keys and event times (mostly distinct) it only cost CPU,
-        # half the write time of a light model's chunk.
-        few = {"model", "model_version", "scored_at", REJECTED_COLUMN, *self.options.partition_by}
-        dictionary = [name for name in output.column_names if name in few]
-        written = []
-        for folder, part in groups:
-            folder.mkdir(parents=True, exist_ok=True)
-            final = folder / f"{PART_PREFIX}{chunk.chunk_id}.parquet"
-            temporary = folder / f"{TEMP_PREFIX}{chunk.chunk_id}-{uuid.uuid4().hex[:8]}.parquet"
-            pq.write_table(part, temporary, use_dictionary=dictionary)
-            with open(temporary, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(temporary, final)
-            written.append(final.relative_to(root).as_posix())
-        for folder in {folder for folder, _ in groups} | {root}:
-            fsync_dir(folder)
-        return written
+        """Writes the chunk's part files (see `write_parts`)."""
+        return write_parts(self.options, chunk, output)
 
     def log_sample(self, job_id: str, output: pa.Table, x: np.ndarray, seconds: float) -> None:
         """A deterministic sample of the chunk's rows (by input row) as predictions,
@@ -950,6 +950,57 @@ class ChunkScorer:
             time_unix_us=times,
         )
         self.monitoring.log_predictions([batch], producer_id=f"batch-{job_id}")
+
+
+def write_parts(options: BatchOptions, chunk: ChunkPosition, output: pa.Table) -> list[str]:
+    """Writes the chunk's part files (one per partition) to temporary names and renames
+    them into place, fsynced; returns their paths relative to the output."""
+    root = options.output
+    groups: list[tuple[Path, pa.Table]] = []
+    if options.partition_by:
+        # Each row's partition as one code (the product of its columns' codes), in
+        # vectorised steps rather than a Python comparison per row and partition.
+        code = np.zeros(output.num_rows, dtype=np.int64)
+        labels = []
+        for name in options.partition_by:
+            values, inverse = np.unique(
+                np.asarray(_partition_values(output[name]), dtype=object),
+                return_inverse=True,
+            )
+            code = code * len(values) + inverse
+            labels.append(values)
+        # In order of first appearance, as the rows come.
+        present, first = np.unique(code, return_index=True)
+        for value in present[np.argsort(first)]:
+            rest, combo = int(value), []
+            for values in reversed(labels):
+                rest, index = divmod(rest, len(values))
+                combo.append(values[index])
+            combo.reverse()
+            folder = root.joinpath(
+                *(f"{c}={v}" for c, v in zip(options.partition_by, combo, strict=True))
+            )
+            groups.append((folder, output.filter(pa.array(code == value))))
+    else:
+        groups.append((root, output))
+    # Dictionary encoding only where it pays (constant or few values): tried on the
+    # outputs, row numbers, keys and event times (mostly distinct) it only cost CPU,
+    # half the write time of a light model's chunk.
+    few = {"model", "model_version", "scored_at", REJECTED_COLUMN, *options.partition_by}
+    dictionary = [name for name in output.column_names if name in few]
+    written = []
+    for folder, part in groups:
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / f"{PART_PREFIX}{chunk.chunk_id}.parquet"
+        temporary = folder / f"{TEMP_PREFIX}{chunk.chunk_id}-{uuid.uuid4().hex[:8]}.parquet"
+        pq.write_table(part, temporary, use_dictionary=dictionary)
+        with open(temporary, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temporary, final)
+        written.append(final.relative_to(root).as_posix())
+    for folder in {folder for folder, _ in groups} | {root}:
+        fsync_dir(folder)
+    return written
 
 
 def _partition_values(column: pa.ChunkedArray) -> list[str]:
@@ -1072,6 +1123,76 @@ def write_success(job: BatchJob, result: BatchResult) -> None:
     (job.options.output / SUCCESS_NAME).write_text(json.dumps(summary) + "\n")
 
 
+class ChunkSink(Protocol):
+    """Where a job's chunks are committed, each exactly once, and which are."""
+
+    description: str
+
+    def committed(self) -> dict[str, CommittedChunk]: ...
+
+    def commit(self, chunk: ChunkPosition, output: pa.Table) -> None:
+        """Makes the chunk's output durable and records it committed, atomically."""
+        ...
+
+    def finish(self, result: BatchResult) -> None:
+        """Marks a job whose every chunk is committed."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class ParquetSink:
+    """Part files in `output`, recorded in its `_manifest.sqlite` (manifest.py)."""
+
+    def __init__(self, job: BatchJob) -> None:
+        self.job = job
+        self.description = str(job.options.output)
+        self.manifest = ChunkManifest.open(job.options.output, job.identity())
+
+    def committed(self) -> dict[str, CommittedChunk]:
+        return self.manifest.committed()
+
+    def commit(self, chunk: ChunkPosition, output: pa.Table) -> None:
+        files = write_parts(self.job.options, chunk, output)
+        self.manifest.commit(chunk.chunk_id, output.num_rows, files)
+
+    def finish(self, result: BatchResult) -> None:
+        write_success(self.job, result)
+
+    def close(self) -> None:
+        self.manifest.close()
+
+
+class TableSink:
+    """Rows of a database table, each chunk's inserted with its manifest row in one
+    transaction (db_output.py)."""
+
+    def __init__(self, job: BatchJob) -> None:
+        from modelplane.scoring.db_output import DbOutput
+
+        options = job.options
+        self.output = DbOutput.open(
+            options.output_db, options.output_table, options.output_schema, job.identity()
+        )
+        self.description = self.output.description
+
+    def committed(self) -> dict[str, CommittedChunk]:
+        return self.output.committed()
+
+    def commit(self, chunk: ChunkPosition, output: pa.Table) -> None:
+        self.output.commit(chunk.chunk_id, output)
+
+    def finish(self, result: BatchResult) -> None:
+        self.output.finish()
+
+    def close(self) -> None:
+        self.output.close()
+
+
+def open_sink(job: BatchJob) -> ChunkSink:
+    return TableSink(job) if job.options.output_db else ParquetSink(job)
+
+
 def run_local(job: BatchJob) -> BatchResult:
     """Scores every chunk the manifest does not hold, in order, committing each.
 
@@ -1087,10 +1208,14 @@ def run_local(job: BatchJob) -> BatchResult:
     from tqdm import tqdm
 
     options = job.options
-    result = BatchResult(output=options.output)
-    manifest = ChunkManifest.open(options.output, job.identity())
+    sink = open_sink(job)
+    result = BatchResult(output=sink.description)
     job_id = job.job_id()
-    scorer = job.scorer()
+    try:
+        scorer = job.scorer()
+    except BaseException:
+        sink.close()
+        raise
 
     def prepare(chunk: Chunk) -> _Prepared:
         began = time.perf_counter()
@@ -1101,7 +1226,7 @@ def run_local(job: BatchJob) -> BatchResult:
         return _Prepared(chunk, table.select(list(dict.fromkeys(kept))), x, reasons, began)
 
     try:
-        committed = manifest.committed()
+        committed = sink.committed()
         skip = set(committed)
         started = time.perf_counter()
         bar = tqdm(
@@ -1118,8 +1243,7 @@ def run_local(job: BatchJob) -> BatchResult:
             chunk, table = prepared.chunk, prepared.table
             assert table is not None
             output = scorer.output_table(chunk, table, scored)
-            files = scorer.write_chunk(chunk, output)
-            manifest.commit(chunk.chunk_id, output.num_rows, files)
+            sink.commit(chunk, output)
             if sampled and prepared.x is not None:
                 scorer.log_sample(job_id, output, prepared.x, time.perf_counter() - prepared.began)
             result.chunks_scored += 1
@@ -1150,8 +1274,8 @@ def run_local(job: BatchJob) -> BatchResult:
                 raise
             writer.close()
         result.seconds = time.perf_counter() - started
-        write_success(job, result)
+        sink.finish(result)
     finally:
         scorer.close()
-        manifest.close()
+        sink.close()
     return result

@@ -60,7 +60,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+def differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
     keys = sorted(set(stored) | set(wanted))
     return [
         f"{key}: {json.dumps(stored.get(key))[:120]} -> {json.dumps(wanted.get(key))[:120]}"
@@ -137,7 +137,7 @@ class ChunkManifest:
                 raise ManifestMismatch(
                     f"{self.directory} holds a job with another identity, so it cannot be "
                     "resumed with these arguments (use a new --output, or the same input, "
-                    "model version and options):\n  " + "\n  ".join(_differences(stored, wanted))
+                    "model version and options):\n  " + "\n  ".join(differences(stored, wanted))
                 )
 
     def identity(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from modelplane.kernel import grpc_defaults
@@ -40,9 +41,7 @@ def plan(config: ChaosConfig) -> list[tuple[str, Callable[[Path], Awaitable[Scen
     if "overload" in config.scenarios and "inference" in services:
         for factor in (float(f) for f in config.overload_factors.split(",") if f.strip()):
             at = replace(config, overload_factor=factor)
-            steps.append(
-                (f"overload {factor:g}x: inference", lambda root, at=at: run_overload(root, at))
-            )
+            steps.append((f"overload {factor:g}x: inference", partial(run_overload, config=at)))
     for scenario, runner, names in (
         ("slow", run_slow_clients, services),
         ("kill", run_kill, [s for s in services if s in WRITE_SERVICES]),

@@ -1,0 +1,313 @@
+"""`modelplane score batch --output-db`: predictions into a SQLite or PostgreSQL table
+(the machine's PostgreSQL, a fresh schema per test), the same rows as the Parquet
+output; a job killed with SIGKILL and re-run holds every row exactly once; a resume
+with another model is refused; bad names and combinations are refused."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from psycopg import sql
+
+from modelplane.scoring.batch import ROW_COLUMN
+from tests.integration.scoring.conftest import MODEL, ort_outputs
+from tests.integration.scoring.test_batch import (
+    FEATURES,
+    input_table,
+    matrix,
+    read_output,
+    score,
+)
+from tests.postgres import POSTGRES_URL, fresh_schema
+
+TABLE = "predictions"
+EPOCH = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+
+
+@dataclass
+class Target:
+    """An output database: its URL, schema (PostgreSQL) and how to read it."""
+
+    kind: str
+    url: str
+    schema: str = ""
+
+    def args(self, table: str = TABLE) -> list[str]:
+        extra = ["--output-schema", self.schema] if self.schema else []
+        return ["--output-db", self.url, "--output-table", table, *extra]
+
+    def query(self, text: str, table: str = TABLE) -> list[tuple[Any, ...]]:
+        """`text` with {t}, {m} and {j} naming the table, its manifest and job table."""
+        names = {"t": table, "m": f"{table}_manifest", "j": f"{table}_job"}
+        if self.kind == "sqlite":
+            path = self.url.removeprefix("sqlite:///")
+            with sqlite3.connect(path, timeout=5) as db:
+                quoted = {k: f'"{v}"' for k, v in names.items()}
+                return list(db.execute(text.format(**quoted)).fetchall())
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as db:
+            composed = sql.SQL(text).format(
+                **{k: sql.Identifier(self.schema, v) for k, v in names.items()}
+            )
+            return list(db.execute(composed).fetchall())
+
+    def committed(self, table: str = TABLE) -> int:
+        try:
+            return int(self.query("SELECT count(*) FROM {m}", table)[0][0])
+        except (sqlite3.Error, psycopg.Error):
+            return 0
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
+    if request.param == "sqlite":
+        yield Target("sqlite", f"sqlite:///{tmp_path / 'out.db'}")
+        return
+    with fresh_schema("scoredb") as schema:
+        yield Target("postgres", POSTGRES_URL, schema)
+
+
+def write_timed_inputs(folder: Path, files: int, rows: int, row_group: int) -> pa.Table:
+    """As test_batch.write_inputs, with an event time column."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tables = []
+    for i in range(files):
+        table = input_table(rows, seed=i, first_id=i * rows)
+        micros = (int(EPOCH.timestamp()) * 1_000_000) + table["id"].to_numpy() * 1_000_003
+        table = table.append_column("event_time", pa.array(micros, pa.timestamp("us", tz="UTC")))
+        pq.write_table(table, folder / f"part-{i:02d}.parquet", row_group_size=row_group)
+        tables.append(table)
+    return pa.concat_tables(tables)
+
+
+def _array(value: Any) -> list[float]:
+    return list(json.loads(value)) if isinstance(value, str) else list(value)
+
+
+def _instant(value: Any) -> dt.datetime:
+    return dt.datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+def test_db_output_holds_exactly_the_parquet_outputs_rows(registry, target, tmp_path, capsys):
+    path = registry.register(MODEL, seed=21)
+    rows = write_timed_inputs(tmp_path / "in", files=2, rows=1_500, row_group=400)
+    common = [
+        str(tmp_path / "in"),
+        "--features",
+        ",".join(FEATURES),
+        "--keys",
+        "id,region",
+        "--timestamp",
+        "event_time",
+        "--chunk-rows",
+        "500",
+        "--batch-rows",
+        "128",
+    ]
+    assert score(registry, *common, "--output", str(tmp_path / "parquet")) == 0
+    capsys.readouterr()
+    assert score(registry, *common, *target.args()) == 0
+    assert "scored 3,000 rows in 8 chunks" in capsys.readouterr().out
+
+    parquet = read_output(tmp_path / "parquet")
+    stored = target.query(
+        'SELECT model, model_version, input_row, id, region, event_time, scored_at, "output" '
+        "FROM {t} ORDER BY input_row"
+    )
+    assert [r[2] for r in stored] == parquet[ROW_COLUMN].to_pylist() == list(range(3_000))
+    assert [r[3] for r in stored] == parquet["id"].to_pylist() == rows["id"].to_pylist()
+    assert [r[4] for r in stored] == parquet["region"].to_pylist()
+    assert {r[0] for r in stored} == {MODEL}
+    assert [r[1] for r in stored] == parquet["model_version"].to_pylist()
+    assert [_instant(r[5]) for r in stored] == parquet["event_time"].to_pylist()
+    assert all(_instant(r[6]).tzinfo is not None for r in stored)
+    from_db = np.array([_array(r[7]) for r in stored], dtype=np.float32)
+    from_parquet = np.array(parquet["output"].to_pylist(), dtype=np.float32)
+    np.testing.assert_array_equal(from_db, from_parquet)
+    np.testing.assert_array_equal(from_db, ort_outputs(path, matrix(rows)))
+    assert target.committed() == 8
+    assert target.query("SELECT finished FROM {j}")[0][0] is not None
+
+    # The finished job, run again, scores nothing and changes nothing.
+    assert score(registry, *common, *target.args()) == 0
+    assert "scored 0 rows" in capsys.readouterr().out
+    assert target.query("SELECT count(*) FROM {t}")[0][0] == 3_000
+
+
+def _committed_in(target: Target) -> int:
+    return target.committed()
+
+
+def kill_db_job_after(command: list[str], target: Target, committed: int) -> int:
+    """Runs the job, SIGKILLs it once `committed` chunks are in the manifest table (each
+    commit followed by a pause, so it is caught half way); returns how many were."""
+    env = {**os.environ, "MODELPLANE_SCORE_CHUNK_DELAY_S": "0.2"}
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while _committed_in(target) < committed:
+            assert job.poll() is None, job.stderr.read() if job.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.02)  # ok-sleep: polling a subprocess's table
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait(30)
+    killed_at = _committed_in(target)
+    assert committed <= killed_at < 12
+    assert target.query("SELECT finished FROM {j}")[0][0] is None
+    return killed_at
+
+
+def db_command(registry, tmp_path: Path, target: Target, model: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "modelplane.cli.main",
+        "score",
+        "batch",
+        str(tmp_path / "in"),
+        "--model",
+        model,
+        "--registry",
+        registry.address,
+        "--features",
+        ",".join(FEATURES),
+        "--keys",
+        "id",
+        *target.args(),
+        "--chunk-rows",
+        "500",
+        "--no-progress",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
+
+
+def test_a_db_job_killed_half_way_resumes_exactly_once(registry, target, tmp_path):
+    path = registry.register(MODEL, seed=22)
+    rows = write_timed_inputs(tmp_path / "in", files=2, rows=3_000, row_group=500)
+    command = db_command(registry, tmp_path, target, f"{MODEL}@production")
+    killed_at = kill_db_job_after(command, target, committed=4)
+    # Nothing of an uncommitted chunk survived the kill: the rows are the committed ones.
+    assert target.query("SELECT count(*) FROM {t}")[0][0] == 500 * killed_at
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"skipped {killed_at} committed chunks" in resumed.stdout
+    stored = target.query('SELECT input_row, id, "output" FROM {t} ORDER BY input_row')
+    assert [r[0] for r in stored] == list(range(6_000))  # every row exactly once
+    assert [r[1] for r in stored] == rows["id"].to_pylist()
+    predictions = np.array([_array(r[2]) for r in stored], dtype=np.float32)
+    np.testing.assert_array_equal(predictions, ort_outputs(path, matrix(rows)))
+    assert target.committed() == 12
+    assert target.query("SELECT sum(rows) FROM {m}")[0][0] == 6_000
+
+    # A resume with another model digest (production moved to a new version) is refused.
+    registry.register(MODEL, seed=23)
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert refused.returncode == 2
+    assert "another identity" in refused.stderr and "sha256" in refused.stderr
+    assert target.query("SELECT count(*) FROM {t}")[0][0] == 6_000
+
+
+def test_resume_with_another_model_or_options_is_refused(registry, target, tmp_path, capsys):
+    registry.register(MODEL, seed=24)
+    write_timed_inputs(tmp_path / "in", files=1, rows=1_000, row_group=250)
+    args = [str(tmp_path / "in"), "--features", ",".join(FEATURES), *target.args()]
+    assert score(registry, *args, "--chunk-rows", "250") == 0
+    capsys.readouterr()
+    registry.register(MODEL, seed=25)  # another digest behind production
+    assert score(registry, *args, "--chunk-rows", "250") == 2
+    error = capsys.readouterr().err
+    assert "another identity" in error and "sha256" in error
+    assert score(registry, *args, "--chunk-rows", "250", model=f"{MODEL}/1") == 0
+    capsys.readouterr()
+    assert score(registry, *args, "--chunk-rows", "300", model=f"{MODEL}/1") == 2
+    assert "chunk_rows" in capsys.readouterr().err
+    assert target.query("SELECT count(*) FROM {t}")[0][0] == 1_000
+
+
+def test_bad_names_and_combinations_are_refused(registry, tmp_path, capsys):
+    registry.register(MODEL, seed=26)
+    write_timed_inputs(tmp_path / "in", files=1, rows=100, row_group=100)
+    db = tmp_path / "out.db"
+    base = [str(tmp_path / "in"), "--features", ",".join(FEATURES)]
+
+    def error(*args: str) -> str:
+        assert score(registry, *base, *args) == 2
+        return capsys.readouterr().err
+
+    url = f"sqlite:///{db}"
+    assert "SQL identifier" in error("--output-db", url, "--output-table", "x; DROP TABLE y")
+    assert "SQL identifier" in error("--output-db", url, "--output-table", "1abc")
+    assert "either --output" in error("--output-db", url, "--output", str(tmp_path / "o"))
+    assert "either --output" in error()
+    assert "takes --output-table" in error("--output-db", url)
+    assert "PostgreSQL only" in error(
+        "--output-db", url, "--output-table", "t", "--output-schema", "s"
+    )
+    assert "--engine ray" in error("--output-db", url, "--output-table", "t", "--engine", "ray")
+    assert "--partition-by" in error(
+        "--output-db", url, "--output-table", "t", "--keys", "id", "--partition-by", "id"
+    )
+    # A table that exists but holds no job is not written into.
+    with sqlite3.connect(db) as connection:
+        connection.execute("CREATE TABLE mine (x INTEGER)")
+    assert "holds no batch job" in error("--output-db", url, "--output-table", "mine")
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("SELECT count(*) FROM mine").fetchone()[0] == 0
+
+
+def test_a_query_scored_into_a_table_of_the_same_sqlite_file(registry, tmp_path, capsys):
+    """The input query's open cursor does not block the chunks' commits (WAL)."""
+    path = registry.register(MODEL, seed=27)
+    rows = input_table(2_000, seed=8)
+    db = tmp_path / "both.db"
+    names = ["id", *FEATURES]
+    with sqlite3.connect(db) as connection:
+        connection.execute(f"CREATE TABLE events ({', '.join(names)})")
+        connection.executemany(
+            f"INSERT INTO events VALUES ({', '.join('?' * len(names))})",
+            zip(*(rows[n].to_pylist() for n in names), strict=True),
+        )
+    url = f"sqlite:///{db}"
+    code = score(
+        registry,
+        "--sql",
+        "SELECT * FROM events ORDER BY id",
+        "--db",
+        url,
+        "--features",
+        ",".join(FEATURES),
+        "--keys",
+        "id",
+        "--chunk-rows",
+        "300",
+        "--output-db",
+        url,
+        "--output-table",
+        "scores",
+    )
+    assert code == 0, capsys.readouterr().err
+    target = Target("sqlite", url)
+    stored = target.query('SELECT id, "output" FROM {t} ORDER BY input_row', "scores")
+    assert [r[0] for r in stored] == rows["id"].to_pylist()
+    predictions = np.array([_array(r[1]) for r in stored], dtype=np.float32)
+    # SQLite keeps the float32 features as float64: compare closely.
+    np.testing.assert_allclose(predictions, ort_outputs(path, matrix(rows)), rtol=1e-5, atol=1e-6)
+    assert target.committed("scores") == 7
