@@ -36,19 +36,31 @@ def _mix(h: np.ndarray) -> np.ndarray:
 
 def record_keys(request_ids: Sequence[str], row_indices: np.ndarray) -> np.ndarray:
     """uint64 key per record, the same in every process and release (stored keys are
-    compared with new ones after a restart). Vectorised: the ids become one fixed-width
-    byte matrix, hashed 8 bytes at a time."""
+    compared with new ones after a restart) and whatever else the call carries: a key
+    depends on its id's bytes, its length and the row index only (labels arrive in
+    other batches than their predictions). Vectorised: the ids become one fixed-width
+    byte matrix, hashed 8 bytes at a time, each row over the lanes its id fills. (An id's
+    trailing NUL bytes do not count, as numpy's byte strings drop them.)"""
     rows = len(request_ids)
-    encoded = np.array(request_ids, dtype=np.bytes_)
+    try:
+        encoded = np.array(request_ids, dtype=np.bytes_)  # ASCII ids: numpy encodes them
+    except UnicodeEncodeError:
+        # Any other id as its UTF-8 bytes: the same bytes as numpy's for ASCII ones.
+        encoded = np.array([i.encode("utf-8") for i in request_ids], dtype=np.bytes_)
     width = max(8, -(-encoded.dtype.itemsize // 8) * 8)
     words = np.zeros((rows, width), dtype=np.uint8)
     raw = encoded.view(np.uint8).reshape(rows, encoded.dtype.itemsize)
     words[:, : raw.shape[1]] = raw
     lanes = words.view("<u8")
+    lengths = np.char.str_len(encoded).astype(_U64)
+    filled = np.maximum(1, (lengths + _U64(7)) // _U64(8))  # lanes holding the id
     with np.errstate(over="ignore"):
-        h = np.full(rows, _GOLDEN, dtype=_U64) ^ _U64(width)
+        h = np.full(rows, _GOLDEN, dtype=_U64) ^ lengths
         for column in range(lanes.shape[1]):
-            h = _mix(h ^ lanes[:, column])
+            mixed = _mix(h ^ lanes[:, column])
+            # Lanes past an id's end are the batch's padding: left out of its key, or
+            # the key would depend on the longest id it arrived with.
+            h = np.where(column < filled, mixed, h)
         return _mix(h ^ (row_indices.astype(_U64) * _GOLDEN))
 
 

@@ -1074,3 +1074,17 @@ def test_volume_rule_fires_on_a_surge_only(tmp_path: Path) -> None:
         m.evaluate_at(minute(608))
         (alert,) = m.client.list_alerts("fraud")
         assert (alert.state, alert.windows, alert.value) == (pb.ALERT_STATE_FIRING, 2, 0.0)
+
+
+def test_labels_find_their_predictions_whatever_ids_share_their_batches(tmp_path: Path) -> None:
+    """Ids of mixed lengths and scripts: each label, sent in a batch of its own, finds
+    the prediction logged beside longer or shorter ids (the key is the record's alone)."""
+    rng = np.random.default_rng(11)
+    request_ids = ["a", "b" * 40, "café-7", "\U0001dbcc", "a-medium-id-01"]
+    batches = records("fraud", "1", request_ids, at_minute=5, rng=rng)
+    with monitor(tmp_path) as m:
+        log(m.client, batches)
+        for request_id in request_ids:
+            assert m.client.log_labels("fraud", [request_id], [1.0]).matched == 1, request_id
+        # Logged again (a retry, regrouped): recognised, nothing stored twice.
+        assert log(m.client, records("fraud", "1", request_ids[::-1], 5, rng)) == 0
