@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from modelplane.client.feature import FeatureClient
@@ -88,3 +90,49 @@ def feature_service(tmp_path: Path) -> Iterator[tuple[str, FeatureClient]]:
 def ort_outputs(path: Path, x: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return np.asarray(session.run(["output"], {"input": x.astype(np.float32)})[0])
+
+
+def bundle_job(
+    registry: Registry,
+    feature_service: tuple[str, FeatureClient],
+    tmp_path: Path,
+    *,
+    seed: int,
+    hidden: int,
+    events_seed: int,
+) -> tuple[list[str], pa.Table]:
+    """A version of BUNDLE_MODEL fed by the demo bundle (missing features rejected), the
+    features materialized, and 400 events of 40 customers over the last four days in
+    tmp_path/events.parquet; returns `score batch`'s arguments for them (input, timestamp,
+    feature service, 100-row chunks) and the events."""
+    address, client = feature_service
+    registry.register(
+        BUNDLE_MODEL,
+        seed=seed,
+        layers=(features.WIDTH, hidden, 2),
+        feature_input=rpb.FeatureInput(
+            bundle=features.SCORER, missing_policy=rpb.MISSING_FEATURE_POLICY_REJECT
+        ),
+    )
+    client.materialize()
+    now = client.get_bundle_tensor(features.SCORER, {"customer_id": [1]}).as_of_us
+    rng = np.random.default_rng(events_seed)
+    events = pa.table(
+        {
+            "customer_id": pa.array(rng.integers(1, 41, 400), pa.int64()),
+            "event_timestamp": pa.array(
+                now - rng.integers(0, 4 * features.DAY_US, 400), pa.timestamp("us", tz="UTC")
+            ),
+        }
+    )
+    pq.write_table(events, tmp_path / "events.parquet", row_group_size=100)
+    arguments = [
+        str(tmp_path / "events.parquet"),
+        "--timestamp",
+        "event_timestamp",
+        "--feature-service",
+        address,
+        "--chunk-rows",
+        "100",
+    ]
+    return arguments, events

@@ -10,6 +10,8 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -291,23 +293,23 @@ def score_command(registry, tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
-def kill_after(command: list[str], out: Path, committed: int, delay_s: float) -> int:
-    """Runs the job, SIGKILLs it once `committed` chunks are in the manifest (each commit
-    followed by `delay_s`, so it is caught half way), and returns how many were."""
+def kill_after(command: list[str], count: Callable[[], int], committed: int, delay_s: float) -> int:
+    """Runs the job, SIGKILLs it once `count()` (the chunks its manifest holds) reaches
+    `committed` (each commit followed by `delay_s`, so it is caught half way), and returns
+    how many were committed."""
     env = {**os.environ, "MODELPLANE_SCORE_CHUNK_DELAY_S": str(delay_s)}
     job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 90
-        while _committed(out) < committed:
+        while count() < committed:
             assert job.poll() is None, job.stderr.read() if job.stderr else ""
             assert time.monotonic() < deadline
             time.sleep(0.02)  # ok-sleep: polling a subprocess's file
     finally:
         job.send_signal(signal.SIGKILL)
         job.wait(30)
-    killed_at = _committed(out)
+    killed_at = count()
     assert committed <= killed_at < 12
-    assert not (out / SUCCESS_NAME).exists()
     return killed_at
 
 
@@ -327,7 +329,8 @@ def test_a_job_killed_half_way_resumes_exactly_once(registry, tmp_path):
     rows = write_inputs(tmp_path / "in", files=2, rows=3_000, row_group=500)
     out = tmp_path / "out"
     command = score_command(registry, tmp_path)
-    killed_at = kill_after(command, out, committed=4, delay_s=0.2)
+    killed_at = kill_after(command, partial(_committed, out), committed=4, delay_s=0.2)
+    assert not (out / SUCCESS_NAME).exists()
     # What a crash between a rename and its commit leaves: a part file no chunk names.
     (out / "part-f00001-r000000005500.parquet").write_bytes(b"torn")
     (out / ".tmp-f00001-r000000005000-dead.parquet").write_bytes(b"torn")

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +27,7 @@ from tests.integration.scoring.conftest import MODEL, ort_outputs
 from tests.integration.scoring.test_batch import (
     FEATURES,
     input_table,
+    kill_after,
     matrix,
     read_output,
     score,
@@ -149,30 +147,6 @@ def test_db_output_holds_exactly_the_parquet_outputs_rows(registry, target, tmp_
     assert target.query("SELECT count(*) FROM {t}")[0][0] == 3_000
 
 
-def _committed_in(target: Target) -> int:
-    return target.committed()
-
-
-def kill_db_job_after(command: list[str], target: Target, committed: int) -> int:
-    """Runs the job, SIGKILLs it once `committed` chunks are in the manifest table (each
-    commit followed by a pause, so it is caught half way); returns how many were."""
-    env = {**os.environ, "MODELPLANE_SCORE_CHUNK_DELAY_S": "0.2"}
-    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 90
-        while _committed_in(target) < committed:
-            assert job.poll() is None, job.stderr.read() if job.stderr else ""
-            assert time.monotonic() < deadline
-            time.sleep(0.02)  # ok-sleep: polling a subprocess's table
-    finally:
-        job.send_signal(signal.SIGKILL)
-        job.wait(30)
-    killed_at = _committed_in(target)
-    assert committed <= killed_at < 12
-    assert target.query("SELECT finished FROM {j}")[0][0] is None
-    return killed_at
-
-
 def db_command(registry, tmp_path: Path, target: Target, model: str) -> list[str]:
     return [
         sys.executable,
@@ -202,7 +176,8 @@ def test_a_db_job_killed_half_way_resumes_exactly_once(registry, target, tmp_pat
     path = registry.register(MODEL, seed=22)
     rows = write_timed_inputs(tmp_path / "in", files=2, rows=3_000, row_group=500)
     command = db_command(registry, tmp_path, target, f"{MODEL}@production")
-    killed_at = kill_db_job_after(command, target, committed=4)
+    killed_at = kill_after(command, target.committed, committed=4, delay_s=0.2)
+    assert target.query("SELECT finished FROM {j}")[0][0] is None
     # Nothing of an uncommitted chunk survived the kill: the rows are the committed ones.
     assert target.query("SELECT count(*) FROM {t}")[0][0] == 500 * killed_at
 

@@ -8,23 +8,22 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from functools import partial
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 import ray
 
 from modelplane.cli.main import main
-from modelplane.examples import features
-from modelplane.registry.v1 import registry_pb2 as rpb
 from modelplane.scoring.batch import ROW_COLUMN
 from modelplane.scoring.manifest import SUCCESS_NAME
 from modelplane.scoring.ray_engine import _check_reachable
-from tests.integration.scoring.conftest import BUNDLE_MODEL, MODEL, ort_outputs
+from tests.integration.scoring.conftest import BUNDLE_MODEL, MODEL, bundle_job, ort_outputs
 from tests.integration.scoring.test_batch import (
     FEATURES,
+    _committed,
     assert_every_row_once,
     input_table,
     kill_after,
@@ -107,7 +106,8 @@ def test_a_ray_job_killed_half_way_resumes_exactly_once(registry, ray_address, t
     command = score_command(registry, tmp_path, "--engine", "ray", "--ray-address", ray_address)
     # The driver pauses after each commit; the actors run ahead (their files, renamed
     # into place but not committed, are orphans for the re-run to delete).
-    kill_after(command, out, committed=2, delay_s=0.3)
+    kill_after(command, partial(_committed, out), committed=2, delay_s=0.3)
+    assert not (out / SUCCESS_NAME).exists()
 
     # The re-run, from this process (already connected to the same Ray instance).
     assert main(command[3:]) == 0
@@ -140,36 +140,9 @@ def test_an_address_where_no_cluster_answers_fails_fast():
 def test_a_bundle_model_scores_alike_on_both_engines(
     registry, feature_service, ray_address, tmp_path
 ):
-    address, client = feature_service
-    registry.register(
-        BUNDLE_MODEL,
-        seed=15,
-        layers=(features.WIDTH, 8, 2),
-        feature_input=rpb.FeatureInput(
-            bundle=features.SCORER, missing_policy=rpb.MISSING_FEATURE_POLICY_REJECT
-        ),
+    common, _events = bundle_job(
+        registry, feature_service, tmp_path, seed=15, hidden=8, events_seed=8
     )
-    client.materialize()
-    now = client.get_bundle_tensor(features.SCORER, {"customer_id": [1]}).as_of_us
-    rng = np.random.default_rng(8)
-    entities = pa.table(
-        {
-            "customer_id": pa.array(rng.integers(1, 41, 400), pa.int64()),
-            "event_timestamp": pa.array(
-                now - rng.integers(0, 4 * features.DAY_US, 400), pa.timestamp("us", tz="UTC")
-            ),
-        }
-    )
-    pq.write_table(entities, tmp_path / "events.parquet", row_group_size=100)
-    common = [
-        str(tmp_path / "events.parquet"),
-        "--timestamp",
-        "event_timestamp",
-        "--feature-service",
-        address,
-        "--chunk-rows",
-        "100",
-    ]
     model = f"{BUNDLE_MODEL}/1"
     assert score(registry, *common, "--output", str(tmp_path / "local"), model=model) == 0
     ray_args = ["--engine", "ray", "--output", str(tmp_path / "ray")]

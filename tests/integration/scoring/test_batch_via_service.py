@@ -12,15 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from modelplane.examples import features
 from modelplane.examples.models import write_model
-from modelplane.registry.v1 import registry_pb2 as rpb
 from modelplane.scoring.batch import ROW_COLUMN
 from modelplane.services.inference.main import Settings, build
-from tests.integration.scoring.conftest import BUNDLE_MODEL, MODEL, ort_outputs
+from tests.integration.scoring.conftest import BUNDLE_MODEL, MODEL, bundle_job, ort_outputs
 from tests.integration.scoring.test_batch import (
     FEATURES,
     matrix,
@@ -111,39 +107,13 @@ def test_via_service_gives_the_in_process_predictions_and_the_serving_version(
 def test_via_service_scores_a_bundle_models_point_in_time_tensor(
     registry, feature_service, tmp_path
 ):
-    address, client = feature_service
-    registry.register(
-        BUNDLE_MODEL,
-        seed=33,
-        layers=(features.WIDTH, 16, 2),
-        feature_input=rpb.FeatureInput(
-            bundle=features.SCORER, missing_policy=rpb.MISSING_FEATURE_POLICY_REJECT
-        ),
+    common, entities = bundle_job(
+        registry, feature_service, tmp_path, seed=33, hidden=16, events_seed=5
     )
-    client.materialize()
-    now = client.get_bundle_tensor(features.SCORER, {"customer_id": [1]}).as_of_us
-    rng = np.random.default_rng(5)
-    entities = pa.table(
-        {
-            "customer_id": pa.array(rng.integers(1, 41, 400), pa.int64()),
-            "event_timestamp": pa.array(
-                now - rng.integers(0, 4 * features.DAY_US, 400), pa.timestamp("us", tz="UTC")
-            ),
-        }
-    )
-    pq.write_table(entities, tmp_path / "events.parquet", row_group_size=100)
-    common = [
-        str(tmp_path / "events.parquet"),
-        "--timestamp",
-        "event_timestamp",
-        "--feature-service",
-        address,
-        "--chunk-rows",
-        "100",
-    ]
     model = f"{BUNDLE_MODEL}@production"
     assert score(registry, *common, "--output", str(tmp_path / "local"), model=model) == 0
-    with inference(registry.address, BUNDLE_MODEL, tmp_path / "inference", address) as served:
+    features_at = feature_service[0]
+    with inference(registry.address, BUNDLE_MODEL, tmp_path / "inference", features_at) as served:
         assert (
             score(
                 registry,
