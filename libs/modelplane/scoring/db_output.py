@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 import pyarrow as pa
 
-from modelplane.scoring.manifest import CommittedChunk, JobRunning, ManifestMismatch, differences
+from modelplane.scoring.manifest import CommittedChunk, JobRunning, ManifestMismatch, check_identity
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_IDENTIFIER = 63  # PostgreSQL's limit, kept on SQLite too
@@ -314,14 +314,7 @@ class DbOutput:
                     (json.dumps(wanted, sort_keys=True), time.time(), None),
                 )
         if row is not None:
-            stored = json.loads(row[0])
-            if stored != wanted:
-                raise ManifestMismatch(
-                    f"{self.description} holds a job with another identity, so it cannot "
-                    "be resumed with these arguments (use a new --output-table, or the same "
-                    "input, model version and options):\n  "
-                    + "\n  ".join(differences(stored, wanted))
-                )
+            check_identity(row[0], wanted, self.description, "--output-table")
 
     @property
     def _mark(self) -> str:

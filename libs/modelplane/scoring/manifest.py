@@ -60,7 +60,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+def check_identity(stored_json: str, wanted: Mapping[str, Any], where: str, flag: str) -> None:
+    """Refuses to resume, naming what differs, when the job recorded at `where` (its
+    identity as stored JSON) is not the one asked for; `flag` names the option that
+    gives a job a fresh output."""
+    stored = json.loads(stored_json)
+    if stored != wanted:
+        raise ManifestMismatch(
+            f"{where} holds a job with another identity, so it cannot be resumed with "
+            f"these arguments (use a new {flag}, or the same input, model version and "
+            "options):\n  " + "\n  ".join(_differences(stored, wanted))
+        )
+
+
+def _differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
     keys = sorted(set(stored) | set(wanted))
     return [
         f"{key}: {json.dumps(stored.get(key))[:120]} -> {json.dumps(wanted.get(key))[:120]}"
@@ -132,13 +145,7 @@ class ChunkManifest:
             self._db.execute("ROLLBACK")
             raise
         if row is not None:
-            stored = json.loads(row[0])
-            if stored != wanted:
-                raise ManifestMismatch(
-                    f"{self.directory} holds a job with another identity, so it cannot be "
-                    "resumed with these arguments (use a new --output, or the same input, "
-                    "model version and options):\n  " + "\n  ".join(differences(stored, wanted))
-                )
+            check_identity(row[0], wanted, str(self.directory), "--output")
 
     def identity(self) -> dict[str, Any]:
         row = self._db.execute("SELECT identity FROM job").fetchone()
