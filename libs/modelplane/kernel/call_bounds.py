@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from modelplane.kernel.interceptors import WrappedHandlers
+from modelplane.kernel.interceptors import AioWrappingInterceptor
 
 BODY_TIMED_OUT = "the request message did not arrive within {:g}s of the call's start"
 STREAM_IDLE = "the client stream sent nothing for {:g}s"
@@ -108,7 +108,7 @@ async def _bounded(
         timer.cancel()
 
 
-class AioCallBoundsInterceptor(grpc.aio.ServerInterceptor):
+class AioCallBoundsInterceptor(AioWrappingInterceptor):
     """Serves every method under the two bounds (see the module's docstring)."""
 
     def __init__(
@@ -122,17 +122,7 @@ class AioCallBoundsInterceptor(grpc.aio.ServerInterceptor):
         self._body_message = BODY_TIMED_OUT.format(request_body_timeout_s)
         self._idle_message = STREAM_IDLE.format(stream_idle_timeout_s)
         self._metrics = _Metrics(registry)
-        self._handlers = WrappedHandlers(lambda handler, _method: self._wrap(handler))
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        return self._handlers.get(handler, handler_call_details.method)
+        super().__init__(lambda handler, _method: self._wrap(handler))
 
     def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         parse = handler.request_deserializer

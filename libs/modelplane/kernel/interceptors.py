@@ -175,11 +175,12 @@ class WrappedHandlers:
         return wrapped
 
 
-class AioErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions raised by grpc.aio handlers to status codes."""
+class AioWrappingInterceptor(grpc.aio.ServerInterceptor):
+    """A grpc.aio interceptor that serves every method through `wrap(handler, method)`,
+    built once per method (WrappedHandlers)."""
 
-    def __init__(self) -> None:
-        self._handlers = WrappedHandlers(self._wrap)
+    def __init__(self, wrap: Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler]):
+        self._handlers = WrappedHandlers(wrap)
 
     async def intercept_service(
         self,
@@ -190,6 +191,13 @@ class AioErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         return self._handlers.get(handler, handler_call_details.method)
+
+
+class AioErrorInterceptor(AioWrappingInterceptor):
+    """Maps exceptions raised by grpc.aio handlers to status codes."""
+
+    def __init__(self) -> None:
+        super().__init__(self._wrap)
 
     @staticmethod
     def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:

@@ -44,6 +44,7 @@ from modelplane.kernel.auth import RoleDenied, aio_auth_interceptors, sync_auth_
 from modelplane.kernel.call_bounds import AioCallBoundsInterceptor
 from modelplane.kernel.interceptors import (
     AioErrorInterceptor,
+    AioWrappingInterceptor,
     SyncErrorInterceptor,
     WrappedHandlers,
     rewrap,
@@ -304,23 +305,13 @@ class HandlerThreads:
             self._queue.put(self._STOP)
 
 
-class AioThreadedHandlers(grpc.aio.ServerInterceptor):
+class AioThreadedHandlers(AioWrappingInterceptor):
     """Runs synchronous unary-unary handlers on HandlerThreads, once their request has
     arrived (the innermost interceptor: every other one sees a coroutine)."""
 
     def __init__(self, threads: HandlerThreads) -> None:
         self._threads = threads
-        self._handlers = WrappedHandlers(lambda handler, _method: rewrap(handler, self._wrap))
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        return self._handlers.get(handler, handler_call_details.method)
+        super().__init__(lambda handler, _method: rewrap(handler, self._wrap))
 
     def _wrap(
         self, behavior: Callable[..., Any], client_streaming: bool, server_streaming: bool
