@@ -938,18 +938,26 @@ class ChunkScorer:
             )
         else:
             times = np.full(len(index), output["scored_at"][0].value, np.int64)
-        batch = prediction_batch(
-            self.model.name,
-            str(self.model.version),
-            [f"batch-{job_id}-{int(r)}" for r in rows[index]],
-            np.full(len(index), 1000.0 * seconds / max(1, output.num_rows)),
-            x[index],
-            names,
-            outputs,
-            route="batch",
-            time_unix_us=times,
-        )
-        self.monitoring.log_predictions([batch], producer_id=f"batch-{job_id}")
+        # One batch per version that answered: through the inference service a row's
+        # version is the one in its model_version column, not necessarily the resolved one.
+        versions = output["model_version"].to_numpy()[index]
+        batches = []
+        for version in np.unique(versions):
+            rows_of = np.flatnonzero(versions == version)
+            batches.append(
+                prediction_batch(
+                    self.model.name,
+                    str(int(version)),
+                    [f"batch-{job_id}-{int(r)}" for r in rows[index[rows_of]]],
+                    np.full(len(rows_of), 1000.0 * seconds / max(1, output.num_rows)),
+                    x[index[rows_of]],
+                    names,
+                    {name: values[rows_of] for name, values in outputs.items()},
+                    route="batch",
+                    time_unix_us=times[rows_of],
+                )
+            )
+        self.monitoring.log_predictions(batches, producer_id=f"batch-{job_id}")
 
 
 def write_parts(options: BatchOptions, chunk: ChunkPosition, output: pa.Table) -> list[str]:

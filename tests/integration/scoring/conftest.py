@@ -1,5 +1,6 @@
-"""A real registry (SQLite, port 0) holding small MLPs, and, for bundle models, a real
-feature service on the demo feature definitions (examples.features)."""
+"""A real registry (SQLite, port 0) holding small MLPs, for bundle models a real feature
+service on the demo feature definitions (examples.features), and a real monitoring
+service for the predictions jobs log."""
 
 from __future__ import annotations
 
@@ -15,15 +16,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from modelplane.client.feature import FeatureClient
+from modelplane.client.monitoring import MonitoringClient
 from modelplane.client.registry import RegistryClient
 from modelplane.examples import features
 from modelplane.examples.models import mlp
 from modelplane.registry.v1 import registry_pb2 as rpb
 from modelplane.services.feature.main import build as build_feature
+from modelplane.services.monitoring.main import Settings as MonitoringSettings
+from modelplane.services.monitoring.main import build as build_monitoring
 from modelplane.services.registry.main import Settings as RegistrySettings
 from tests.integration.feature.servers import settings_for, unique_prefix
 from tests.integration.registry.conftest import ThreadedServer
-from tests.support import running_sync
+from tests.support import running_aio_in_thread, running_sync
 
 WIDTH = 8
 MODEL = "scorer"
@@ -85,6 +89,18 @@ def feature_service(tmp_path: Path) -> Iterator[tuple[str, FeatureClient]]:
     with running_sync(server) as address, FeatureClient(address) as client:
         client.apply(definitions)
         yield address, client
+
+
+@pytest.fixture
+def monitoring(tmp_path: Path) -> Iterator[tuple[str, MonitoringClient]]:
+    """A monitoring service (SQLite); yields its address and a client."""
+    server = build_monitoring(
+        MonitoringSettings(
+            port=0, data_dir=tmp_path / "monitoring", log_json=False, log_level="WARNING"
+        )  # type: ignore[call-arg]
+    )
+    with running_aio_in_thread(server) as address, MonitoringClient(address, timeout=10) as c:
+        yield address, c
 
 
 def ort_outputs(path: Path, x: np.ndarray) -> np.ndarray:

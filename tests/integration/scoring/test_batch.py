@@ -26,6 +26,7 @@ from modelplane.registry.v1 import registry_pb2 as rpb
 from modelplane.scoring.batch import ROW_COLUMN, RowGroupCache, _plan_row_ranges
 from modelplane.scoring.manifest import MANIFEST_NAME, SUCCESS_NAME
 from tests.integration.scoring.conftest import BUNDLE_MODEL, MODEL, WIDTH, ort_outputs
+from tests.support import wait_until
 
 FEATURES = [f"f{i}" for i in range(WIDTH)]
 
@@ -181,6 +182,23 @@ def test_partitioned_output_holds_every_row_once(registry, tmp_path):
     ]
     result = read_output(out)
     assert result[ROW_COLUMN].to_pylist() == list(range(2_000))
+
+
+def test_a_sample_of_the_predictions_is_logged_to_monitoring_once(registry, monitoring, tmp_path):
+    """Every row (sample 1.0) reaches monitoring as a prediction of the version and route
+    "batch"; the finished job run again logs nothing twice."""
+    registry.register(MODEL, seed=4)
+    write_inputs(tmp_path / "in", files=1, rows=600, row_group=200)
+    address, monitor = monitoring
+    args = [str(tmp_path / "in"), "--features", ",".join(FEATURES), "--keys", "id"]
+    logged = ["--monitoring", address, "--monitoring-sample", "1.0", "--chunk-rows", "200"]
+    assert score(registry, *args, "--output", str(tmp_path / "out"), *logged) == 0
+    wait_until(lambda: monitor.summary(MODEL).count >= 600, timeout=10)
+    assert score(registry, *args, "--output", str(tmp_path / "out"), *logged) == 0
+    summary = monitor.summary(MODEL)
+    assert [(v.model_version, v.route, v.count) for v in summary.by_version_route] == [
+        ("1", "batch", 600)
+    ]
 
 
 def test_bundle_model_scores_the_features_in_force_at_each_rows_time(

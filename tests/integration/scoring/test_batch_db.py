@@ -147,6 +147,81 @@ def test_db_output_holds_exactly_the_parquet_outputs_rows(registry, target, tmp_
     assert target.query("SELECT count(*) FROM {t}")[0][0] == 3_000
 
 
+def test_nan_outputs_are_stored_as_the_database_takes_them(registry, target, tmp_path, capsys):
+    """A row with a NaN feature has NaN outputs: PostgreSQL keeps NaN in its real[]; JSON
+    has no NaN, so SQLite's JSON text holds null there (still valid for its JSON
+    functions), and the other rows' values are untouched."""
+    registry.register(MODEL, seed=21)
+    rows = input_table(6)
+    features = rows[FEATURES[0]].to_numpy().copy()
+    features[2] = np.nan
+    rows = rows.set_column(rows.column_names.index(FEATURES[0]), FEATURES[0], pa.array(features))
+    (tmp_path / "in").mkdir()
+    pq.write_table(rows, tmp_path / "in" / "part.parquet")
+    args = [str(tmp_path / "in"), "--features", ",".join(FEATURES), "--keys", "id"]
+    assert score(registry, *args, *target.args()) == 0
+    capsys.readouterr()
+    stored = target.query('SELECT input_row, "output" FROM {t} ORDER BY input_row')
+    if target.kind == "sqlite":
+        assert all(v is None for v in json.loads(stored[2][1]))
+        valid = target.query('SELECT count(*) FROM {t} WHERE json_valid("output")')
+        assert valid[0][0] == 6
+    else:
+        assert all(np.isnan(v) for v in stored[2][1])
+    for row, value in stored[:2] + stored[3:]:
+        assert all(np.isfinite(_array(value))), row
+
+
+def test_every_column_kind_reads_back_as_written(target):
+    """The chunk's columns, converted in bulk (Arrow, one COPY on PostgreSQL), read back
+    as the values they hold: a sliced chunk, null lists, a naive timestamp taken as UTC,
+    a date as midnight UTC, quotes, commas and newlines in text, an empty string apart
+    from a null, integer and string lists, and a type neither database has (as text)."""
+    import decimal
+
+    rows = 7
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(2 * rows, dtype=np.float32)), 2)
+    table = pa.table(
+        {
+            "model": pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, np.int32)), ["m"]),
+            "id": pa.array(range(rows), pa.int64()),
+            "text": ['a,"b"\n', "", None, "é", "x", "y", "z"],
+            "flag": [True, False, None, True, True, False, True],
+            "naive": pa.array([EPOCH.replace(tzinfo=None)] * rows, pa.timestamp("us")),
+            "day": pa.array([dt.date(2026, 12, 1)] * rows),
+            "vector": pa.array(
+                [*vectors.to_pylist()[:2], None, *vectors.to_pylist()[3:]],
+                pa.list_(pa.float32(), 2),
+            ),
+            "counts": pa.array([[1, 2], [], None, [3], [4], [5], [6]], pa.list_(pa.int64())),
+            "tags": pa.array([["a", "b"], None, [], ["c"], ["d"], ["e"], ["f"]]),
+            "price": pa.array([decimal.Decimal("1.25")] * rows, pa.decimal128(5, 2)),
+        }
+    ).slice(1)
+    from modelplane.scoring.db_output import DbOutput
+
+    output = DbOutput.open(target.url, TABLE, target.schema, {"job": "kinds"})
+    try:
+        output.commit("c1", table)
+    finally:
+        output.close()
+    got = target.query(
+        "SELECT model, id, text, flag, naive, day, vector, counts, tags, price FROM {t} ORDER BY id"
+    )
+    expected = table.to_pylist()
+    assert [r[0] for r in got] == ["m"] * 6
+    assert [r[1] for r in got] == [e["id"] for e in expected]
+    assert [r[2] for r in got] == [e["text"] for e in expected]
+    assert [None if r[3] is None else bool(r[3]) for r in got] == [e["flag"] for e in expected]
+    assert {_instant(r[4]) for r in got} == {EPOCH}
+    assert {_instant(r[5]) for r in got} == {EPOCH}
+    assert [None if r[6] is None else _array(r[6]) for r in got] == [e["vector"] for e in expected]
+    assert [None if r[7] is None else _array(r[7]) for r in got] == [e["counts"] for e in expected]
+    tags = [None if r[8] is None else _array(r[8]) for r in got]
+    assert tags == [e["tags"] for e in expected]
+    assert {r[9] for r in got} == {"1.25"}
+
+
 def db_command(registry, tmp_path: Path, target: Target, model: str) -> list[str]:
     return [
         sys.executable,

@@ -136,9 +136,9 @@ def test_via_service_scores_a_bundle_models_point_in_time_tensor(
     np.testing.assert_array_equal(np.array(scored_remote, np.float32), np.array(scored, np.float32))
 
 
-def test_the_version_column_is_the_version_that_answered(registry, tmp_path):
-    """A service serving the same model from a repository as version 7: the rows say 7,
-    not the registry's 1 resolved at the start."""
+def test_the_version_column_is_the_version_that_answered(registry, monitoring, tmp_path):
+    """A service serving the same model from a repository as version 7: the rows, and the
+    predictions logged to monitoring, say 7, not the registry's 1 resolved at the start."""
     path = registry.register(MODEL, seed=35)
     rows = write_inputs(tmp_path / "in", files=1, rows=300, row_group=100)
     write_model(onnx.load(path), tmp_path / "repository", MODEL, version=7)
@@ -155,10 +155,16 @@ def test_the_version_column_is_the_version_that_answered(registry, tmp_path):
             str(tmp_path / "out"),
             "--via-service",
             address,
+            "--monitoring",
+            monitoring[0],
+            "--monitoring-sample",
+            "1.0",
         )
     assert code == 0
     result = read_output(tmp_path / "out")
     assert set(result["model_version"].to_pylist()) == {7}
+    summary = monitoring[1].summary(MODEL)
+    assert [(v.model_version, v.count) for v in summary.by_version_route] == [("7", 300)]
     got = np.array(result["output"].to_pylist(), dtype=np.float32)
     np.testing.assert_array_equal(got, ort_outputs(path, matrix(rows)))
 

@@ -33,12 +33,10 @@ from modelplane.scoring.stream import (
     register_stream,
 )
 from modelplane.services.feature.main import build as build_feature
-from modelplane.services.monitoring.main import Settings as MonitoringSettings
-from modelplane.services.monitoring.main import build as build_monitoring
 from modelplane.services.registry.main import Settings as RegistrySettings
 from tests.integration.feature.servers import settings_for, unique_prefix
 from tests.integration.registry.conftest import ThreadedServer
-from tests.support import running_aio_in_thread, running_sync, wait_until
+from tests.support import running_sync, wait_until
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 WIDTH = 4
@@ -426,17 +424,6 @@ def feature_service(tmp_path: Path) -> Iterator[tuple[str, FeatureClient]]:
         client.apply(definitions)
         client.materialize()
         yield address, client
-
-
-@pytest.fixture
-def monitoring(tmp_path: Path) -> Iterator[tuple[str, MonitoringClient]]:
-    server = build_monitoring(
-        MonitoringSettings(
-            port=0, data_dir=tmp_path / "monitoring", log_json=False, log_level="WARNING"
-        )  # type: ignore[call-arg]
-    )
-    with running_aio_in_thread(server) as address, MonitoringClient(address, timeout=10) as c:
-        yield address, c
 
 
 def test_bundle_events_are_enriched_from_the_feature_service_and_logged_to_monitoring(
