@@ -12,8 +12,11 @@ rows keep the run near two minutes; MODELPLANE_BENCH_BATCH_FULL=1 scores the iss
 10M rows of each (the heavy one then takes many minutes on 2 cores). `--engine ray` is
 measured on a local Ray instance started once beforehand (its start printed apart),
 with the default actor pool (one actor per CPU, one ONNX Runtime thread each);
-`--no-ray` leaves it out. A shared machine is noisy: `--repeat N` measures N times.
-`make bench` runs it."""
+`--no-ray` leaves it out. Then the same job over at most 1M rows into a SQLite table, a
+PostgreSQL table (MODELPLANE_BENCH_POSTGRES, default the machine's database `test`) and
+through an inference service process (`--via-service`), each beside the same ceiling;
+`--no-outputs` leaves them out. A shared machine is noisy: `--repeat N` measures N
+times. `make bench` runs it."""
 
 import sys
 from pathlib import Path
@@ -38,16 +41,20 @@ from dataclasses import replace  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
+import psycopg  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+from psycopg import sql  # noqa: E402
 
 from modelplane.client.registry import RegistryClient  # noqa: E402
 from modelplane.examples.models import HEAVY_MLP, LIGHT_MLP, mlp  # noqa: E402
+from modelplane.loadtest.scenarios import serving  # noqa: E402
 from modelplane.registry.v1 import registry_pb2 as rpb  # noqa: E402
 from modelplane.scoring.batch import (  # noqa: E402
     DEFAULT_CHUNK_ROWS,
     BatchJob,
     BatchOptions,
+    BatchResult,
     FileInput,
     run_local,
 )
@@ -59,9 +66,13 @@ from modelplane.scoring.model import (  # noqa: E402
     resolve,
 )
 from modelplane.scoring.ray_engine import RayOptions, run_ray  # noqa: E402
+from modelplane.scoring.via_service import ServiceModel, ServiceOptions  # noqa: E402
 from modelplane.services.registry.main import Settings, build  # noqa: E402
 
 FULL_ROWS = 10_000_000
+OUTPUTS_ROWS = 1_000_000
+"""Rows of the database-output and --via-service runs (slower ways than Parquet)."""
+POSTGRES_URL = os.environ.get("MODELPLANE_BENCH_POSTGRES", "postgresql://127.0.0.1:5432/test")
 
 
 ROW_GROUP = 65_536
@@ -151,7 +162,10 @@ def measure(
     batch: int,
     on_ray: bool,
     repeat: int,
+    other_outputs: bool,
 ) -> None:
+    if not rows:
+        return
     artifact = work / f"{name}.onnx"
     onnx.save(mlp(layers, seed=1, name=name), artifact)
     client.create_model(name)
@@ -203,6 +217,65 @@ def measure(
                 f"{ray_result.rows_per_s / top:.2f}x of the ceiling just measured",
                 flush=True,
             )
+        if other_outputs:
+            extra = work / f"{name}-outputs.parquet"
+            extra_rows = min(rows, OUTPUTS_ROWS)
+            write_input(extra, width, extra_rows, as_list=width > 64)
+            print(f"  the same job over {extra_rows:,} rows, other outputs and ways:", flush=True)
+            for label, result in outputs_and_ways(address, work, model, extra, options):
+                print(
+                    f"    {label:32s} job {result.rows_per_s:>10,.0f} rows/s -> "
+                    f"{result.rows_per_s / top:.2f}x of the ceiling",
+                    flush=True,
+                )
+
+
+def outputs_and_ways(
+    address: str, work: Path, model: ScoringModel, source: Path, options: BatchOptions
+) -> Iterator[tuple[str, BatchResult]]:
+    """The job into a SQLite table, a PostgreSQL table (the machine's, a schema of its
+    own dropped after) and, as Parquet, through an inference service process that
+    follows the registry (--via-service, 4 requests in flight)."""
+
+    def run(options: BatchOptions, service: ServiceModel | None = None) -> BatchResult:
+        shutil.rmtree(options.output, ignore_errors=True)
+        job = BatchJob(FileInput([source]), model, options)
+        job.service = service
+        return run_local(job)
+
+    database = work / f"{model.name}-predictions.db"
+    database.unlink(missing_ok=True)
+    sqlite = replace(options, output_db=f"sqlite:///{database}", output_table="predictions")
+    yield "--output-db sqlite", run(sqlite)
+    schema = f"bench_batch_{os.getpid()}"
+    try:
+        with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as db:
+            db.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+            postgres = replace(
+                options, output_db=POSTGRES_URL, output_table="predictions", output_schema=schema
+            )
+            try:
+                yield "--output-db postgresql (COPY)", run(postgres)
+            finally:
+                db.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+    except psycopg.OperationalError as exc:
+        print(f"    --output-db postgresql: skipped, {POSTGRES_URL} unreachable ({exc})")
+    command = [
+        sys.executable, "-m", "modelplane.cli.main", "serve", "inference",
+        "--registry", address, "--load-model", f"{model.name}@production", "--port", "0",
+        "--metrics-port", "0", "--data-dir", str(work / "inference"), "--log-level", "WARNING",
+    ]  # fmt: skip
+    with serving(command, work / "inference.log") as served:
+        service = ServiceModel(
+            ModelRef.parse(f"{model.name}@production"),
+            model.input_names[0],
+            model.output_names,
+            ServiceOptions(address=served.address, batch_rows=options.batch_rows),
+        )
+        try:
+            yield "--via-service (4 in flight)", run(options, service)
+        finally:
+            service.close()
 
 
 def main() -> int:
@@ -213,6 +286,11 @@ def main() -> int:
     parser.add_argument("--light-batch", type=int, default=16_384)
     parser.add_argument("--heavy-batch", type=int, default=4_096)
     parser.add_argument("--no-ray", action="store_true", help="leave --engine ray out")
+    parser.add_argument(
+        "--no-outputs",
+        action="store_true",
+        help="leave out the database outputs and --via-service",
+    )
     parser.add_argument(
         "--repeat", type=int, default=1, help="measure each so often (a shared machine is noisy)"
     )
@@ -244,6 +322,7 @@ def main() -> int:
                     args.light_batch,
                     on_ray,
                     args.repeat,
+                    not args.no_outputs,
                 )
                 measure(
                     client,
@@ -255,6 +334,7 @@ def main() -> int:
                     args.heavy_batch,
                     on_ray,
                     args.repeat,
+                    not args.no_outputs,
                 )
     finally:
         if on_ray:
