@@ -33,17 +33,18 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf import descriptor as d
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 CASES_PER_SERVICE = int(os.environ.get("MODELPLANE_FUZZ_EXAMPLES", "600"))
@@ -376,6 +377,24 @@ def fuzz_cases(service: d.ServiceDescriptor) -> list[tuple[Rpc, str]]:
 
 def case_id(case: tuple[Rpc, str]) -> str:
     return f"{case[0].name}-{case[1]}"
+
+
+def proper_status_test(service: d.ServiceDescriptor) -> Callable[..., None]:
+    """The property over every case of `service`, for its module to bind as
+    `test_every_answer_is_a_proper_status` (it uses the module's `target` fixture). Keep
+    that name: hypothesis keys each case's saved examples by the pytest node id."""
+
+    @pytest.mark.parametrize("case", fuzz_cases(service), ids=case_id)
+    @fuzz_settings(service)
+    @given(data=st.data())
+    def test_every_answer_is_a_proper_status(
+        target: FuzzTarget, case: tuple[Rpc, str], data: st.DataObject
+    ) -> None:
+        rpc, kind = case
+        frames = data.draw(target.frames_of(rpc, kind), label="frames")
+        check_answer(rpc, call_raw(target.channel, rpc, frames))
+
+    return test_every_answer_is_a_proper_status
 
 
 # ---- after the run ----------------------------------------------------------------------

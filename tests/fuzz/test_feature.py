@@ -7,8 +7,6 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from modelplane.feature.v1 import feature_pb2 as pb
 from modelplane.feature.v1 import feature_pb2_grpc as pb_grpc
@@ -57,15 +55,7 @@ def _seed(address: str, source: str) -> None:
         stub.WriteFeatures(stats_write([1, 2, 3], [now_us()] * 3, doubles([1.0, 2.0, 3.0])))
 
 
-@pytest.mark.parametrize("case", harness.fuzz_cases(SERVICE), ids=harness.case_id)
-@harness.fuzz_settings(SERVICE)
-@given(data=st.data())
-def test_every_answer_is_a_proper_status(
-    target: harness.FuzzTarget, case: tuple[harness.Rpc, str], data: st.DataObject
-) -> None:
-    rpc, kind = case
-    frames = data.draw(target.frames_of(rpc, kind), label="frames")
-    harness.check_answer(rpc, harness.call_raw(target.channel, rpc, frames))
+test_every_answer_is_a_proper_status = harness.proper_status_test(SERVICE)
 
 
 def test_the_server_still_serves_after_fuzzing(target: harness.FuzzTarget) -> None:

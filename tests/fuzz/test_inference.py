@@ -295,15 +295,7 @@ def tensor_frames(rpc: harness.Rpc) -> st.SearchStrategy[list[bytes]]:
 # ---- the tests --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", harness.fuzz_cases(SERVICE), ids=harness.case_id)
-@harness.fuzz_settings(SERVICE)
-@given(data=st.data())
-def test_every_answer_is_a_proper_status(
-    target: harness.FuzzTarget, case: tuple[harness.Rpc, str], data: st.DataObject
-) -> None:
-    rpc, kind = case
-    frames = data.draw(target.frames_of(rpc, kind), label="frames")
-    harness.check_answer(rpc, harness.call_raw(target.channel, rpc, frames))
+test_every_answer_is_a_proper_status = harness.proper_status_test(SERVICE)
 
 
 @pytest.fixture(scope="module")

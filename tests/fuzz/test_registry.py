@@ -7,8 +7,6 @@ from pathlib import Path
 
 import onnx
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from modelplane.client.registry import RegistryClient
 from modelplane.examples.models import mlp
@@ -44,15 +42,7 @@ def _seed(address: str, model_file: Path) -> None:
         client.set_alias(MODEL, "staging", 1, expected_version=0)
 
 
-@pytest.mark.parametrize("case", harness.fuzz_cases(SERVICE), ids=harness.case_id)
-@harness.fuzz_settings(SERVICE)
-@given(data=st.data())
-def test_every_answer_is_a_proper_status(
-    target: harness.FuzzTarget, case: tuple[harness.Rpc, str], data: st.DataObject
-) -> None:
-    rpc, kind = case
-    frames = data.draw(target.frames_of(rpc, kind), label="frames")
-    harness.check_answer(rpc, harness.call_raw(target.channel, rpc, frames))
+test_every_answer_is_a_proper_status = harness.proper_status_test(SERVICE)
 
 
 def test_the_server_still_serves_after_fuzzing(target: harness.FuzzTarget) -> None:

@@ -1,5 +1,6 @@
 """PostgreSQL plumbing the services share: a connection pool on a schema of their own,
-and a LISTEN feed through which replicas sharing one database hear each other's commits."""
+transactions that turn an unreachable server into Unavailable, and a LISTEN feed through
+which replicas sharing one database hear each other's commits."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -54,6 +57,41 @@ def open_pool(
                 # IF NOT EXISTS is not atomic: a replica starting at the same moment
                 # created it first, which is what we wanted.
                 conn.rollback()
+    return pool
+
+
+@contextmanager
+def transaction(pool: ConnectionPool) -> Iterator[psycopg.Cursor[Any]]:
+    """A cursor in one transaction on a pooled connection (committed when the block ends,
+    rolled back when it raises); no free connection or a lost server is Unavailable."""
+    try:
+        with pool.connection() as conn, conn.transaction(), conn.cursor() as cursor:
+            yield cursor
+    except PoolTimeout as exc:
+        raise Unavailable("no PostgreSQL connection available") from exc
+    except psycopg.OperationalError as exc:
+        raise Unavailable(f"PostgreSQL unavailable: {exc.sqlstate or 'connection'}") from exc
+
+
+def open_pool_with_tables(
+    url: str,
+    schema: str,
+    max_connections: int,
+    connect_timeout_s: float,
+    tables: str,
+    lock_key: int,
+) -> ConnectionPool:
+    """`open_pool` (one connection kept open), then `tables` (CREATE ... IF NOT EXISTS
+    statements) run under the advisory lock `lock_key`: replicas starting together
+    create the tables once. The pool is closed again if that fails."""
+    pool = open_pool(url, schema, 1, max_connections, connect_timeout_s)
+    try:
+        with transaction(pool) as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key,))
+            cursor.execute(tables)
+    except BaseException:
+        pool.close()
+        raise
     return pool
 
 

@@ -8,15 +8,12 @@ catalog and no two can validate against a state the other is about to change.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import psycopg
-from psycopg_pool import PoolTimeout
 
-from modelplane.kernel.errors import Unavailable
-from modelplane.kernel.postgres import channel_name, open_pool
+from modelplane.kernel.postgres import channel_name, open_pool_with_tables, transaction
 from modelplane.services.feature.definition_store import Plan, from_row, to_rows
 from modelplane.services.feature.domain import Definition
 
@@ -55,25 +52,12 @@ class PostgresDefinitionStore:
         connect_timeout_s: float = 5.0,
     ) -> None:
         self.change_feed = (url, channel_name("modelplane_feature_", schema))
-        self._pool = open_pool(url, schema, 1, max_connections, connect_timeout_s)
-        try:
-            with self._transaction() as cursor:
-                # Replicas starting together create the tables once.
-                cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
-                cursor.execute(SCHEMA)
-        except BaseException:
-            self._pool.close()
-            raise
+        self._pool = open_pool_with_tables(
+            url, schema, max_connections, connect_timeout_s, SCHEMA, _MIGRATION_LOCK_KEY
+        )
 
-    @contextmanager
-    def _transaction(self) -> Iterator[psycopg.Cursor[Any]]:
-        try:
-            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cursor:
-                yield cursor
-        except PoolTimeout as exc:
-            raise Unavailable("no PostgreSQL connection available") from exc
-        except psycopg.OperationalError as exc:
-            raise Unavailable(f"PostgreSQL unavailable: {exc.sqlstate or 'connection'}") from exc
+    def _transaction(self) -> AbstractContextManager[psycopg.Cursor[Any]]:
+        return transaction(self._pool)
 
     def load(self) -> list[Definition]:
         with self._transaction() as cursor:

@@ -20,120 +20,43 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
-from psycopg_pool import PoolTimeout
 
-from modelplane.kernel.errors import Conflict, Unavailable
-from modelplane.kernel.postgres import open_pool
+from modelplane.kernel.postgres import open_pool_with_tables, transaction
 from modelplane.services.monitoring.store import (
-    MINUTE_US,
     AlertRow,
     LabelRow,
     NewBatch,
     StoredBatch,
     WindowKey,
+    sql,
 )
-from modelplane.services.monitoring.store.sqlite import grown
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS monitoring_batches (
-    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    replica TEXT NOT NULL,
-    model TEXT NOT NULL,
-    version TEXT NOT NULL,
-    min_time_us BIGINT NOT NULL,
-    max_time_us BIGINT NOT NULL,
-    rows BIGINT NOT NULL,
-    payload BYTEA NOT NULL,
-    keys BYTEA NOT NULL
-);
-CREATE INDEX IF NOT EXISTS monitoring_batches_by_model ON monitoring_batches (model, seq);
-CREATE INDEX IF NOT EXISTS monitoring_batches_by_replica
-    ON monitoring_batches (replica, seq);
-CREATE TABLE IF NOT EXISTS monitoring_windows (
-    model TEXT NOT NULL,
-    version TEXT NOT NULL,
-    granularity_us BIGINT NOT NULL,
-    start_us BIGINT NOT NULL,
-    slice_key TEXT NOT NULL,
-    slice_value TEXT NOT NULL,
-    replica TEXT NOT NULL,
-    stats BYTEA NOT NULL,
-    PRIMARY KEY (model, granularity_us, slice_key, start_us, version, slice_value, replica)
-);
-CREATE TABLE IF NOT EXISTS monitoring_checkpoints (
-    replica TEXT PRIMARY KEY,
-    seq BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS monitoring_references (
-    model TEXT NOT NULL,
-    version TEXT NOT NULL,
-    reference BYTEA NOT NULL,
-    PRIMARY KEY (model, version)
-);
-CREATE TABLE IF NOT EXISTS monitoring_labels (
-    model TEXT NOT NULL,
-    request_id TEXT NOT NULL,
-    row_index BIGINT NOT NULL,
-    version TEXT NOT NULL,
-    time_us BIGINT NOT NULL,
-    slices TEXT NOT NULL,
-    prediction DOUBLE PRECISION NOT NULL,
-    label DOUBLE PRECISION NOT NULL,
-    label_time_us BIGINT NOT NULL,
-    PRIMARY KEY (model, request_id, row_index)
-);
-CREATE INDEX IF NOT EXISTS monitoring_labels_by_time ON monitoring_labels (model, time_us);
-CREATE TABLE IF NOT EXISTS monitoring_configs (
-    model TEXT PRIMARY KEY,
-    revision BIGINT NOT NULL,
-    config BYTEA NOT NULL
-);
-CREATE TABLE IF NOT EXISTS monitoring_alerts (
-    id TEXT PRIMARY KEY,
-    model TEXT NOT NULL,
-    version TEXT NOT NULL,
-    rule TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    state INTEGER NOT NULL,
-    updated_us BIGINT NOT NULL,
-    payload BYTEA NOT NULL
-);
-CREATE INDEX IF NOT EXISTS monitoring_alerts_by_time ON monitoring_alerts (updated_us);
-CREATE TABLE IF NOT EXISTS monitoring_cursors (
-    model TEXT NOT NULL,
-    rule TEXT NOT NULL,
-    window_end_us BIGINT NOT NULL,
-    PRIMARY KEY (model, rule)
-);
-CREATE TABLE IF NOT EXISTS monitoring_leases (
-    name TEXT PRIMARY KEY,
-    holder TEXT NOT NULL,
-    expires_us BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS monitoring_producers (
-    producer TEXT NOT NULL,
-    model TEXT NOT NULL,
-    dropped BIGINT NOT NULL,
-    failed BIGINT NOT NULL,
-    requests BIGINT NOT NULL,
-    PRIMARY KEY (producer, model)
-);
-"""
-
-# Takes the lease when free, expired or already ours; the holder reads it back.
-LEASE = (
-    "INSERT INTO monitoring_leases (name, holder, expires_us) VALUES ({p}, {p}, {p})"
-    " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,"
-    " expires_us = excluded.expires_us"
-    " WHERE monitoring_leases.holder = excluded.holder OR monitoring_leases.expires_us < {p}"
+from modelplane.services.monitoring.store.sql import (
+    BATCH_COLUMNS,
+    WINDOW_COLUMNS,
+    SqlMonitoringStore,
+    Tx,
+    grown,
+    revision_conflict,
+    stored_batch,
 )
 
+SCHEMA = (
+    sql.SCHEMA.format(
+        seq="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+        int="BIGINT",
+        bytes="BYTEA",
+        float="DOUBLE PRECISION",
+    )
+    # Only here do replicas share the table: each replays its own (`batches_after`).
+    + "CREATE INDEX IF NOT EXISTS monitoring_batches_by_replica"
+    " ON monitoring_batches (replica, seq);\n"
+)
 
 # Any constants work: they only have to be the same for every monitoring process. The
 # producer lock is the two-int4-key form (hashtext of the producer is the second key),
@@ -143,7 +66,6 @@ _PRODUCER_LOCK_CLASS = 0x6D6F7072
 
 # The window key columns as `unnest` of arrays yields them (WindowKey's field order).
 _WINDOW_KEYS = "unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::text[], %s::text[])"
-_WINDOW_COLUMNS = "model, version, granularity_us, start_us, slice_key, slice_value"
 
 
 def _key_arrays(keys: Sequence[WindowKey]) -> list[list[Any]]:
@@ -176,15 +98,29 @@ UNION
 SELECT model FROM w WHERE model IS NOT NULL
 """
 
-_BATCH_COLUMNS = "seq, replica, model, version, payload, keys"
+
+_Row = TypeVar("_Row", LabelRow, AlertRow)
 
 
-def _stored_batch(row: tuple[Any, ...]) -> StoredBatch:
-    seq, replica, model, version, payload, keys = row
-    return StoredBatch(int(seq), replica, model, version, bytes(payload), bytes(keys))
+def _one_per_key(
+    rows: Sequence[_Row], key: Callable[[_Row], Any], later: Sequence[str]
+) -> list[_Row]:
+    """One statement cannot upsert a row twice: rows with one key are merged first, as
+    upserting them in turn would (the first row, with the `later` fields of the last).
+    In key order, so that no two transactions lock shared rows in opposite orders."""
+    merged: dict[Any, _Row] = {}
+    for row in rows:
+        first = merged.get(key(row))
+        merged[key(row)] = (
+            row if first is None else replace(first, **{f: getattr(row, f) for f in later})
+        )
+    return [merged[k] for k in sorted(merged)]
 
 
-class PostgresMonitoringStore:
+class PostgresMonitoringStore(SqlMonitoringStore):
+    # Ties in byte order, as SQLite breaks them, whatever the database's collation.
+    _ID_ORDER = 'id COLLATE "C"'
+
     def __init__(
         self,
         url: str,
@@ -192,27 +128,23 @@ class PostgresMonitoringStore:
         max_connections: int = 4,
         connect_timeout_s: float = 5.0,
     ) -> None:
-        self._pool = open_pool(url, schema, 1, max_connections, connect_timeout_s)
+        self._pool = open_pool_with_tables(
+            url, schema, max_connections, connect_timeout_s, SCHEMA, _MIGRATION_LOCK_KEY
+        )
         # See the module docstring: one replica's appends commit in sequence order.
         self._append_lock = threading.Lock()
-        try:
-            with self._transaction() as cursor:
-                # Replicas starting together create the tables once.
-                cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
-                cursor.execute(SCHEMA)
-        except BaseException:
-            self._pool.close()
-            raise
+
+    def _transaction(self) -> AbstractContextManager[psycopg.Cursor[Any]]:
+        return transaction(self._pool)
 
     @contextmanager
-    def _transaction(self) -> Iterator[psycopg.Cursor[Any]]:
-        try:
-            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cursor:
-                yield cursor
-        except PoolTimeout as exc:
-            raise Unavailable("no PostgreSQL connection available") from exc
-        except psycopg.OperationalError as exc:
-            raise Unavailable(f"PostgreSQL unavailable: {exc.sqlstate or 'connection'}") from exc
+    def _tx(self, write: bool) -> Iterator[Tx]:
+        with self._transaction() as cursor:
+            yield Tx(cursor, "%s")
+
+    def _state_filter(self, states: Sequence[int]) -> tuple[str, list[object]]:
+        # One array parameter: the statement's text is the same for any number of states.
+        return "state = ANY(?::int[])", [list(states)]
 
     # -- prediction batches
     def append_batches(self, replica: str, batches: Sequence[NewBatch]) -> list[int]:
@@ -260,47 +192,10 @@ class PostgresMonitoringStore:
             return {}
         with self._transaction() as cursor:
             rows = cursor.execute(
-                f"SELECT {_BATCH_COLUMNS} FROM monitoring_batches WHERE seq = ANY(%s::bigint[])",
+                f"SELECT {BATCH_COLUMNS} FROM monitoring_batches WHERE seq = ANY(%s::bigint[])",
                 (sorted(set(seqs)),),
             ).fetchall()
-        return {int(row[0]): _stored_batch(row) for row in rows}
-
-    def batches_after(self, replica: str, seq: int, limit: int) -> list[StoredBatch]:
-        with self._transaction() as cursor:
-            rows = cursor.execute(
-                f"SELECT {_BATCH_COLUMNS} FROM monitoring_batches"
-                " WHERE replica = %s AND seq > %s ORDER BY seq LIMIT %s",
-                (replica, seq, limit),
-            ).fetchall()
-        return [_stored_batch(row) for row in rows]
-
-    def recent_keys(self, model: str, max_keys: int) -> Iterator[tuple[int, bytes]]:
-        # A page per transaction: no connection is held while the caller consumes.
-        seen = 0
-        last: int | None = None
-        while seen < max_keys:
-            with self._transaction() as cursor:
-                if last is None:
-                    cursor.execute(
-                        "SELECT seq, keys FROM monitoring_batches WHERE model = %s"
-                        " ORDER BY seq DESC LIMIT 256",
-                        (model,),
-                    )
-                else:
-                    cursor.execute(
-                        "SELECT seq, keys FROM monitoring_batches WHERE model = %s"
-                        " AND seq < %s ORDER BY seq DESC LIMIT 256",
-                        (model, last),
-                    )
-                rows = cursor.fetchall()
-            if not rows:
-                return
-            for seq, keys in rows:
-                yield int(seq), bytes(keys)
-                seen += len(keys) // 8
-                last = int(seq)
-                if seen >= max_keys:
-                    return
+        return {int(row[0]): stored_batch(row) for row in rows}
 
     def models(self) -> list[str]:
         with self._transaction() as cursor:
@@ -315,7 +210,7 @@ class PostgresMonitoringStore:
         with self._transaction() as cursor:
             rows = cursor.execute(
                 f"SELECT k.i, w.stats FROM {_WINDOW_KEYS} WITH ORDINALITY"
-                f" AS k({_WINDOW_COLUMNS}, i)"
+                f" AS k({WINDOW_COLUMNS}, i)"
                 " JOIN monitoring_windows w ON w.model = k.model AND w.version = k.version"
                 " AND w.granularity_us = k.granularity_us AND w.start_us = k.start_us"
                 " AND w.slice_key = k.slice_key AND w.slice_value = k.slice_value"
@@ -330,11 +225,11 @@ class PostgresMonitoringStore:
         with self._transaction() as cursor:
             if keys:
                 cursor.execute(
-                    f"INSERT INTO monitoring_windows ({_WINDOW_COLUMNS}, replica, stats)"
-                    f" SELECT {_WINDOW_COLUMNS}, %s, stats"
+                    f"INSERT INTO monitoring_windows ({WINDOW_COLUMNS}, replica, stats)"
+                    f" SELECT {WINDOW_COLUMNS}, %s, stats"
                     " FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[],"
                     " %s::text[], %s::text[], %b::bytea[]) WITH ORDINALITY"
-                    f" AS w({_WINDOW_COLUMNS}, stats, i) ORDER BY i"
+                    f" AS w({WINDOW_COLUMNS}, stats, i) ORDER BY i"
                     " ON CONFLICT (model, granularity_us, slice_key, start_us, version,"
                     " slice_value, replica) DO UPDATE SET stats = excluded.stats",
                     (replica, *_key_arrays(keys), [windows[k] for k in keys]),
@@ -345,82 +240,13 @@ class PostgresMonitoringStore:
                 (replica, seq),
             )
 
-    def checkpoint(self, replica: str) -> int:
-        with self._transaction() as cursor:
-            row = cursor.execute(
-                "SELECT seq FROM monitoring_checkpoints WHERE replica = %s", (replica,)
-            ).fetchone()
-        return int(row[0]) if row else 0
-
-    def read_windows(
-        self,
-        model: str,
-        version: str,
-        granularity_us: int,
-        start_us: int,
-        end_us: int,
-        slice_key: str | None = "",
-    ) -> list[tuple[WindowKey, bytes]]:
-        query = (
-            f"SELECT {_WINDOW_COLUMNS}, stats FROM monitoring_windows"
-            " WHERE model = %s AND granularity_us = %s AND start_us >= %s AND start_us < %s"
-        )
-        params: list[object] = [model, granularity_us, start_us, end_us]
-        if slice_key is not None:
-            query += " AND slice_key = %s"
-            params.append(slice_key)
-        if version:
-            query += " AND version = %s"
-            params.append(version)
-        with self._transaction() as cursor:
-            rows = cursor.execute(query, params).fetchall()
-        return [
-            (WindowKey(m, v, int(g), int(s), sk, sv), bytes(stats))
-            for m, v, g, s, sk, sv, stats in rows
-        ]
-
-    # -- references
-    def reference(self, model: str, version: str) -> bytes | None:
-        with self._transaction() as cursor:
-            row = cursor.execute(
-                "SELECT reference FROM monitoring_references WHERE model = %s AND version = %s",
-                (model, version),
-            ).fetchone()
-        return bytes(row[0]) if row else None
-
-    def save_reference(self, model: str, version: str, reference: bytes) -> bytes:
-        with self._transaction() as cursor:
-            # Under a race the INSERT waits for the other writer's commit and does
-            # nothing; the SELECT, a statement of its own (its own snapshot in READ
-            # COMMITTED), then sees the winner's row.
-            cursor.execute(
-                "INSERT INTO monitoring_references (model, version, reference)"
-                " VALUES (%s, %s, %s) ON CONFLICT (model, version) DO NOTHING",
-                (model, version, reference),
-            )
-            row = cursor.execute(
-                "SELECT reference FROM monitoring_references WHERE model = %s AND version = %s",
-                (model, version),
-            ).fetchone()
-        assert row is not None
-        return bytes(row[0])
-
     # -- labels
     def save_labels(self, rows: Sequence[LabelRow]) -> tuple[int, int]:
         if not rows:
             return 0, 0
-        # One statement cannot upsert a row twice: a key given twice is merged first, as
-        # applying them one after the other would (the first row, the last label).
-        merged: dict[tuple[str, str, int], LabelRow] = {}
-        for row in rows:
-            key = (row.model, row.request_id, row.row_index)
-            first = merged.get(key)
-            merged[key] = (
-                row
-                if first is None
-                else replace(first, label=row.label, label_time_us=row.label_time_us)
-            )
-        unique = [merged[key] for key in sorted(merged)]  # key order: no deadlocks
+        unique = _one_per_key(
+            rows, lambda r: (r.model, r.request_id, r.row_index), ("label", "label_time_us")
+        )
         with self._transaction() as cursor:
             cursor.execute(
                 "INSERT INTO monitoring_labels (model, request_id, row_index, version,"
@@ -450,31 +276,7 @@ class PostgresMonitoringStore:
             new = sum(1 for (inserted,) in cursor.fetchall() if inserted)
         return new, len(rows) - new
 
-    def labels(self, model: str, version: str, start_us: int, end_us: int) -> list[LabelRow]:
-        query = (
-            "SELECT model, request_id, row_index, version, time_us, slices, prediction,"
-            " label, label_time_us FROM monitoring_labels WHERE model = %s"
-            " AND time_us >= %s AND time_us < %s"
-        )
-        params: list[object] = [model, start_us, end_us]
-        if version:
-            query += " AND version = %s"
-            params.append(version)
-        with self._transaction() as cursor:
-            rows = cursor.execute(query, params).fetchall()
-        return [
-            LabelRow(m, r, int(i), v, int(t), json.loads(s), p, lab, int(lt))
-            for m, r, i, v, t, s, p, lab, lt in rows
-        ]
-
     # -- configuration
-    def config(self, model: str) -> tuple[bytes, int] | None:
-        with self._transaction() as cursor:
-            row = cursor.execute(
-                "SELECT config, revision FROM monitoring_configs WHERE model = %s", (model,)
-            ).fetchone()
-        return (bytes(row[0]), int(row[1])) if row else None
-
     def save_config(self, model: str, expected_revision: int, config: bytes) -> int:
         with self._transaction() as cursor:
             # Each is one conditional statement: a concurrent writer's commit makes the
@@ -497,15 +299,7 @@ class PostgresMonitoringStore:
             current = cursor.execute(
                 "SELECT revision FROM monitoring_configs WHERE model = %s", (model,)
             ).fetchone()
-        raise Conflict(
-            f"monitor config of '{model[:64]}' is at revision {int(current[0]) if current else 0},"
-            f" not {expected_revision}: read it again and retry"
-        )
-
-    def configs(self) -> list[tuple[str, bytes]]:
-        with self._transaction() as cursor:
-            rows = cursor.execute("SELECT model, config FROM monitoring_configs").fetchall()
-        return [(m, bytes(c)) for m, c in rows]
+        raise revision_conflict(model, int(current[0]) if current else 0, expected_revision)
 
     # -- alerts
     def save_alerts(
@@ -513,18 +307,7 @@ class PostgresMonitoringStore:
     ) -> None:
         if not alerts and not cursors:
             return
-        # An id given twice is merged first, as upserting them in turn would.
-        merged: dict[str, AlertRow] = {}
-        for alert in alerts:
-            first = merged.get(alert.id)
-            merged[alert.id] = (
-                alert
-                if first is None
-                else replace(
-                    first, state=alert.state, updated_us=alert.updated_us, payload=alert.payload
-                )
-            )
-        unique = [merged[i] for i in sorted(merged)]
+        unique = _one_per_key(alerts, lambda a: a.id, ("state", "updated_us", "payload"))
         rules = sorted(cursors)
         with self._transaction() as cursor:
             if unique:
@@ -561,35 +344,6 @@ class PostgresMonitoringStore:
                         [cursors[key] for key in rules],
                     ),
                 )
-
-    def alerts(self, model: str, states: Sequence[int], limit: int) -> list[AlertRow]:
-        query = (
-            "SELECT id, model, version, rule, subject, state, updated_us, payload"
-            " FROM monitoring_alerts WHERE true"
-        )
-        params: list[object] = []
-        if model:
-            query += " AND model = %s"
-            params.append(model)
-        if states:
-            query += " AND state = ANY(%s::int[])"
-            params.append(list(states))
-        # Ties in byte order, as SQLite breaks them, whatever the database's collation.
-        query += ' ORDER BY updated_us DESC, id COLLATE "C" LIMIT %s'
-        params.append(limit)
-        with self._transaction() as cursor:
-            rows = cursor.execute(query, params).fetchall()
-        return [
-            AlertRow(i, m, v, r, s, int(st), int(u), bytes(p)) for i, m, v, r, s, st, u, p in rows
-        ]
-
-    def cursor(self, model: str, rule: str) -> int:
-        with self._transaction() as cursor:
-            row = cursor.execute(
-                "SELECT window_end_us FROM monitoring_cursors WHERE model = %s AND rule = %s",
-                (model, rule),
-            ).fetchone()
-        return int(row[0]) if row else 0
 
     # -- producers
     def producer_deltas(
@@ -637,26 +391,6 @@ class PostgresMonitoringStore:
             ),
         )
         return {model: grown(stored.get(model), totals[model]) for model in models}
-
-    # -- leases
-    def lease(self, name: str, holder: str, now_us: int, ttl_us: int) -> bool:
-        with self._transaction() as cursor:
-            cursor.execute(LEASE.format(p="%s"), (name, holder, now_us + ttl_us, now_us))
-            cursor.execute("SELECT holder FROM monitoring_leases WHERE name = %s", (name,))
-            row = cursor.fetchone()
-        return row is not None and row[0] == holder
-
-    # -- retention
-    def prune(self, before_us: int) -> int:
-        with self._transaction() as cursor:
-            cursor.execute("DELETE FROM monitoring_batches WHERE max_time_us < %s", (before_us,))
-            deleted = cursor.rowcount
-            cursor.execute(
-                "DELETE FROM monitoring_windows WHERE granularity_us = %s AND start_us < %s",
-                (MINUTE_US, before_us - MINUTE_US),
-            )
-            cursor.execute("DELETE FROM monitoring_labels WHERE time_us < %s", (before_us,))
-        return int(deleted)
 
     def close(self) -> None:
         self._pool.close()

@@ -9,121 +9,34 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from modelplane.kernel.errors import Conflict
 from modelplane.services.monitoring.store import (
-    MINUTE_US,
     AlertRow,
     LabelRow,
     NewBatch,
     StoredBatch,
     WindowKey,
+    sql,
+)
+from modelplane.services.monitoring.store.sql import (
+    BATCH_COLUMNS,
+    SqlMonitoringStore,
+    Tx,
+    grown,
+    revision_conflict,
+    stored_batch,
 )
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS monitoring_batches (
-    -- AUTOINCREMENT: a number is never reused, even after the newest batches are pruned
-    -- (checkpoints and the record-key index refer to batches by number).
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    replica TEXT NOT NULL,
-    model TEXT NOT NULL,
-    version TEXT NOT NULL,
-    min_time_us INTEGER NOT NULL,
-    max_time_us INTEGER NOT NULL,
-    rows INTEGER NOT NULL,
-    payload BLOB NOT NULL,
-    keys BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS monitoring_batches_by_model ON monitoring_batches (model, seq);
-CREATE TABLE IF NOT EXISTS monitoring_windows (
-    model TEXT NOT NULL,
-    version TEXT NOT NULL,
-    granularity_us INTEGER NOT NULL,
-    start_us INTEGER NOT NULL,
-    slice_key TEXT NOT NULL,
-    slice_value TEXT NOT NULL,
-    replica TEXT NOT NULL,
-    stats BLOB NOT NULL,
-    PRIMARY KEY (model, granularity_us, slice_key, start_us, version, slice_value, replica)
-);
-CREATE TABLE IF NOT EXISTS monitoring_checkpoints (
-    replica TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS monitoring_references (
-    model TEXT NOT NULL,
-    version TEXT NOT NULL,
-    reference BLOB NOT NULL,
-    PRIMARY KEY (model, version)
-);
-CREATE TABLE IF NOT EXISTS monitoring_labels (
-    model TEXT NOT NULL,
-    request_id TEXT NOT NULL,
-    row_index INTEGER NOT NULL,
-    version TEXT NOT NULL,
-    time_us INTEGER NOT NULL,
-    slices TEXT NOT NULL,
-    prediction REAL NOT NULL,
-    label REAL NOT NULL,
-    label_time_us INTEGER NOT NULL,
-    PRIMARY KEY (model, request_id, row_index)
-);
-CREATE INDEX IF NOT EXISTS monitoring_labels_by_time ON monitoring_labels (model, time_us);
-CREATE TABLE IF NOT EXISTS monitoring_configs (
-    model TEXT PRIMARY KEY,
-    revision INTEGER NOT NULL,
-    config BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS monitoring_alerts (
-    id TEXT PRIMARY KEY,
-    model TEXT NOT NULL,
-    version TEXT NOT NULL,
-    rule TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    state INTEGER NOT NULL,
-    updated_us INTEGER NOT NULL,
-    payload BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS monitoring_alerts_by_time ON monitoring_alerts (updated_us);
-CREATE TABLE IF NOT EXISTS monitoring_cursors (
-    model TEXT NOT NULL,
-    rule TEXT NOT NULL,
-    window_end_us INTEGER NOT NULL,
-    PRIMARY KEY (model, rule)
-);
-CREATE TABLE IF NOT EXISTS monitoring_leases (
-    name TEXT PRIMARY KEY,
-    holder TEXT NOT NULL,
-    expires_us INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS monitoring_producers (
-    producer TEXT NOT NULL,
-    model TEXT NOT NULL,
-    dropped INTEGER NOT NULL,
-    failed INTEGER NOT NULL,
-    requests INTEGER NOT NULL,
-    PRIMARY KEY (producer, model)
-);
-"""
-
-
-# Takes the lease when free, expired or already ours; the holder reads it back.
-LEASE = (
-    "INSERT INTO monitoring_leases (name, holder, expires_us) VALUES ({p}, {p}, {p})"
-    " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,"
-    " expires_us = excluded.expires_us"
-    " WHERE monitoring_leases.holder = excluded.holder OR monitoring_leases.expires_us < {p}"
+SCHEMA = sql.SCHEMA.format(
+    # AUTOINCREMENT: a number is never reused, even after the newest batches are pruned
+    # (checkpoints and the record-key index refer to batches by number).
+    seq="INTEGER PRIMARY KEY AUTOINCREMENT",
+    int="INTEGER",
+    bytes="BLOB",
+    float="REAL",
 )
 
 
-def grown(old: tuple[int, int, int] | None, new: tuple[int, int, int]) -> tuple[int, int, int]:
-    """What running totals grew by; a total below the stored one means the producer
-    restarted and counts from zero, so it counts whole."""
-    if old is None:
-        return new
-    return tuple(n - o if n >= o else n for o, n in zip(old, new, strict=True))  # type: ignore[return-value]
-
-
-class SqliteMonitoringStore:
+class SqliteMonitoringStore(SqlMonitoringStore):
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
@@ -143,6 +56,19 @@ class SqliteMonitoringStore:
         with self._lock, self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
             yield
+
+    @contextmanager
+    def _tx(self, write: bool) -> Iterator[Tx]:
+        if write:
+            with self._write():
+                yield Tx(self._conn, "?")
+        else:
+            # Each read is one statement: keeping the connection to one thread is enough.
+            with self._lock:
+                yield Tx(self._conn, "?")
+
+    def _state_filter(self, states: Sequence[int]) -> tuple[str, list[object]]:
+        return f"state IN ({','.join('?' * len(states))})", list(states)
 
     # -- prediction batches
     def append_batches(self, replica: str, batches: Sequence[NewBatch]) -> list[int]:
@@ -176,8 +102,6 @@ class SqliteMonitoringStore:
                 seqs.append(int(cursor.lastrowid or 0))
             return seqs, deltas
 
-    _BATCH_COLUMNS = "seq, replica, model, version, payload, keys"
-
     def batches(self, seqs: Sequence[int]) -> dict[int, StoredBatch]:
         found: dict[int, StoredBatch] = {}
         unique = sorted(set(seqs))
@@ -185,41 +109,12 @@ class SqliteMonitoringStore:
             for start in range(0, len(unique), 500):
                 part = unique[start : start + 500]
                 rows = self._conn.execute(
-                    f"SELECT {self._BATCH_COLUMNS} FROM monitoring_batches"
+                    f"SELECT {BATCH_COLUMNS} FROM monitoring_batches"
                     f" WHERE seq IN ({','.join('?' * len(part))})",
                     part,
                 ).fetchall()
-                found.update((row[0], StoredBatch(*row)) for row in rows)
+                found.update((row[0], stored_batch(row)) for row in rows)
         return found
-
-    def batches_after(self, replica: str, seq: int, limit: int) -> list[StoredBatch]:
-        with self._lock:
-            rows = self._conn.execute(
-                f"SELECT {self._BATCH_COLUMNS} FROM monitoring_batches"
-                " WHERE replica = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (replica, seq, limit),
-            ).fetchall()
-        return [StoredBatch(*row) for row in rows]
-
-    def recent_keys(self, model: str, max_keys: int) -> Iterator[tuple[int, bytes]]:
-        seen = 0
-        last = None
-        while seen < max_keys:
-            with self._lock:
-                query = "SELECT seq, keys FROM monitoring_batches WHERE model = ?"
-                params: list[object] = [model]
-                if last is not None:
-                    query += " AND seq < ?"
-                    params.append(last)
-                rows = self._conn.execute(query + " ORDER BY seq DESC LIMIT 256", params).fetchall()
-            if not rows:
-                return
-            for seq, keys in rows:
-                yield seq, keys
-                seen += len(keys) // 8
-                last = seq
-                if seen >= max_keys:
-                    return
 
     def models(self) -> list[str]:
         with self._lock:
@@ -272,60 +167,6 @@ class SqliteMonitoringStore:
                 (replica, seq),
             )
 
-    def checkpoint(self, replica: str) -> int:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT seq FROM monitoring_checkpoints WHERE replica = ?", (replica,)
-            ).fetchone()
-        return int(row[0]) if row else 0
-
-    def read_windows(
-        self,
-        model: str,
-        version: str,
-        granularity_us: int,
-        start_us: int,
-        end_us: int,
-        slice_key: str | None = "",
-    ) -> list[tuple[WindowKey, bytes]]:
-        query = (
-            "SELECT model, version, granularity_us, start_us, slice_key, slice_value, stats"
-            " FROM monitoring_windows WHERE model = ? AND granularity_us = ?"
-            " AND start_us >= ? AND start_us < ?"
-        )
-        params: list[object] = [model, granularity_us, start_us, end_us]
-        if slice_key is not None:
-            query += " AND slice_key = ?"
-            params.append(slice_key)
-        if version:
-            query += " AND version = ?"
-            params.append(version)
-        with self._lock:
-            rows = self._conn.execute(query, params).fetchall()
-        return [(WindowKey(*row[:6]), row[6]) for row in rows]
-
-    # -- references
-    def reference(self, model: str, version: str) -> bytes | None:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT reference FROM monitoring_references WHERE model = ? AND version = ?",
-                (model, version),
-            ).fetchone()
-        return row[0] if row else None
-
-    def save_reference(self, model: str, version: str, reference: bytes) -> bytes:
-        with self._write():
-            self._conn.execute(
-                "INSERT INTO monitoring_references (model, version, reference) VALUES (?, ?, ?)"
-                " ON CONFLICT (model, version) DO NOTHING",
-                (model, version, reference),
-            )
-            (stored,) = self._conn.execute(
-                "SELECT reference FROM monitoring_references WHERE model = ? AND version = ?",
-                (model, version),
-            ).fetchone()
-        return bytes(stored)
-
     # -- labels
     def save_labels(self, rows: Sequence[LabelRow]) -> tuple[int, int]:
         new = replaced = 0
@@ -360,31 +201,7 @@ class SqliteMonitoringStore:
                     new += 1
         return new, replaced
 
-    def labels(self, model: str, version: str, start_us: int, end_us: int) -> list[LabelRow]:
-        query = (
-            "SELECT model, request_id, row_index, version, time_us, slices, prediction, label,"
-            " label_time_us FROM monitoring_labels WHERE model = ? AND time_us >= ?"
-            " AND time_us < ?"
-        )
-        params: list[object] = [model, start_us, end_us]
-        if version:
-            query += " AND version = ?"
-            params.append(version)
-        with self._lock:
-            rows = self._conn.execute(query, params).fetchall()
-        return [
-            LabelRow(m, r, i, v, t, json.loads(s), p, lab, lt)
-            for m, r, i, v, t, s, p, lab, lt in rows
-        ]
-
     # -- configuration
-    def config(self, model: str) -> tuple[bytes, int] | None:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT config, revision FROM monitoring_configs WHERE model = ?", (model,)
-            ).fetchone()
-        return (bytes(row[0]), int(row[1])) if row else None
-
     def save_config(self, model: str, expected_revision: int, config: bytes) -> int:
         with self._write():
             row = self._conn.execute(
@@ -392,10 +209,7 @@ class SqliteMonitoringStore:
             ).fetchone()
             current = int(row[0]) if row else 0
             if current != expected_revision:
-                raise Conflict(
-                    f"monitor config of '{model[:64]}' is at revision {current},"
-                    f" not {expected_revision}: read it again and retry"
-                )
+                raise revision_conflict(model, current, expected_revision)
             self._conn.execute(
                 "INSERT INTO monitoring_configs (model, revision, config) VALUES (?, ?, ?)"
                 " ON CONFLICT (model) DO UPDATE SET revision = excluded.revision,"
@@ -403,11 +217,6 @@ class SqliteMonitoringStore:
                 (model, current + 1, config),
             )
         return current + 1
-
-    def configs(self) -> list[tuple[str, bytes]]:
-        with self._lock:
-            rows = self._conn.execute("SELECT model, config FROM monitoring_configs").fetchall()
-        return [(m, bytes(c)) for m, c in rows]
 
     # -- alerts
     def save_alerts(
@@ -429,34 +238,6 @@ class SqliteMonitoringStore:
                 " ON CONFLICT (model, rule) DO UPDATE SET window_end_us = excluded.window_end_us",
                 [(model, rule, end) for (model, rule), end in cursors.items()],
             )
-
-    def alerts(self, model: str, states: Sequence[int], limit: int) -> list[AlertRow]:
-        query = (
-            "SELECT id, model, version, rule, subject, state, updated_us, payload"
-            " FROM monitoring_alerts WHERE 1 = 1"
-        )
-        params: list[object] = []
-        if model:
-            query += " AND model = ?"
-            params.append(model)
-        if states:
-            query += f" AND state IN ({','.join('?' * len(states))})"
-            params.extend(states)
-        query += " ORDER BY updated_us DESC, id LIMIT ?"
-        params.append(limit)
-        with self._lock:
-            rows = self._conn.execute(query, params).fetchall()
-        return [
-            AlertRow(i, m, v, r, s, int(st), int(u), bytes(p)) for i, m, v, r, s, st, u, p in rows
-        ]
-
-    def cursor(self, model: str, rule: str) -> int:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT window_end_us FROM monitoring_cursors WHERE model = ? AND rule = ?",
-                (model, rule),
-            ).fetchone()
-        return int(row[0]) if row else 0
 
     # -- producers
     def producer_deltas(
@@ -485,28 +266,6 @@ class SqliteMonitoringStore:
                 (producer, model, *new),
             )
         return deltas
-
-    # -- leases
-    def lease(self, name: str, holder: str, now_us: int, ttl_us: int) -> bool:
-        with self._write():
-            self._conn.execute(LEASE.format(p="?"), (name, holder, now_us + ttl_us, now_us))
-            (current,) = self._conn.execute(
-                "SELECT holder FROM monitoring_leases WHERE name = ?", (name,)
-            ).fetchone()
-        return bool(current == holder)
-
-    # -- retention
-    def prune(self, before_us: int) -> int:
-        with self._write():
-            deleted = self._conn.execute(
-                "DELETE FROM monitoring_batches WHERE max_time_us < ?", (before_us,)
-            ).rowcount
-            self._conn.execute(
-                "DELETE FROM monitoring_windows WHERE granularity_us = ? AND start_us < ?",
-                (MINUTE_US, before_us - MINUTE_US),
-            )
-            self._conn.execute("DELETE FROM monitoring_labels WHERE time_us < ?", (before_us,))
-        return int(deleted)
 
     def close(self) -> None:
         with self._lock:
