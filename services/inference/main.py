@@ -16,6 +16,7 @@ from inference import grpc_service_pb2
 from modelplane.client.monitoring import MAX_RECORDS_PER_CALL
 from modelplane.kernel.cpu_share import process_share, thread_layout
 from modelplane.kernel.gc_tuning import SERVING_THRESHOLD
+from modelplane.kernel.load_shedding import LoopLagShedder
 from modelplane.kernel.metrics import new_registry
 from modelplane.kernel.server import AioServiceServer
 from modelplane.kernel.settings import MAX_MESSAGE_BYTES, ServiceSettings
@@ -118,6 +119,13 @@ class Settings(ServiceSettings):
     )
     instance_count: int = Field(
         1, gt=0, description="Runtime instances per model where config.pbtxt sets none."
+    )
+    shed_loop_lag_us: int = Field(
+        0,
+        ge=0,
+        description="Refuse a share of new ModelInfer calls at their headers while the "
+        "event loop runs later than this (µs; 0: never), so that overload far past "
+        "capacity is answered fast (see kernel/load_shedding.py).",
     )
     runtime_thread_nice: int = Field(
         0,
@@ -460,6 +468,12 @@ def build(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime) -> 
             *([prediction_log.aclose] if prediction_log else []),
         ],
         registry=registry,
+        shedder=(
+            LoopLagShedder(settings.shed_loop_lag_us / 1e6, registry)
+            if settings.shed_loop_lag_us
+            else None
+        ),
+        shed_methods=(f"/{SERVICE_NAME}/ModelInfer",),
     )
 
 

@@ -30,7 +30,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -49,6 +49,7 @@ from modelplane.kernel.interceptors import (
     WrappedHandlers,
     rewrap,
 )
+from modelplane.kernel.load_shedding import AioLoadShedInterceptor, LoopLagShedder
 from modelplane.kernel.logs import configure_logging
 from modelplane.kernel.metrics import MetricsServer, new_registry
 from modelplane.kernel.settings import ServiceSettings
@@ -465,10 +466,16 @@ class AioServiceServer(_ServiceServerBase):
         registry: CollectorRegistry | None = None,
         on_role_denied: RoleDenied | None = None,
         handler_threads: int = 0,
+        shedder: LoopLagShedder | None = None,
+        shed_methods: Collection[str] = (),
     ) -> None:
         """`handler_threads`: threads that run synchronous unary handlers (see
-        AioThreadedHandlers); 0 when every handler is a coroutine."""
+        AioThreadedHandlers); 0 when every handler is a coroutine. `shedder`: refuses a
+        share of new calls to `shed_methods` while the event loop falls behind
+        (load_shedding.py)."""
         super().__init__(settings, name, service_names, registry)
+        self._shedder = shedder
+        self._shed_methods = shed_methods
         self._add_servicers = add_servicers
         self._on_stop = list(on_stop)
         self._on_role_denied = on_role_denied
@@ -488,6 +495,9 @@ class AioServiceServer(_ServiceServerBase):
         interceptors.extend(
             aio_auth_interceptors(self.settings, self.registry, self._on_role_denied)
         )
+        if self._shedder is not None:
+            # First after authentication: a refused call must cost as little as can be.
+            interceptors.append(AioLoadShedInterceptor(self._shedder, self._shed_methods))
         # After authentication, which refuses a caller at its headers, before its body.
         interceptors.append(self._bounds)
         interceptors.append(AioDrainInterceptor(self._drain))
@@ -506,6 +516,8 @@ class AioServiceServer(_ServiceServerBase):
         self._bind(server)
         await server.start()
         self._server = server
+        if self._shedder is not None:
+            self._shedder.start()
         for service in ["", *self.service_names]:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._start_metrics()
@@ -523,6 +535,8 @@ class AioServiceServer(_ServiceServerBase):
         await self.health.enter_graceful_shutdown()
         await self._drain.wait_idle_async(grace)
         await self._server.stop(max(0.0, grace - (time.monotonic() - started)))
+        if self._shedder is not None:
+            await self._shedder.stop()
         if self._threads is not None:
             self._threads.stop()
         for hook in self._on_stop:

@@ -2,7 +2,7 @@
 ahead of it is refused at once with UNAVAILABLE and a `grpc-retry-pushback-ms` trailer,
 and counted by reason; a request without a deadline still waits its turn.
 
-The instance is held busy by the gate and the model's service rate is set by hand, so the
+The instance is held busy by the gate and the model's batch times are set by hand, so the
 work ahead is known exactly (no sleeps, no timing assertions)."""
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import grpc
 import numpy as np
 import pytest
 
-from modelplane.services.inference.batcher import ServiceRate
+from inference import grpc_service_pb2 as pb
 from tests.integration.inference.conftest import WAIT, Gate, fp32_request, output, serving
 from tests.integration.inference.test_batching_service import hold_instance
 from tests.support import wait_until
+from tests.unit.inference.test_admission import KnownLine
 
 
 def test_a_deadline_shorter_than_the_work_ahead_is_rejected_at_once(repository):
@@ -25,8 +26,7 @@ def test_a_deadline_shorter_than_the_work_ahead_is_rejected_at_once(repository):
     with serving(repository, gate) as (server, stub):
         batcher = server.repository.get("light").batcher
         first = hold_instance(server, stub, gate, "light", fp32_request("light", x))
-        batcher.rate = ServiceRate()
-        batcher.rate.add(1, 1_000_000_000)  # one row a second
+        batcher.rate = KnownLine(0.0, 1.0)  # one row a second
         # Only the deadline here (the queue-wait bound has unit tests of its own).
         batcher.policy = dataclasses.replace(batcher.policy, max_queue_wait_s=0.0)
         queued = [stub.ModelInfer.future(fp32_request("light", x), timeout=WAIT) for _ in range(4)]
@@ -55,3 +55,28 @@ def test_a_deadline_shorter_than_the_work_ahead_is_rejected_at_once(repository):
             )
 
         assert (count("deadline"), count("queue_full")) == (1, 0)
+
+
+def test_a_shed_call_is_refused_at_its_headers_and_other_methods_go_on(repository):
+    """With shedding on and the shedder refusing, ModelInfer answers UNAVAILABLE with a
+    retry hint before its body is read (an unparseable body is not even noticed), and
+    counted; other methods are never shed; once the shedder admits, calls are served."""
+    x = np.zeros((1, 64), np.float32)
+    with serving(repository, shed_loop_lag_us=1_000) as (server, stub):
+        shedder = server._shedder
+        assert shedder is not None
+        shedder.admit = lambda: False  # type: ignore[method-assign]
+        channel = grpc.insecure_channel(server.address)
+        raw = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for body in (fp32_request("light", x).SerializeToString(), b"\xff\x00 not protobuf"):
+            with pytest.raises(grpc.RpcError) as shed:
+                raw(body, timeout=WAIT)
+            assert shed.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "overloaded" in shed.value.details()
+            assert dict(shed.value.trailing_metadata())["grpc-retry-pushback-ms"] == "50"
+        assert stub.ServerLive(pb.ServerLiveRequest(), timeout=WAIT).live
+        assert stub.ModelReady(pb.ModelReadyRequest(name="light"), timeout=WAIT).ready
+
+        del shedder.admit  # the real one: the idle loop keeps up, so all are let through
+        assert output(stub.ModelInfer(fp32_request("light", x), timeout=WAIT)).shape == (1, 8)
+        channel.close()

@@ -1,9 +1,9 @@
 """Admission control in the batcher: a request is refused at once when the queue has no
 room for its rows, when the work ahead of it would take longer than the queue-wait bound,
-or could not be done before its deadline, at the rate recent batches ran at; every
+or could not be done before its deadline, in batches as long as recent ones of their size; every
 refusal carries a retry hint and is counted by reason.
 
-The service rate is set by hand (`ServiceRate.add`) where a test needs a known one, and
+Batch times are set by hand (`KnownLine`) where a test needs known ones, and
 a gated runner holds the only instance busy, so what is ahead of a request is known
 exactly: no sleeps, no timing assertions (deadlines are seconds away from the estimate).
 """
@@ -34,41 +34,86 @@ from tests.unit.inference.test_batcher import GatedRunner, request, settle, star
 SECOND_NS = 1_000_000_000
 
 
-def test_the_rate_is_rows_over_instance_time_of_recent_batches():
+def test_a_batch_s_time_is_a_line_in_its_rows_fitted_to_recent_batches():
     rate = ServiceRate()
-    assert rate.rows_per_s is None
-    rate.add(64, 32_000_000)  # 64 rows in 32 ms
-    assert rate.rows_per_s == pytest.approx(2000)
+    assert rate.batch_time(1) is None and rate.drain_s(10, 64, 1) is None
+    rate.add(1, 2_000_000)  # 1 row in 2 ms
+    rate.add(64, 65_000_000)  # 64 rows in 65 ms: 1 ms a batch and 1 ms a row
     rate.add(0, 5_000_000)  # nothing ran: no sample
-    assert rate.rows_per_s == pytest.approx(2000)
-    for _ in range(30):  # the batches got twice as slow; the past fades
-        rate.add(64, 64_000_000)
-    assert rate.rows_per_s == pytest.approx(1000, rel=0.01)
+    assert rate.batch_time(16) == pytest.approx(0.017)
+    # 130 rows: two full batches and one of 2 rows, on one instance and on two.
+    assert rate.drain_s(130, 64, 1) == pytest.approx(2 * 0.065 + 0.003)
+    assert rate.drain_s(130, 64, 2) == pytest.approx((2 * 0.065 + 0.003) / 2)
+    for _ in range(60):  # the batches got twice as slow; the past fades
+        rate.add(1, 4_000_000)
+        rate.add(64, 130_000_000)
+    assert rate.batch_time(16) == pytest.approx(0.034, rel=0.01)
 
 
-async def test_finished_batches_set_the_rate_of_all_instances():
+def test_batches_of_one_size_make_any_batch_take_as_long():
+    """The case a rows-per-second rate got wrong: after 1-row batches of 8 ms, 16 queued
+    rows are one batch, not 16 x 8 ms (which refused them under a 100 ms bound, kept the
+    batches small and the estimate wrong)."""
+    rate = ServiceRate()
+    for _ in range(5):
+        rate.add(1, 8_000_000)
+    assert rate.batch_time(16) == pytest.approx(0.008)
+    assert rate.drain_s(16, 64, 1) == pytest.approx(0.008)
+    assert rate.drain_s(130, 64, 1) == pytest.approx(3 * 0.008)
+
+
+def test_a_line_through_noise_never_gives_a_batch_less_than_nothing():
+    rate = ServiceRate()
+    rate.add(10, 1_000_000)
+    rate.add(60, 60_000_000)  # fitted: -11 ms a batch; taken as proportional instead
+    assert rate.batch_time(1) is not None and rate.batch_time(1) > 0
+    rate = ServiceRate()
+    rate.add(10, 50_000_000)
+    rate.add(60, 40_000_000)  # larger batches faster: no per-row cost, no negative one
+    assert rate.batch_time(1) == pytest.approx(rate.batch_time(64))
+
+
+async def test_finished_batches_set_the_time_of_all_instances():
     runners = [GatedRunner(), GatedRunner()]
     for runner in runners:
         runner.open()
     batcher = DynamicBatcher("m", runners, BatchingPolicy())
-    assert batcher.rows_per_s is None
+    assert batcher.drain_s(10) is None
     pending = request(1.0, 2.0)
     batcher.submit(pending)
     await settle(pending)
-    measured = batcher.rate.rows_per_s
-    assert measured is not None and measured > 0
-    assert batcher.rows_per_s == pytest.approx(2 * measured)
+    one = batcher.rate.batch_time(64)
+    assert one is not None and one > 0
+    assert batcher.drain_s(128) == pytest.approx(2 * one / 2)  # two batches, two instances
     await batcher.close()
 
 
-async def busy_with_known_rate(
-    rows_per_s: float, queued: int, max_queue_wait_s: float = 0.0
+class KnownLine(ServiceRate):
+    """A service whose batches take exactly `fixed_s + per_row_s x rows`."""
+
+    def __init__(self, fixed_s: float, per_row_s: float) -> None:
+        super().__init__()
+        self.fixed_s, self.per_row_s = fixed_s, per_row_s
+
+    @property
+    def batch_s(self) -> float | None:
+        return self.fixed_s + self.per_row_s
+
+    def batch_time(self, rows: int) -> float | None:
+        return self.fixed_s + self.per_row_s * rows
+
+    def add(self, rows: int, ns: int) -> None:
+        pass  # the test's line holds, whatever runs
+
+
+async def busy_with_known_line(
+    fixed_s: float, per_row_s: float, queued: int, max_queue_wait_s: float = 0.0
 ) -> tuple[DynamicBatcher, GatedRunner, list[PendingRequest]]:
-    """One instance blocked in a 1-row batch, `queued` rows waiting, a known rate (one
-    batch of `rows_per_s` rows in a second); no queue-wait bound unless asked."""
+    """One instance blocked in a 1-row batch, `queued` rows waiting, batches of a known
+    time; no queue-wait bound unless asked."""
     policy = BatchingPolicy(max_queue_rows=64, max_queue_wait_s=max_queue_wait_s)
     batcher, runner, first = await start_busy(policy)
-    batcher.rate.add(int(rows_per_s), SECOND_NS)
+    batcher.rate = KnownLine(fixed_s, per_row_s)
     waiting = [request(float(i)) for i in range(queued)]
     for pending in waiting:
         batcher.submit(pending)
@@ -76,16 +121,17 @@ async def busy_with_known_rate(
 
 
 async def test_a_request_whose_deadline_comes_before_the_work_ahead_is_rejected():
-    # 1 row running and 5 queued at 10 rows/s: 0.6 s ahead, 0.7 s with its own row.
-    batcher, runner, admitted = await busy_with_known_rate(10, queued=5)
+    # 1 row running and 5 queued, batches of 0.1 s + 0.1 s a row: 0.7 s ahead (one batch
+    # of 6 rows), 0.8 s with its own row.
+    batcher, runner, admitted = await busy_with_known_line(0.1, 0.1, queued=5)
     hurried = request(9.0, deadline=time.monotonic() + 0.2)
     with pytest.raises(Rejected) as rejected:
         batcher.submit(hurried)
     assert isinstance(rejected.value, Overloaded)  # UNAVAILABLE to the caller
     assert rejected.value.reason == "deadline"
-    assert rejected.value.retry_after_ms == 601  # the 6 rows ahead, rounded up
-    assert trailers_for(rejected.value) == (("grpc-retry-pushback-ms", "601"),)
-    assert "retry after 601 ms" in rejected.value.message
+    assert rejected.value.retry_after_ms == 701  # the 6 rows ahead, rounded up
+    assert trailers_for(rejected.value) == (("grpc-retry-pushback-ms", "701"),)
+    assert "retry after 701 ms" in rejected.value.message
     assert hurried.future is None and batcher.queued_rows == 5  # never queued
 
     patient = request(9.0, deadline=time.monotonic() + 60)
@@ -96,7 +142,7 @@ async def test_a_request_whose_deadline_comes_before_the_work_ahead_is_rejected(
 
 
 async def test_a_request_without_a_deadline_is_refused_only_by_a_full_queue():
-    batcher, runner, admitted = await busy_with_known_rate(1, queued=60)  # a minute ahead
+    batcher, runner, admitted = await busy_with_known_line(1.0, 1.0, queued=60)  # a minute
     unhurried = request(1.0, 2.0, 3.0, 4.0)
     batcher.submit(unhurried)  # no deadline: it waits as long as it takes
     assert batcher.queued_rows == 64
@@ -112,7 +158,7 @@ async def test_a_request_without_a_deadline_is_refused_only_by_a_full_queue():
 
 async def test_before_any_batch_finished_only_the_queue_bound_applies():
     batcher, runner, _first = await start_busy(BatchingPolicy(max_queue_rows=2))
-    assert batcher.rows_per_s is None
+    assert batcher.drain_s(1) is None
     hurried = request(1.0, deadline=time.monotonic() + 0.001)
     batcher.submit(hurried)  # no rate known: nothing to compare the deadline with
     batcher.submit(request(2.0))
@@ -125,31 +171,50 @@ async def test_before_any_batch_finished_only_the_queue_bound_applies():
 
 
 async def test_a_request_behind_more_than_the_queue_wait_bound_is_rejected():
-    # A slow model: one 40-row batch a second (40 rows/s). The bound asked is 0.2 s, but
-    # never below two batches' time: 2 s, that is 80 rows ahead.
+    # Batches of 10 ms + 1 ms a row (64 rows: 74 ms), bound 0.2 s: 2 full batches and one
+    # of 31 rows ahead is 0.189 s, admitted; 2 full batches and one of 41 rows, 0.199 s;
+    # one more request of 2 rows makes it 0.201 s.
     policy = BatchingPolicy(max_queue_rows=1024, max_queue_wait_s=0.2)
     batcher, runner, first = await start_busy(policy)
-    batcher.rate.add(40, SECOND_NS)
-    assert batcher.rate.batch_s == pytest.approx(1.0)
-    admitted = [request(1.0, 2.0) for _ in range(40)]  # 1 + 78 rows ahead of the last
+    batcher.rate = KnownLine(0.010, 0.001)
+    admitted = [request(1.0) for _ in range(64 + 64 + 40)]  # 1 + 168 rows ahead
     for pending in admitted:
         batcher.submit(pending)
-    with pytest.raises(Rejected) as long_wait:  # 81 rows ahead: 2.025 s
-        batcher.submit(request(1.0))
+    with pytest.raises(Rejected) as long_wait:
+        batcher.submit(request(1.0, 2.0))  # 169 ahead: 0.148 + 0.051 = 0.199 s
+        batcher.submit(request(1.0))  # 171 ahead: 0.148 + 0.053 = 0.201 s
     assert long_wait.value.reason == "queue_wait"
     assert "Queue too long" in long_wait.value.message
-    assert long_wait.value.retry_after_ms == 2026
+    assert long_wait.value.retry_after_ms == 202
+    assert batcher.queued_rows == 168 + 2
     runner.open()
     await settle(first, *admitted)
     await batcher.close()
 
 
-async def test_the_queue_wait_bound_keeps_to_the_recent_rate():
-    # Fast batches (100 rows in 10 ms: 10,000 rows/s), bound 0.1 s: 1,000 rows ahead would
-    # be refused; 63 rows ahead (6 ms) are not.
+async def test_a_slow_models_next_batch_is_never_refused_by_a_short_bound():
+    # Batches of 1 s + 10 ms a row (a recent batch: 1.01 s), bound 0.2 s: never below two
+    # batches' time, 2.02 s, so a full batch queued behind the running one is admitted.
+    policy = BatchingPolicy(max_queue_rows=1024, max_queue_wait_s=0.2)
+    batcher, runner, first = await start_busy(policy)
+    batcher.rate = KnownLine(1.0, 0.010)
+    admitted = [request(1.0) for _ in range(63)]  # 64 rows ahead of the last: 1.64 s
+    for pending in admitted:
+        batcher.submit(pending)
+    with pytest.raises(Rejected) as long_wait:  # 64 + 1 ahead: 1.64 + 1.01 = 2.65 s
+        batcher.submit(request(1.0))
+        batcher.submit(request(1.0))
+    assert long_wait.value.reason == "queue_wait"
+    runner.open()
+    await settle(first, *admitted)
+    await batcher.close()
+
+
+async def test_the_queue_wait_bound_keeps_to_the_recent_batches():
+    # Fast batches (1 ms + 0.1 ms a row), bound 0.1 s: a full queue is a few ms of work.
     policy = BatchingPolicy(max_queue_rows=64, max_queue_wait_s=0.1)
     batcher, runner, first = await start_busy(policy)
-    batcher.rate.add(100, SECOND_NS // 100)
+    batcher.rate = KnownLine(0.001, 0.0001)
     waiting = [request(float(i)) for i in range(63)]
     for pending in waiting:
         batcher.submit(pending)

@@ -19,8 +19,10 @@ class ChaosConfig:
     """MODELPLANE_CHAOS_SCENARIOS: which to run, comma-separated."""
     services: tuple[str, ...] = SERVICES
     """MODELPLANE_CHAOS_SERVICES: services the per-service scenarios cover."""
-    capacity_concurrency: int = 16
-    """Closed-loop callers that measure the inference service's capacity."""
+    capacity_concurrency: int = 64
+    """Closed-loop callers that measure the inference service's capacity: as many as a
+    full batch (the default max_batch_size), so that capacity is the most it serves (at 16
+    the overload MLP served 525 requests a second, 5x "that" only ~4x what it can)."""
     capacity_s: float = 4.0
     overload_factor: float = 5.0
     """The open-loop arrival rate, in multiples of the measured capacity (one run)."""
@@ -28,10 +30,11 @@ class ChaosConfig:
     """The overload runs, each its own row: 2x, within what one CPU can receive and refuse,
     and the issue's 5x, beyond it."""
     overload_s: float = 10.0
-    overload_layers: str = "512,4096,4096,16"
-    """The MLP served in the overload: 3.6x the heavy demo's work per row, so its capacity
-    is low enough for the harness, on the CPU the service does not use, to offer 5x it (a
-    Python sender offers ~3,500 calls/s; the heavy demo's capacity is ~1,500)."""
+    overload_layers: str = "512,8192,8192,16"
+    """The MLP served in the overload: 13x the heavy demo's work per row (a 285 MB model
+    made at the start), so its capacity (~1,000 requests a second on one CPU) is low
+    enough for the harness, on the CPU the service does not use, to offer 5x it without
+    falling behind (one Python sender offers ~5,000-8,000 calls/s)."""
     pin: int = 1
     """1: in the overload, the inference service runs on the last CPU and the harness on
     the others, so the load generator does not take the CPU the service is measured on."""
@@ -43,6 +46,9 @@ class ChaosConfig:
     """The inference service's queue-wait bound in the overload
     (MODELPLANE_INFERENCE_MAX_QUEUE_WAIT_US), as an operator who wants accepted calls to
     keep their latency sets it; 0: the service's default (off)."""
+    shed_lag_us: int = 1000
+    """The inference service's shed_loop_lag_us in the overload (default 0: off): new calls
+    are refused at their headers, in a share, while the event loop runs later than this."""
     runtime_nice: int = 10
     """The inference service's runtime_thread_nice in the overload (default 0), as for a
     service on a CPU of its own: the event loop answers calls before the model computes,

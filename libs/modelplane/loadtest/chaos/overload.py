@@ -72,6 +72,7 @@ async def run_overload(root: Path, config: ChaosConfig) -> ScenarioRow:
     env = {
         "MODELPLANE_INFERENCE_MAX_QUEUE_WAIT_US": str(config.queue_wait_ms * 1000),
         "MODELPLANE_INFERENCE_RUNTIME_THREAD_NICE": str(config.runtime_nice),
+        "MODELPLANE_INFERENCE_SHED_LOOP_LAG_US": str(config.shed_lag_us),
     }
     layers = tuple(int(width) for width in config.overload_layers.split(","))
     if layers[0] != HEAVY_MLP[0]:
@@ -189,7 +190,8 @@ async def _drive(
         f"offered {config.overload_factor:g}x = {rate:.0f} req/s for {config.overload_s:g} s "
         f"from {config.overload_senders} processes "
         f"(deadline {config.deadline_s:g} s; the service's queue-wait bound "
-        f"{config.queue_wait_ms} ms, runtime threads at nice {config.runtime_nice}); "
+        f"{config.queue_wait_ms} ms, load shedding past {config.shed_lag_us} µs of loop lag, "
+        f"runtime threads at nice {config.runtime_nice}); "
         f"sent {run.sent} = "
         f"{run.sent / config.overload_s:.0f} req/s, sender at most "
         f"{run.max_lag_s * 1e3:.0f} ms behind schedule"
