@@ -23,7 +23,10 @@ from modelplane.kernel.settings import MAX_MESSAGE_BYTES, ServiceSettings
 from modelplane.kernel.startup import StartupError
 from modelplane.kernel.telemetry import tracer_provider
 from modelplane.services.inference import wire
-from modelplane.services.inference.batcher import DEFAULT_MAX_QUEUE_WAIT_S
+from modelplane.services.inference.batcher import (
+    DEFAULT_MAX_QUEUE_DELAY_US,
+    DEFAULT_MAX_QUEUE_WAIT_S,
+)
 from modelplane.services.inference.codec import InputLimits
 from modelplane.services.inference.enrichment import EnrichmentMetrics, FeatureSource
 from modelplane.services.inference.model_config import Defaults
@@ -104,7 +107,7 @@ class Settings(ServiceSettings):
         64, ge=0, description="max_batch_size of models without a config.pbtxt."
     )
     max_queue_delay_us: int = Field(
-        0,
+        DEFAULT_MAX_QUEUE_DELAY_US,
         ge=0,
         description="Batching delay under load for models without a config.pbtxt (µs).",
     )

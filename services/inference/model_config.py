@@ -15,7 +15,11 @@ from google.protobuf import text_format
 
 from inference import model_config_pb2 as mc
 from modelplane.kernel.errors import InvalidArgument
-from modelplane.services.inference.batcher import DEFAULT_MAX_QUEUE_WAIT_S, BatchingPolicy
+from modelplane.services.inference.batcher import (
+    DEFAULT_MAX_QUEUE_DELAY_US,
+    DEFAULT_MAX_QUEUE_WAIT_S,
+    BatchingPolicy,
+)
 
 CONFIG_FILE = "config.pbtxt"
 DEFAULT_MODEL_FILE = "model.onnx"
@@ -26,7 +30,7 @@ class Defaults:
     """Server-wide defaults for what a model's configuration leaves unset."""
 
     max_batch_size: int = 64
-    max_queue_delay_us: int = 0
+    max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US
     max_queue_rows: int = 1024
     max_queue_wait_us: int = int(DEFAULT_MAX_QUEUE_WAIT_S * 1e6)
     instance_count: int = 1

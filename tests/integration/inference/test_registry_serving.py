@@ -299,8 +299,9 @@ Promote = Callable[[int], None]
 
 def failing_model() -> onnx.ModelProto:
     """Same signature as the MLPs; runs on all-zero rows (so it passes the warm-up) and
-    fails in the runtime on any other input: each row is reshaped to 3 columns (64 is
-    not a multiple of 3) unless every value is 0, when it is reshaped to 1."""
+    fails in the runtime on any other input, in a batch of any size: each row's 64 values
+    are reshaped to 3 groups (64 is not a multiple of 3) unless every value is 0, when
+    they are reshaped to 1."""
     from onnx import TensorProto, helper
 
     from modelplane.examples.models import IR_VERSION, OPSET
@@ -316,9 +317,10 @@ def failing_model() -> onnx.ModelProto:
         helper.make_node("Mul", ["zero_i", "two"], ["twice"]),
         helper.make_node("Sub", ["three", "twice"], ["width"]),
         helper.make_node("Reshape", ["width", "one"], ["width1"]),
-        helper.make_node("Concat", ["minus_one", "width1"], ["shape"], axis=0),
-        helper.make_node("Reshape", ["input", "shape"], ["rows"]),
-        helper.make_node("ReduceSum", ["rows", "axis1"], ["output"], keepdims=1),
+        # [rows, width, -1]: the batch dimension kept (0), so no batch size makes it fit.
+        helper.make_node("Concat", ["keep", "width1", "minus_one"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["input", "shape"], ["groups"]),
+        helper.make_node("ReduceSum", ["groups", "axis2"], ["output"], keepdims=0),
     ]
     initializers = [
         helper.make_tensor("zero_f", TensorProto.FLOAT, [], [0.0]),
@@ -326,7 +328,8 @@ def failing_model() -> onnx.ModelProto:
         const("three", [3]),
         const("one", [1]),
         const("minus_one", [-1]),
-        const("axis1", [1]),
+        const("keep", [0]),
+        const("axis2", [2]),
     ]
     graph = helper.make_graph(
         nodes,
