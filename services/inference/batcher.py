@@ -81,9 +81,9 @@ def running_batch() -> Sequence[PendingRequest]:
 
 DEFAULT_MAX_QUEUE_DELAY_US = 2_000
 """The batching delay under load of a model whose config.pbtxt sets none (Triton's default
-is none at all). Without it, at 64 closed-loop callers the heavy demo MLP settled at start
-into batches of 6-9 rows or of 21-26, and stayed there: throughput and CPU per request
-swung 1.2-1.4x from one start to the next (issue 19). A short batch that may wait for
+is none at all). Without it, at 64 closed-loop callers the heavy demo MLP settled at each
+start on a mean batch anywhere from 6 to 26 rows, and stayed there: throughput and CPU per
+request swung 1.1-1.4x from one start to the next (issue 19). A short batch that may wait for
 callers already on their way (the hold ends as soon as every caller is waiting on it)
 forms batches of ~20-26 rows in every start: CPU per request within 1.03-1.07x, p99 a few
 ms lower, measured over 4 starts each, in alternation."""
