@@ -171,9 +171,8 @@ async def test_before_any_batch_finished_only_the_queue_bound_applies():
 
 
 async def test_a_request_behind_more_than_the_queue_wait_bound_is_rejected():
-    # Batches of 10 ms + 1 ms a row (64 rows: 74 ms), bound 0.2 s: 2 full batches and one
-    # of 31 rows ahead is 0.189 s, admitted; 2 full batches and one of 41 rows, 0.199 s;
-    # one more request of 2 rows makes it 0.201 s.
+    # Batches of 10 ms + 1 ms a row (64 rows: 74 ms), bound 0.2 s: 169 rows ahead are 2
+    # full batches and one of 41 rows, 0.199 s, admitted; 171 rows, 0.201 s, refused.
     policy = BatchingPolicy(max_queue_rows=1024, max_queue_wait_s=0.2)
     batcher, runner, first = await start_busy(policy)
     batcher.rate = KnownLine(0.010, 0.001)
