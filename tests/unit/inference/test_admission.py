@@ -107,11 +107,15 @@ class KnownLine(ServiceRate):
 
 
 async def busy_with_known_line(
-    fixed_s: float, per_row_s: float, queued: int, max_queue_wait_s: float = 0.0
+    fixed_s: float,
+    per_row_s: float,
+    queued: int,
+    max_queue_wait_s: float = 0.0,
+    max_queue_rows: int = 64,
 ) -> tuple[DynamicBatcher, GatedRunner, list[PendingRequest]]:
     """One instance blocked in a 1-row batch, `queued` rows waiting, batches of a known
     time; no queue-wait bound unless asked."""
-    policy = BatchingPolicy(max_queue_rows=64, max_queue_wait_s=max_queue_wait_s)
+    policy = BatchingPolicy(max_queue_rows=max_queue_rows, max_queue_wait_s=max_queue_wait_s)
     batcher, runner, first = await start_busy(policy)
     batcher.rate = KnownLine(fixed_s, per_row_s)
     waiting = [request(float(i)) for i in range(queued)]
@@ -173,52 +177,45 @@ async def test_before_any_batch_finished_only_the_queue_bound_applies():
 async def test_a_request_behind_more_than_the_queue_wait_bound_is_rejected():
     # Batches of 10 ms + 1 ms a row (64 rows: 74 ms), bound 0.2 s: 169 rows ahead are 2
     # full batches and one of 41 rows, 0.199 s, admitted; 171 rows, 0.201 s, refused.
-    policy = BatchingPolicy(max_queue_rows=1024, max_queue_wait_s=0.2)
-    batcher, runner, first = await start_busy(policy)
-    batcher.rate = KnownLine(0.010, 0.001)
-    admitted = [request(1.0) for _ in range(64 + 64 + 40)]  # 1 + 168 rows ahead
-    for pending in admitted:
-        batcher.submit(pending)
+    batcher, runner, admitted = await busy_with_known_line(
+        0.010, 0.001, queued=168, max_queue_wait_s=0.2, max_queue_rows=1024
+    )
+    last_in = request(1.0, 2.0)
+    batcher.submit(last_in)  # 169 ahead: 0.148 + 0.051 = 0.199 s
     with pytest.raises(Rejected) as long_wait:
-        batcher.submit(request(1.0, 2.0))  # 169 ahead: 0.148 + 0.051 = 0.199 s
         batcher.submit(request(1.0))  # 171 ahead: 0.148 + 0.053 = 0.201 s
     assert long_wait.value.reason == "queue_wait"
     assert "Queue too long" in long_wait.value.message
     assert long_wait.value.retry_after_ms == 202
     assert batcher.queued_rows == 168 + 2
     runner.open()
-    await settle(first, *admitted)
+    await settle(*admitted, last_in)
     await batcher.close()
 
 
 async def test_a_slow_models_next_batch_is_never_refused_by_a_short_bound():
     # Batches of 1 s + 10 ms a row (a recent batch: 1.01 s), bound 0.2 s: never below two
     # batches' time, 2.02 s, so a full batch queued behind the running one is admitted.
-    policy = BatchingPolicy(max_queue_rows=1024, max_queue_wait_s=0.2)
-    batcher, runner, first = await start_busy(policy)
-    batcher.rate = KnownLine(1.0, 0.010)
-    admitted = [request(1.0) for _ in range(63)]  # 64 rows ahead of the last: 1.64 s
-    for pending in admitted:
-        batcher.submit(pending)
-    with pytest.raises(Rejected) as long_wait:  # 64 + 1 ahead: 1.64 + 1.01 = 2.65 s
-        batcher.submit(request(1.0))
-        batcher.submit(request(1.0))
+    batcher, runner, admitted = await busy_with_known_line(
+        1.0, 0.010, queued=63, max_queue_wait_s=0.2, max_queue_rows=1024
+    )
+    full_batch_behind = request(1.0)
+    batcher.submit(full_batch_behind)  # 64 rows ahead, one batch: 1.64 s
+    with pytest.raises(Rejected) as long_wait:
+        batcher.submit(request(1.0))  # 65 ahead: 1.64 + 1.01 = 2.65 s
     assert long_wait.value.reason == "queue_wait"
     runner.open()
-    await settle(first, *admitted)
+    await settle(*admitted, full_batch_behind)
     await batcher.close()
 
 
 async def test_the_queue_wait_bound_keeps_to_the_recent_batches():
     # Fast batches (1 ms + 0.1 ms a row), bound 0.1 s: a full queue is a few ms of work.
-    policy = BatchingPolicy(max_queue_rows=64, max_queue_wait_s=0.1)
-    batcher, runner, first = await start_busy(policy)
-    batcher.rate = KnownLine(0.001, 0.0001)
-    waiting = [request(float(i)) for i in range(63)]
-    for pending in waiting:
-        batcher.submit(pending)
+    batcher, runner, admitted = await busy_with_known_line(
+        0.001, 0.0001, queued=63, max_queue_wait_s=0.1
+    )
     runner.open()
-    await settle(first, *waiting)
+    await settle(*admitted)
     await batcher.close()
 
 
