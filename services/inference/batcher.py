@@ -79,14 +79,17 @@ def running_batch() -> Sequence[PendingRequest]:
     return getattr(_running, "batch", ())
 
 
-DEFAULT_MAX_QUEUE_DELAY_US = 2_000
-"""The batching delay under load of a model whose config.pbtxt sets none (Triton's default
-is none at all). Without it, at 64 closed-loop callers the heavy demo MLP settled at each
-start on a mean batch anywhere from 6 to 26 rows, and stayed there: throughput and CPU per
-request swung 1.1-1.4x from one start to the next (issue 19). A short batch that may wait for
-callers already on their way (the hold ends as soon as every caller is waiting on it)
-forms batches of ~20-26 rows in every start: CPU per request within 1.03-1.07x, p99 a few
-ms lower, measured over 4 starts each, in alternation."""
+DEFAULT_MAX_QUEUE_DELAY_US = 0
+"""The batching delay under load of a model whose config.pbtxt sets none: none, as in
+Triton. A delay steadies closed-loop throughput: without it, at 64 closed-loop callers the
+heavy demo MLP settled at each start on a mean batch anywhere from 6 to 26 rows and stayed
+there, so throughput and CPU per request swung 1.1-1.4x from one start to the next (issue
+19); with 2 ms, batches of ~20-26 rows in every start and CPU per request within
+1.03-1.10x. But independent (open-loop) callers pay for it: at 1,500 requests a second
+the heavy MLP's p50 went from ~1.7 ms to ~3.2 ms, since a short batch then waits out the
+delay. Gating the hold on the instances being busy (>= 70% or 85% of their time) cost
+open-loop latency less but brought the small batches back at c=64. So it stays opt-in
+(`--max-queue-delay-us`), for closed-loop or batch-heavy callers; see the README."""
 DEFAULT_MAX_QUEUE_WAIT_S = 0.0
 """Off by default, as Triton's queue timeout is. Set (e.g. 0.1 s), the queue is kept short
 in time, not only in rows: 1,024 queued rows of the heavy demo MLP are ~0.7 s of work, so
