@@ -18,7 +18,7 @@ refused at random, so every client sees the same share, with UNAVAILABLE and a r
 hint (the clients we ship retry idempotent calls after it, within their deadline).
 
 What it cannot see are the calls still inside core: it measures how busy the loop is,
-not core's queue. Measured (`make chaos`, one CPU, an MLP 4x the heavy demo's width at 3x
+not core's queue. Measured (`make chaos`, one CPU, an MLP twice the heavy demo's width at 3x
 its capacity): 1,537 requests a second served instead of 997, refusals in p99 31 ms
 instead of 59; far past what the loop can take (5x a capacity of ~1,000 requests a
 second) refusals still wait in core (README, Overload).
