@@ -257,7 +257,7 @@ class ServiceRate:
     1-row batches is larger batches that each take a little longer), and the batches it
     admits give the sizes that fit the line; erring the other way never recovers."""
 
-    __slots__ = ("_b", "_bb", "_bt", "_t", "_w")
+    __slots__ = ("_b", "_bb", "_bt", "_fixed", "_per_row", "_t", "_w")
 
     DECAY = 0.9
     """Weight kept by the past at each batch: the estimate follows ~10 batches, so one
@@ -269,6 +269,8 @@ class ServiceRate:
         self._t = 0.0  # ... sum of their seconds
         self._bb = 0.0  # ... sum of rows squared
         self._bt = 0.0  # ... sum of rows x seconds
+        self._fixed = 0.0  # the line, fitted once per batch (admission reads it per call)
+        self._per_row = 0.0
 
     def add(self, rows: int, ns: int) -> None:
         if rows <= 0 or ns <= 0:
@@ -280,6 +282,20 @@ class ServiceRate:
         self._t = self._t * d + seconds
         self._bb = self._bb * d + rows * rows
         self._bt = self._bt * d + rows * seconds
+        self._fit()
+
+    def _fit(self) -> None:
+        mean_rows = self._b / self._w
+        mean_s = self._t / self._w
+        spread = self._bb / self._w - mean_rows * mean_rows  # variance of the sizes
+        if spread < max(1.0, (0.1 * mean_rows) ** 2):
+            self._fixed, self._per_row = mean_s, 0.0  # one size lately: see the docstring
+            return
+        per_row = max(0.0, (self._bt / self._w - mean_rows * mean_s) / spread)
+        fixed = mean_s - per_row * mean_rows
+        if fixed < 0:  # noise: no batch takes less than nothing
+            fixed, per_row = 0.0, mean_s / mean_rows
+        self._fixed, self._per_row = fixed, per_row
 
     @property
     def batch_s(self) -> float | None:
@@ -292,16 +308,7 @@ class ServiceRate:
         """Seconds a batch of `rows` would hold an instance (None until one finished)."""
         if self._w <= 0:
             return None
-        mean_rows = self._b / self._w
-        mean_s = self._t / self._w
-        spread = self._bb / self._w - mean_rows * mean_rows  # variance of the sizes
-        if spread < max(1.0, (0.1 * mean_rows) ** 2):
-            return mean_s  # about one size lately: see the class's docstring
-        per_row = max(0.0, (self._bt / self._w - mean_rows * mean_s) / spread)
-        fixed = mean_s - per_row * mean_rows
-        if fixed < 0:  # noise: no batch takes less than nothing
-            fixed, per_row = 0.0, mean_s / mean_rows
-        return fixed + per_row * rows
+        return self._fixed + self._per_row * rows
 
     def drain_s(self, rows: int, max_batch: int, instances: int) -> float | None:
         """Seconds `instances` take to run `rows` in batches of at most `max_batch` (None
