@@ -297,7 +297,8 @@ def _score_on_ray(
     started_here = _start_or_join(ray_options.address)
     try:
         _quiet_ray_data()
-        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        resources = ray.cluster_resources()
+        cpus = float(resources.get("CPU", 1.0))
         actor_cpus = ray_options.actor_cpus
         actors = ray_options.actors or max(1, int(cpus // actor_cpus))
         actors = min(actors, len(pending))
@@ -327,7 +328,7 @@ def _score_on_ray(
         memory = actor_memory(
             job.options.chunk_rows,
             job.feed.width * np.dtype(job.feed.dtype).itemsize,
-            float(ray.cluster_resources().get("memory", 0.0)),
+            float(resources.get("memory", 0.0)),
             actors,
         )
         scored = chunks.map_batches(
