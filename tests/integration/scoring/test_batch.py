@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -283,8 +283,9 @@ def _committed(out: Path) -> int:
         return 0
 
 
-def score_command(registry, tmp_path: Path, *extra: str) -> list[str]:
-    """`modelplane score batch` of tmp_path/in into tmp_path/out, 500-row chunks."""
+def score_command(registry, tmp_path: Path, *extra: str, output: Sequence[str] = ()) -> list[str]:
+    """`modelplane score batch` of tmp_path/in into `output` (default: the Parquet folder
+    tmp_path/out), 500-row chunks."""
     return [
         sys.executable,
         "-m",
@@ -300,8 +301,7 @@ def score_command(registry, tmp_path: Path, *extra: str) -> list[str]:
         ",".join(FEATURES),
         "--keys",
         "id",
-        "--output",
-        str(tmp_path / "out"),
+        *(output or ("--output", str(tmp_path / "out"))),
         "--chunk-rows",
         "500",
         "--no-progress",

@@ -9,7 +9,6 @@ import datetime as dt
 import json
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from tests.integration.scoring.test_batch import (
     matrix,
     read_output,
     score,
+    score_command,
 )
 from tests.postgres import POSTGRES_URL, fresh_schema
 
@@ -222,35 +222,10 @@ def test_every_column_kind_reads_back_as_written(target):
     assert {r[9] for r in got} == {"1.25"}
 
 
-def db_command(registry, tmp_path: Path, target: Target, model: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "modelplane.cli.main",
-        "score",
-        "batch",
-        str(tmp_path / "in"),
-        "--model",
-        model,
-        "--registry",
-        registry.address,
-        "--features",
-        ",".join(FEATURES),
-        "--keys",
-        "id",
-        *target.args(),
-        "--chunk-rows",
-        "500",
-        "--no-progress",
-        "--cache-dir",
-        str(tmp_path / "cache"),
-    ]
-
-
 def test_a_db_job_killed_half_way_resumes_exactly_once(registry, target, tmp_path):
     path = registry.register(MODEL, seed=22)
     rows = write_timed_inputs(tmp_path / "in", files=2, rows=3_000, row_group=500)
-    command = db_command(registry, tmp_path, target, f"{MODEL}@production")
+    command = score_command(registry, tmp_path, output=target.args())
     killed_at = kill_after(command, target.committed, committed=4, delay_s=0.2)
     assert target.query("SELECT finished FROM {j}")[0][0] is None
     # Nothing of an uncommitted chunk survived the kill: the rows are the committed ones.
