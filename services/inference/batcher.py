@@ -20,6 +20,9 @@ threads) per *request*, which was most of its CPU (measured, see the inference i
   a batch adds saves per-batch work on the instance thread and the event loop. (The
   event loop's timers have millisecond granularity, so a sub-millisecond delay can last
   up to a millisecond when nothing else wakes the loop.)
+- A batch that starts as the only work of the process, while callers keep about one
+  request in flight, is marked alone (`running_alone`): the runtime may lend it the
+  event loop's CPU, which is idle meanwhile.
 - Batches count rows, not requests: a request of 5 rows takes 5 slots, in the queue
   bound and in the batch. Requests whose inputs differ in a variable non-batch
   dimension carry different `shape_key`s and never share a batch.
@@ -47,6 +50,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -79,6 +83,30 @@ def running_batch() -> Sequence[PendingRequest]:
     return getattr(_running, "batch", ())
 
 
+def running_alone() -> bool:
+    """Whether the batch the calling instance thread runs was, when it started, the only
+    work of its event loop (so of a serving process): no other batch running in any
+    batcher, nothing queued behind it, and its callers lately keeping about one request
+    in flight. A runner may then spread it over CPUs that otherwise serve the event loop
+    (OrtRuntime's lone-batch session): nothing else is waiting for them."""
+    return getattr(_running, "alone", False)
+
+
+_batches_running: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = (
+    weakref.WeakKeyDictionary()
+)
+"""Batches running per event loop, over every batcher on it (a server has one loop)."""
+
+ALONE_USUAL_ROWS = 1.5
+"""A batch can be alone only while the rows in flight that arrivals lately found (the
+batcher's usual rows, itself included) average below this: about one caller at a time.
+With more, the next request is likely to arrive while the batch runs, and the event loop
+then needs the CPUs a lone batch would borrow (at 64 closed-loop callers, lending them to
+every batch that happened to start alone made batches smaller and slower, measured)."""
+USUAL_GAIN = 0.01
+"""Weight of each arrival in the usual rows in flight: it follows the last ~100."""
+
+
 DEFAULT_MAX_QUEUE_DELAY_US = 0
 """The batching delay under load of a model whose config.pbtxt sets none: none, as in
 Triton. A delay steadies closed-loop throughput: without it, at 64 closed-loop callers the
@@ -89,7 +117,11 @@ there, so throughput and CPU per request swung 1.1-1.4x from one start to the ne
 the heavy MLP's p50 went from ~1.7 ms to ~3.2 ms, since a short batch then waits out the
 delay. Gating the hold on the instances being busy (>= 70% or 85% of their time) cost
 open-loop latency less but brought the small batches back at c=64. So it stays opt-in
-(`--max-queue-delay-us`), for closed-loop or batch-heavy callers; see the README."""
+(`--max-queue-delay-us`), for closed-loop or batch-heavy callers; see the README. (Later
+measured: at c=64 on 2 CPUs the event loop is the bottleneck and the batcher sees only
+the requests it has decoded, so batch sizes follow the loop's speed rather than set it; a
+hold for the callers' usual share, half the rows usually in flight for at most a batch's
+time or 3-5 ms, left the spread between starts as it was.)"""
 DEFAULT_MAX_QUEUE_WAIT_S = 0.0
 """Off by default, as Triton's queue timeout is. Set (e.g. 0.1 s), the queue is kept short
 in time, not only in rows: 1,024 queued rows of the heavy demo MLP are ~0.7 s of work, so
@@ -338,16 +370,18 @@ class _Instance:
     def __init__(self, batcher: DynamicBatcher, runner: Runner, index: int) -> None:
         self._batcher = batcher
         self._runner = runner
-        self._inbox: queue.SimpleQueue[list[PendingRequest] | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[list[PendingRequest], bool] | None] = (
+            queue.SimpleQueue()
+        )
         self.started_ns = 0  # when the event loop handed it its current batch
         self._thread = threading.Thread(
             target=self._run, name=f"batcher-{batcher.name}-{index}", daemon=True
         )
         self._thread.start()
 
-    def start(self, batch: list[PendingRequest]) -> None:
+    def start(self, batch: list[PendingRequest], alone: bool) -> None:
         self.started_ns = time.perf_counter_ns()
-        self._inbox.put(batch)
+        self._inbox.put((batch, alone))
 
     def stop(self) -> None:
         self._inbox.put(None)
@@ -376,7 +410,8 @@ class _Instance:
                 prepare()
             except Exception:
                 log.exception("runner thread setup failed", extra={"model": batcher.name})
-        while (batch := self._inbox.get()) is not None:
+        while (item := self._inbox.get()) is not None:
+            batch, _running.alone = item
             timing = _Timing()
             try:
                 _execute(batch, self._runner, timing, batcher.name)
@@ -423,6 +458,9 @@ class DynamicBatcher:
         self._peak_rows = 0
         self._last_peak_rows = 0
         self._peak_window_end_ns = 0
+        # The rows in flight arrivals lately found (a decayed mean): about one means the
+        # callers come one at a time.
+        self._usual_rows = 0.0
         self._closing = False
         self._drained: asyncio.Event | None = None
         self.rate = ServiceRate()
@@ -455,6 +493,7 @@ class DynamicBatcher:
         self._queue.append(request)
         self._queued_rows += request.rows
         in_flight = self._queued_rows + self._running_rows
+        self._usual_rows += (in_flight - self._usual_rows) * USUAL_GAIN
         if self._hold is not None:
             # An instance is holding a short batch back: go as soon as it is big enough,
             # or once as many rows are here as the callers lately had in flight at most
@@ -568,33 +607,43 @@ class DynamicBatcher:
     # --- forming batches (event loop) -------------------------------------------------
 
     def _dispatch(self, under_load: bool) -> None:
-        policy = self.policy
         while self._idle and self._queue:
-            if (
-                under_load
-                and policy.enabled
-                and policy.max_queue_delay_s > 0
-                and not self._closing
-                and self._queued_rows < policy.enough_rows
-                and self._queued_rows + self._running_rows < self._peak()
-            ):
-                # Requests were already waiting when an instance came free, and more
-                # may be on their way: a short batch may wait for them, bounded by its
-                # oldest request's delay.
-                if self._hold is not None:
-                    return  # already holding; the timer or a full batch releases it
-                wait_s = (
-                    self._queue[0].enqueued_ns + policy.max_queue_delay_s * 1e9
-                ) / 1e9 - time.perf_counter_ns() / 1e9
-                if wait_s > 0:
-                    assert self._loop is not None
-                    self._hold = self._loop.call_later(wait_s, self._release_hold)
-                    return
+            if under_load and self._hold_for_more():
+                return
             batch = self._take()
             if batch:
+                assert self._loop is not None
+                running = _batches_running.get(self._loop, 0)
+                alone = running == 0 and not self._queue and self._usual_rows < ALONE_USUAL_ROWS
+                _batches_running[self._loop] = running + 1
                 self._running_rows += sum(request.rows for request in batch)
-                self._idle.pop().start(batch)
+                self._idle.pop().start(batch, alone)
         self._check_drained()
+
+    def _hold_for_more(self) -> bool:
+        """Whether an instance that came free with requests waiting (the sign of load)
+        holds them back for more, scheduling the hold's end if it is a new one: with
+        `max_queue_delay_s` (Triton's delay), until a preferred size can be formed, or as
+        many rows are here as the callers lately had in flight at most, or the oldest
+        request has waited the delay."""
+        policy = self.policy
+        if (
+            not policy.enabled
+            or policy.max_queue_delay_s <= 0
+            or self._closing
+            or self._queued_rows >= policy.enough_rows
+            or self._queued_rows + self._running_rows >= self._peak()
+        ):
+            return False
+        if self._hold is not None:
+            return True  # already holding; its timer or enough rows release it
+        oldest_ns = self._queue[0].enqueued_ns
+        wait_s = policy.max_queue_delay_s - (time.perf_counter_ns() - oldest_ns) / 1e9
+        if wait_s <= 0:
+            return False
+        assert self._loop is not None
+        self._hold = self._loop.call_later(wait_s, self._release_hold)
+        return True
 
     def _note_in_flight(self, rows: int, now_ns: int) -> None:
         """Counts `rows` in flight at `now_ns` (the submit's perf_counter_ns)."""
@@ -662,6 +711,8 @@ class DynamicBatcher:
             self._loop.call_soon_threadsafe(self._finished, instance, batch, timing)
 
     def _finished(self, instance: _Instance, batch: list[PendingRequest], timing: _Timing) -> None:
+        assert self._loop is not None
+        _batches_running[self._loop] -= 1
         self._idle.append(instance)
         rows = sum(request.rows for request in batch)
         self._running_rows -= rows

@@ -111,6 +111,13 @@ class Settings(ServiceSettings):
         ge=0,
         description="Batching delay under load for models without a config.pbtxt (µs).",
     )
+    lone_batches_on_all_cpus: bool = Field(
+        True,
+        description="A batch that is the only work of the process, while callers keep about "
+        "one request in flight, runs on the event loop's CPU too (a second ONNX Runtime "
+        "session per CPU instance, so a second copy of the weights; not for models over "
+        "1 GiB).",
+    )
     max_queue_rows: int = Field(
         1024, gt=0, description="Queue bound in rows where config.pbtxt sets none."
     )
@@ -290,6 +297,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-queue-delay-us", type=int, help="batching delay under load without config.pbtxt"
+    )
+    parser.add_argument(
+        "--lone-batches-on-all-cpus",
+        action=argparse.BooleanOptionalAction,
+        help="run a batch that is the process's only work on the event loop's CPU too (on)",
     )
     parser.add_argument("--max-queue-rows", type=int, help="queue bound (rows) by default")
     parser.add_argument("--instance-count", type=int, help="runtime instances per model")

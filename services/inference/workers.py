@@ -51,6 +51,7 @@ from prometheus_client.samples import Sample
 from modelplane.kernel.cpu_affinity import format_cpu_list, pin_process
 from modelplane.kernel.cpu_share import (
     CpuShare,
+    ThreadLayout,
     cgroup_cpu_limit,
     thread_layout,
     worker_shares,
@@ -75,13 +76,22 @@ POLL_S = 0.1
 WORKER_ENTRY = "from modelplane.services.inference.workers import worker_main; worker_main()"
 
 
-def placed_runtime(cpus: frozenset[int]) -> RuntimeFactory:
-    """ONNX Runtime instances whose threads (intra-op and the batch thread) run on `cpus`."""
+def placed_runtime(cpus: frozenset[int], lone_cpus: frozenset[int] = frozenset()) -> RuntimeFactory:
+    """ONNX Runtime instances whose threads (intra-op and the batch thread) run on `cpus`,
+    and a batch that is the process's only work on `lone_cpus` too (OrtRuntime)."""
 
     def factory(path: Path, providers: ProviderChoice, threads: int) -> Runtime:
-        return OrtRuntime(path, providers, threads, cpus=cpus)
+        return OrtRuntime(path, providers, threads, cpus=cpus, lone_cpus=lone_cpus)
 
     return factory
+
+
+def laid_out_runtime(layout: ThreadLayout, lend_loop_cpus: bool) -> RuntimeFactory:
+    """Runtimes on the layout's compute CPUs (anywhere when it keeps every thread
+    together), a lone batch on the event loop's CPUs too when `lend_loop_cpus`."""
+    if not layout.split:
+        return placed_runtime(frozenset())
+    return placed_runtime(layout.compute, layout.serving if lend_loop_cpus else frozenset())
 
 
 def serve_share(
@@ -101,7 +111,7 @@ def serve_share(
         pin_process(layout.serving)
     budget = settings.thread_budget or layout.intra_op_threads
     settings = settings.model_copy(update={"thread_budget": budget})
-    server = build(settings, placed_runtime(layout.compute if layout.split else frozenset()))
+    server = build(settings, laid_out_runtime(layout, settings.lone_batches_on_all_cpus))
     if worker is not None:
         server.reuse_port = True
         Gauge(

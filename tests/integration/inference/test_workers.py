@@ -25,11 +25,21 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from inference import grpc_service_pb2_grpc as pb_grpc
+from modelplane.cli.main import build_parser
+from modelplane.cli.serve import settings_from_args
 from modelplane.examples.models import LIGHT_MLP, mlp, write_model
+from modelplane.kernel.cpu_share import ThreadLayout
 from modelplane.kernel.startup import StartupError
 from modelplane.loadtest.server_cpu import ServerCpuProbe, read_cpu_seconds
+from modelplane.services.inference import runtime as runtime_module
+from modelplane.services.inference.batcher import (
+    BatchingPolicy,
+    DynamicBatcher,
+    PendingRequest,
+    Tensors,
+)
 from modelplane.services.inference.runtime import CPU, OrtRuntime, ProviderChoice
-from modelplane.services.inference.workers import reserve_port
+from modelplane.services.inference.workers import laid_out_runtime, reserve_port
 from tests.integration.inference.conftest import fp32_request
 from tests.support import wait_serving_sync, wait_until
 
@@ -254,6 +264,91 @@ def test_a_runtime_runs_its_threads_on_its_cpus(tmp_path: Path):
     assert seen["pool"] == [seen["cpus"]]  # intra-op threads: 2 = the caller + one more
     assert seen["builder"] == os.sched_getaffinity(0)  # restored after the session
     assert seen["caller"] == seen["cpus"]
+
+
+def test_a_lone_batch_runs_on_the_lent_cpus_too_and_others_do_not(tmp_path: Path):
+    path = write_model(mlp(LIGHT_MLP, seed=1, name="m"), tmp_path, "m")
+    everywhere = frozenset(os.sched_getaffinity(0))
+    cpus = frozenset({min(everywhere)})
+    seen: dict[str, object] = {}
+
+    def build() -> None:  # a thread of its own: the test runner stays unpinned
+        before = _threads()
+        seen["runtime"] = OrtRuntime(
+            path, ProviderChoice((CPU,), "test"), 1, cpus=cpus, lone_cpus=everywhere
+        )
+        seen["pool"] = [cpus_of for tid, cpus_of in _threads().items() if tid not in before]
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    thread.join()
+    runtime = seen["runtime"]
+    assert isinstance(runtime, OrtRuntime) and runtime.lone_session is not None
+    # The first session's one thread is the caller's; the lone one's extra threads (one
+    # per lent CPU) may run on every CPU.
+    assert seen["pool"] == [everywhere] * (len(everywhere) - 1)
+    ran: list[str] = []
+    narrow, lone = runtime._run, runtime._lone_run
+    runtime._run = lambda names, feeds: ran.append("narrow") or narrow(names, feeds)  # type: ignore[method-assign]
+    runtime._lone_run = lambda names, feeds: ran.append("lone") or lone(names, feeds)  # type: ignore[assignment, misc]
+
+    async def serve() -> list[dict[str, np.ndarray]]:
+        batcher = DynamicBatcher("m", [runtime], BatchingPolicy())
+        x = np.random.default_rng(1).random((1, LIGHT_MLP[0]), dtype=np.float32)
+        alone = await batcher.infer(PendingRequest({"input": x}, 1))
+        # A batch starting while another batcher's batch runs is not alone.
+        gate, entered = threading.Event(), threading.Event()
+
+        def held(feeds: Tensors) -> dict[str, np.ndarray]:
+            entered.set()
+            assert gate.wait(WAIT)
+            return dict(feeds)
+
+        blocker = DynamicBatcher("b", [held], BatchingPolicy())
+        blocked = blocker.submit(PendingRequest({"x": x}, 1))
+        assert await asyncio.to_thread(entered.wait, WAIT)
+        beside = await batcher.infer(PendingRequest({"input": x}, 1))
+        gate.set()
+        await blocked
+        await batcher.close()
+        await blocker.close()
+        return [alone, beside]
+
+    alone, beside = asyncio.run(serve())
+    assert ran == ["lone", "narrow"]
+    np.testing.assert_allclose(
+        alone[runtime.outputs[0].name], beside[runtime.outputs[0].name], rtol=1e-5
+    )
+
+
+def test_a_model_over_the_size_bound_gets_no_lone_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    path = write_model(mlp(LIGHT_MLP, seed=1, name="m"), tmp_path, "m")
+    monkeypatch.setattr(runtime_module, "LONE_SESSION_MAX_BYTES", path.stat().st_size - 1)
+    runtime = OrtRuntime(path, ProviderChoice((CPU,), "test"), 1, lone_cpus=frozenset({0}))
+    assert runtime.lone_session is None
+
+
+def test_the_flag_decides_whether_a_split_layout_lends_the_loops_cpus(tmp_path: Path):
+    path = write_model(mlp(LIGHT_MLP, seed=1, name="m"), tmp_path, "m")
+    everywhere = frozenset(os.sched_getaffinity(0))
+    layout = ThreadLayout(frozenset({min(everywhere)}), everywhere, 1)
+    off = build_parser().parse_args(["serve", "inference", "--no-lone-batches-on-all-cpus"])
+    assert settings_from_args(off.service_module, off).lone_batches_on_all_cpus is False
+    results: dict[bool, object] = {}
+
+    def build() -> None:  # a thread of its own: the test runner stays unpinned
+        for lend in (True, False):
+            runtime = laid_out_runtime(layout, lend)(path, ProviderChoice((CPU,), "test"), 1)
+            assert isinstance(runtime, OrtRuntime)
+            results[lend] = runtime.lone_session
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    thread.join()
+    assert (results[True] is not None) == layout.split
+    assert results[False] is None
 
 
 def _threads() -> dict[int, frozenset[int]]:

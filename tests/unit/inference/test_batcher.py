@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from modelplane.kernel.errors import Cancelled, DeadlineExceeded, Overloaded
+from modelplane.services.inference import batcher as batcher_module
 from modelplane.services.inference.batcher import (
     BatchingPolicy,
     DynamicBatcher,
@@ -23,18 +24,21 @@ from modelplane.services.inference.batcher import (
     NullObserver,
     PendingRequest,
     Tensors,
+    running_alone,
 )
 
 WAIT = 10.0  # generous bound on waits that succeed at once unless something is broken
 
 
 class GatedRunner:
-    """Doubles its input; the first call blocks until `open()`; records batch sizes."""
+    """Doubles its input; the first call blocks until `open()`; records batch sizes and
+    whether each batch ran alone."""
 
     def __init__(self, fail_when: Callable[[np.ndarray], bool] | None = None) -> None:
         self.entered = threading.Event()
         self._gate = threading.Event()
         self.batches: list[int] = []
+        self.alone: list[bool] = []
         self._first = True
         self._fail_when = fail_when
 
@@ -59,6 +63,7 @@ class GatedRunner:
         if self._fail_when is not None and self._fail_when(x):
             raise RuntimeError("Status Message: value out of range")
         self.batches.append(len(x))
+        self.alone.append(running_alone())
         return {"y": x * 2}
 
 
@@ -364,3 +369,38 @@ async def test_a_batch_of_a_preferred_size_runs_without_waiting_for_the_largest(
     await settle(first, *waiting)
     assert runner.batches == [1, 3]
     await batcher.close()
+
+
+@pytest.fixture
+def usual_is_the_last_arrival(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The usual rows in flight follow each arrival at once, so a test sets them exactly."""
+    monkeypatch.setattr(batcher_module, "USUAL_GAIN", 1.0)
+
+
+@pytest.mark.usefixtures("usual_is_the_last_arrival")
+async def test_only_a_batch_with_nothing_beside_or_behind_it_runs_alone():
+    batcher, runner, first = await start_busy(BatchingPolicy(max_batch_size=4))
+    queued = [request(1.0), request(2.0)]  # 3 rows in flight: not one caller at a time
+    for pending in queued:
+        batcher.submit(pending)
+    runner.open()
+    await settle(first, *queued)
+    lone = request(3.0)  # one row in flight again
+    batcher.submit(lone)
+    await result(lone)
+    assert runner.alone == [True, False, True]
+    # A batch starting while another batcher's batch runs is not alone either.
+    other_runner = GatedRunner()
+    other = DynamicBatcher("other", [other_runner], BatchingPolicy())
+    busy = request(4.0)
+    other.submit(busy)
+    await other_runner.wait_entered()
+    beside = request(5.0)
+    batcher.submit(beside)
+    await result(beside)
+    other_runner.open()
+    await result(busy)
+    assert runner.alone == [True, False, True, False]
+    assert other_runner.alone == [True]
+    await batcher.close()
+    await other.close()
