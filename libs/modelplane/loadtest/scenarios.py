@@ -153,6 +153,7 @@ def ort_ceiling(path: Path, features: int, batch: int, seconds: float) -> Ceilin
 class Served:
     address: str
     metrics_url: str
+    pid: int = 0
 
 
 def _pump(stream: object, lines: queue.Queue[str | None]) -> None:
@@ -212,7 +213,9 @@ def serving(command: Sequence[str], log: Path) -> Iterator[Served]:
                         announced = event
             host = "127.0.0.1"
             yield Served(
-                f"{host}:{announced['port']}", f"http://{host}:{announced['metrics_port']}/metrics"
+                f"{host}:{announced['port']}",
+                f"http://{host}:{announced['metrics_port']}/metrics",
+                process.pid,
             )
         finally:
             process.send_signal(signal.SIGTERM)
@@ -386,7 +389,7 @@ def run_stability(tmp: Path, args: argparse.Namespace) -> None:
 
             ruler = starts.ruler_us_per_row(root / starts.MODEL / "1" / "model.onnx")
             measured = starts.measure_with_noise(
-                served.metrics_url, [lambda: at(1), lambda: at(64)]
+                served.metrics_url, [lambda: at(1), lambda: at(64)], served.pid
             )
             runs.append(dataclasses.replace(measured, ruler_us=ruler))
         sys.stdout.flush()

@@ -96,6 +96,59 @@ class Batches:
 
 
 @dataclass(frozen=True)
+class ThreadTimes:
+    """Where a server process's CPU went during one run, by thread (from /proc)."""
+
+    loop_s: float
+    """The main thread: the event loop."""
+    serving_s: float
+    """The other threads on the event loop's CPUs (gRPC's poller and the like)."""
+    compute_s: float
+    """The threads placed on other CPUs: the batch threads and ONNX Runtime's pools."""
+    loop_preempted: int
+    """Times the event loop was switched out while it could have run on."""
+
+
+_Thread = tuple[float, int, frozenset[int]]
+
+
+def read_threads(pid: int) -> dict[int, _Thread]:
+    """Each thread of `pid`: (CPU seconds, involuntary context switches, CPUs allowed);
+    threads that end meanwhile are left out."""
+    tick = os.sysconf("SC_CLK_TCK")
+    threads: dict[int, _Thread] = {}
+    for name in os.listdir(f"/proc/{pid}/task"):
+        tid = int(name)
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/task/{tid}/status") as status:
+                text = status.read()
+            switched = int(text.split("nonvoluntary_ctxt_switches:")[1].split()[0])
+            cpus = frozenset(os.sched_getaffinity(tid))
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        threads[tid] = ((int(fields[11]) + int(fields[12])) / tick, switched, cpus)
+    return threads
+
+
+def thread_times(pid: int, before: dict[int, _Thread], after: dict[int, _Thread]) -> ThreadTimes:
+    loop_cpus = after[pid][2] if pid in after else frozenset()
+    loop = serving = compute = 0.0
+    preempted = 0
+    for tid, (cpu, switched, cpus) in after.items():
+        first_cpu, first_switched, _ = before.get(tid, (0.0, 0, cpus))
+        spent = cpu - first_cpu
+        if tid == pid:
+            loop, preempted = spent, switched - first_switched
+        elif cpus == loop_cpus:
+            serving += spent
+        else:
+            compute += spent
+    return ThreadTimes(loop, serving, compute, preempted)
+
+
+@dataclass(frozen=True)
 class Measured:
     levels: dict[str, LevelResult]
     others_cores: float
@@ -106,6 +159,8 @@ class Measured:
     """CPU time the hypervisor gave to other machines meanwhile."""
     ruler_us: float | None = None
     """`ruler_us_per_row` just before."""
+    threads: list[ThreadTimes] | None = None
+    """Per run, in order (when the server's pid was given)."""
 
     @property
     def one_row_us(self) -> float:
@@ -141,17 +196,22 @@ def _batch_counters(metrics_url: str) -> list[float]:
 
 
 def measure_with_noise(
-    metrics_url: str, runs: Sequence[Callable[[], list[LevelResult]]]
+    metrics_url: str, runs: Sequence[Callable[[], list[LevelResult]]], pid: int = 0
 ) -> Measured:
-    """Runs `runs` one after another against one server, noting each run's batches."""
+    """Runs `runs` one after another against one server, noting each run's batches and,
+    given the server's `pid`, its threads' CPU."""
     (busy, stolen), own = _cpu_seconds(), time.process_time()
     server = read_cpu_seconds(metrics_url)
     started = time.monotonic()
     results: list[LevelResult] = []
     batches: list[Batches] = []
+    threads: list[ThreadTimes] = []
     for run in runs:
         before = _batch_counters(metrics_url)
+        first_threads = read_threads(pid) if pid else {}
         results += run()
+        if pid:
+            threads.append(thread_times(pid, first_threads, read_threads(pid)))
         count, rows, compute_s = (
             after - first for after, first in zip(_batch_counters(metrics_url), before, strict=True)
         )
@@ -167,6 +227,7 @@ def measure_with_noise(
         max(others, 0.0),
         batches,
         steal_cores=(stolen_after - stolen) / wall,
+        threads=threads if pid else None,
     )
 
 
@@ -223,6 +284,7 @@ def print_stability(
             f"   {label}: {min(values):.4g}-{max(values):.4g} {unit}, max/min {ratio:.2f}, "
             f"CV {cv * 100:.1f}%{target}"
         )
+    print_adjusted(starts)
     floor = f" (this machine's floor at c=64: {floor_c64:.0f} µs)" if floor_c64 is not None else ""
     print(
         f"   at or above the issue's best start: c=64 >= 2400 req/s in every start "
@@ -249,6 +311,7 @@ def print_stability(
             f"{spread(q_rps)[0]:.2f} (c=64 throughput), {spread(q_cpu)[0]:.2f} (c=64 CPU/request), "
             f"{spread(q_p50)[0]:.2f} (c=1 p50)"
         )
+    print_threads(starts)
     rulers = [s.ruler_us for s in starts if s.ruler_us]
     one_rows = [s.one_row_us for s in starts if s.one_row_us]
     if len(rulers) > 1 and len(one_rows) > 1:
@@ -256,6 +319,53 @@ def print_stability(
             f"   the machine's own speed moved too: the ruler {spread(rulers)[0]:.2f}x and the "
             f"model's one-row time in the server {spread(one_rows)[0]:.2f}x (max/min) between "
             "starts"
+        )
+
+
+def print_adjusted(starts: Sequence[Measured]) -> None:
+    """The spreads again, each start's figures divided by the machine's speed in the same
+    seconds, read from the load generator: its CPU per request is the same work in every
+    start, and on a shared VM it moved as much as the server's did (issue 19)."""
+
+    def generator_us(start: Measured, label: str) -> float:
+        return start.levels[label].client_cpu_us_per_request or 0.0
+
+    if not all(generator_us(s, "c=64") > 0 and generator_us(s, "c=1") > 0 for s in starts):
+        return
+    work = [s.levels["c=64"].throughput_rps * generator_us(s, "c=64") for s in starts]
+    cpu = [
+        (s.levels["c=64"].server_cpu_us_per_request or 0.0) / generator_us(s, "c=64")
+        for s in starts
+    ]
+    p50 = [s.levels["c=1"].latency.p50_ms / generator_us(s, "c=1") for s in starts]
+    print(
+        "   in the machine's speed at each start (the load generator's CPU per request, the "
+        "same work every start, as the unit): max/min "
+        f"{spread(work)[0]:.2f} (c=64 throughput), {spread(cpu)[0]:.2f} (c=64 server CPU/"
+        f"request), {spread(p50)[0]:.2f} (c=1 p50); generator CPU/request "
+        f"{spread([generator_us(s, 'c=64') for s in starts])[0]:.2f}x at c=64"
+    )
+
+
+def print_threads(starts: Sequence[Measured]) -> None:
+    """Each start's c=64 CPU per request by thread: what differs between a fast start and
+    a slow one (issue 19)."""
+    if not all(s.threads and len(s.threads) == len(s.batches) for s in starts):
+        return
+    print(
+        "   c=64 CPU per request by thread (µs): the event loop (and how often it was "
+        "preempted), the other threads on its CPU, the batch and ONNX Runtime threads, the "
+        "load generator"
+    )
+    for index, start in enumerate(starts, 1):
+        level, threads = start.levels["c=64"], start.threads[-1]  # type: ignore[index]
+        done = max(level.completed, 1)
+        print(
+            f"{index:>8}  loop {threads.loop_s / done * 1e6:>4.0f} "
+            f"(preempted {threads.loop_preempted / done:.1f}/request)  "
+            f"beside it {threads.serving_s / done * 1e6:>3.0f}  "
+            f"compute {threads.compute_s / done * 1e6:>4.0f}  "
+            f"generator {level.client_cpu_us_per_request or 0:>4.0f}"
         )
 
 
