@@ -199,6 +199,8 @@ def test_two_consumers_share_the_group_and_every_event_is_scored_once(
     ids = produce(r, c.input, data)
     with StreamScorer(c) as scorer:
         wait_until(lambda: r.xlen(c.output) >= len(ids), timeout=15)
+        # Counted just after the publish-and-ack script returns: wait for the counts too.
+        wait_until(lambda: sum(consumer.scored for consumer in scorer.consumers) >= len(ids))
         counts = [consumer.scored for consumer in scorer.consumers]
     out = by_event(predictions(r, c.output))
     assert set(out) == set(ids)
