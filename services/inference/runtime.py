@@ -97,12 +97,7 @@ class OrtRuntime:
         self.session = _session(path, providers, intra_op_threads, allow_spinning, cpus)
         self.provider = self.session.get_providers()[0]
         self.lone_session: ort.InferenceSession | None = None
-        if (
-            lone_cpus
-            and self.provider == CPU
-            and path.is_file()
-            and path.stat().st_size <= LONE_SESSION_MAX_BYTES
-        ):
+        if lone_cpus and self.provider == CPU and path.stat().st_size <= LONE_SESSION_MAX_BYTES:
             # One more intra-op thread per lent CPU, free to run on all of them (the
             # scheduler wakes each on an idle one); the calling (batch) thread stays on
             # `cpus` and computes its share as in the first session.
