@@ -143,7 +143,8 @@ class Settings(ServiceSettings):
         le=19,
         description="Nice value of the threads that run batches (0: as the process); e.g. "
         "10 on a dedicated CPU keeps overload rejections fast. Starves them beside other "
-        "busy processes on a shared CPU.",
+        "busy processes on a shared CPU, or under callers that resend refused calls at once "
+        "instead of waiting out the retry hint (README, Overload).",
     )
     execution_provider: str = Field(
         "auto", description="auto (CUDA when present), cpu or cuda, where config sets none."

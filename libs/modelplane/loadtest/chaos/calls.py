@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from modelplane.kernel.errors import RETRY_PUSHBACK_KEY
 from modelplane.loadtest.stats import percentile
 
 OK = "OK"
@@ -57,6 +58,8 @@ class Call:
     code: str
     detail: str = ""
     """The status message of a failed call (not kept for OK and rejections)."""
+    retry_after_s: float | None = None
+    """A rejection's retry hint (the grpc-retry-pushback-ms trailer), when it gave one."""
 
     @property
     def latency_s(self) -> float:
@@ -95,6 +98,17 @@ class Tally:
         counts.update(self.rejected)
         counts.update(self.failed)
         return counts
+
+
+def retry_after_s(error: grpc.aio.AioRpcError) -> float | None:
+    """The retry hint a rejection carries (gRFC A6's trailer), in seconds."""
+    for key, value in error.trailing_metadata() or ():
+        if key == RETRY_PUSHBACK_KEY:
+            try:
+                return max(0, int(value)) / 1e3
+            except (TypeError, ValueError):
+                return None
+    return None
 
 
 def latency_ms(calls: Sequence[Call], q: float) -> float:
