@@ -180,16 +180,19 @@ def floor_command(features: int, outputs: int) -> list[str]:
 
 
 @contextmanager
-def serving(command: Sequence[str], log: Path) -> Iterator[Served]:
-    """A server as a subprocess; its ports come from the JSON line it prints."""
+def serving(
+    command: Sequence[str], log: Path, env: dict[str, str] | None = None
+) -> Iterator[Served]:
+    """A server as a subprocess; its ports come from the JSON line it prints. `env`: its
+    environment (default: this one with the gRPC settings `modelplane serve` applies, for
+    the floor server too)."""
     with log.open("w") as stderr:
-        # The gRPC settings `modelplane serve` applies, for the floor server too.
         process = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
-            env=grpc_defaults.environment(),
+            env=grpc_defaults.environment() if env is None else env,
         )
         try:
             lines: queue.Queue[str | None] = queue.Queue()
