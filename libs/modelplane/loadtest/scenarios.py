@@ -372,27 +372,38 @@ def run_stability(tmp: Path, args: argparse.Namespace) -> None:
     """Issue 19's scenario: the heavy MLP with default settings, started `args.starts`
     times, each start at c=1 then c=64 (starts.py), beside the transport floor with the
     heavy model's request and response sizes at both levels."""
-    root = starts.write_default_repository(tmp / "default-models")
+    root = tmp / "default-models"
+    if not (root / starts.MODEL).is_dir():
+        starts.write_default_repository(root)
     with serving(floor_command(HEAVY_MLP[0], HEAVY_MLP[-1]), tmp / "floor-heavy.log") as floor:
         floor_levels, _size = measure(
             floor, floor_server.MODEL, starts.levels(1, 64), args.stability_duration, args
         )
+    workers = args.stability_workers
     print(
         f"\n== stability: {args.starts} starts of `modelplane serve inference` with the heavy "
-        f"MLP and default settings (no config.pbtxt), each at c=1 then c=64, "
-        f"{args.stability_duration:g}s per level"
+        f"MLP and default settings (no config.pbtxt)"
+        + (f", --workers {workers}" if workers > 1 else "")
+        + f", each at c=1 then c=64, {args.stability_duration:g}s per level"
+        + (f"; c=64 over {starts.WORKER_CHANNELS} connections" if workers > 1 else "")
     )
     runs = []
     for index in range(args.starts):
-        with serving(inference_command(root), tmp / f"start{index}.log") as served:
+        with serving(inference_command(root, workers), tmp / f"start{index}.log") as served:
 
             def at(concurrency: int, served: Served = served) -> list[LevelResult]:
                 plans = starts.levels(concurrency)
-                return measure(served, starts.MODEL, plans, args.stability_duration, args)[0]
+                channels = starts.WORKER_CHANNELS if workers > 1 and concurrency > 1 else 1
+                return measure(
+                    served, starts.MODEL, plans, args.stability_duration, args, channels
+                )[0]
 
             ruler = starts.ruler_us_per_row(root / starts.MODEL / "1" / "model.onnx")
+            # Threads by pid: a single server's (a supervisor's own are not the workers').
             measured = starts.measure_with_noise(
-                served.metrics_url, [lambda: at(1), lambda: at(64)], served.pid
+                served.metrics_url,
+                [lambda: at(1), lambda: at(64)],
+                served.pid if workers == 1 else 0,
             )
             runs.append(dataclasses.replace(measured, ruler_us=ruler))
         sys.stdout.flush()
@@ -431,9 +442,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per level")
     parser.add_argument("--processes", type=int, default=1, help="load generator processes")
     parser.add_argument("--json-dir", type=Path, help="also write one loadtest JSON per model")
+    parser.add_argument(
+        "--only",
+        choices=("stability", "workers"),
+        help="run only this scenario (issue 19's starts, or issue 14's --workers 1 vs 2)",
+    )
     starts.stability_args(parser)
     args = parser.parse_args(argv)
     started = time.monotonic()
+    if args.only is not None:
+        with tempfile.TemporaryDirectory(prefix="modelplane-bench-") as tmp:
+            (run_stability if args.only == "stability" else run_workers)(Path(tmp), args)
+        return 0
     specs = model_specs()
     with tempfile.TemporaryDirectory(prefix="modelplane-bench-") as tmp:
         root = Path(tmp) / "models"

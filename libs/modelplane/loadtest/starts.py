@@ -400,6 +400,13 @@ def stability_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stability-duration", type=float, default=5.0, help="seconds per level per start"
     )
+    parser.add_argument(
+        "--stability-workers",
+        type=int,
+        default=1,
+        help="start the service with --workers N in the stability scenario (default 1); "
+        f"with more, c=64 comes over {WORKER_CHANNELS} connections",
+    )
 
 
 def levels(*concurrency: int) -> list[LevelPlan]:
