@@ -59,6 +59,13 @@ from modelplane.kernel.tls import server_credentials
 log = logging.getLogger("modelplane.server")
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+QUIET_S = 0.01
+"""stop(): the pause in arrivals awaited before grpc's own stop (see _Drain): longer than
+Python's thread switch interval (5 ms), which may keep a sync server's thread from taking
+calls that long; shorter than the pause clients make between retries."""
+QUIET_WAIT_S = 1.0
+"""stop(): the longest wait for that pause (never past the grace period)."""
+QUIET_POLL_S = 0.001
 SHUTTING_DOWN = "the server is shutting down; retry on another replica"
 
 
@@ -72,15 +79,56 @@ class _Drain:
     clients treat as final and services never count. Health checks are never refused
     (they answer NOT_SERVING), so load balancers watching them see the drain.
 
-    Running calls are counted by a wrapper per method (one frame, one lock per call)."""
+    Running calls are counted by a wrapper per method (one frame, one lock per call).
+
+    Nor does grpc's stop wait for calls core holds that the server has not yet taken:
+    it answers them CANCELLED. The server takes calls from core one at a time, so when
+    callers send together (closed-loop clients resend together after a refusal) the rest
+    of a burst waits in core meanwhile; `make chaos` saw 2-12 CANCELLED per SIGTERM of
+    the inference service. So once the running calls finished, stop() also waits for a
+    pause in arrivals (QUIET_S without a new call, at most QUIET_WAIT_S) before grpc's
+    stop: callers that keep sending without pause can still meet it."""
 
     def __init__(self) -> None:
         self.started = False
         self._running = 0
         self._idle = threading.Condition()
+        self._last_arrival = 0.0
 
     def begin(self) -> None:
+        self._last_arrival = time.monotonic()
         self.started = True
+
+    def refused(self) -> None:
+        """A call arrived once the drain began (and is refused)."""
+        self._last_arrival = time.monotonic()
+
+    def _quiet_left(self, quiet_s: float) -> float:
+        return self._last_arrival + quiet_s - time.monotonic()
+
+    def _quiet_from_now(self) -> None:
+        # A burst may be in core already, not yet taken: the pause counts from now.
+        self._last_arrival = max(self._last_arrival, time.monotonic())
+
+    def wait_quiet(self, quiet_s: float, timeout: float) -> bool:
+        """Blocks until no call arrived for `quiet_s` (from now on) or `timeout` passed."""
+        self._quiet_from_now()
+        deadline = time.monotonic() + timeout
+        while (left := self._quiet_left(quiet_s)) > 0:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(left, QUIET_POLL_S))
+        return True
+
+    async def wait_quiet_async(self, quiet_s: float, timeout: float) -> bool:
+        """wait_quiet for an event loop, which must keep taking (and refusing) calls."""
+        self._quiet_from_now()
+        deadline = time.monotonic() + timeout
+        while (left := self._quiet_left(quiet_s)) > 0:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(min(left, QUIET_POLL_S))
+        return True
 
     def enter(self) -> None:
         with self._idle:
@@ -132,6 +180,7 @@ class AioDrainInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or _is_health(method):
             return handler
         if self._drain.started:
+            self._drain.refused()
             return rewrap(handler, lambda *_: _refuse_aio)
         return self._counted.get(handler, method)
 
@@ -183,6 +232,7 @@ class SyncDrainInterceptor(grpc.ServerInterceptor):
         if handler is None or _is_health(method):
             return handler
         if self._drain.started:
+            self._drain.refused()
             return rewrap(handler, lambda *_: _refuse_sync)
         return self._counted.get(handler, method)
 
@@ -534,6 +584,8 @@ class AioServiceServer(_ServiceServerBase):
         self._drain.begin()
         await self.health.enter_graceful_shutdown()
         await self._drain.wait_idle_async(grace)
+        left = grace - (time.monotonic() - started)
+        await self._drain.wait_quiet_async(QUIET_S, min(QUIET_WAIT_S, left))
         await self._server.stop(max(0.0, grace - (time.monotonic() - started)))
         if self._shedder is not None:
             await self._shedder.stop()
@@ -629,6 +681,8 @@ class SyncServiceServer(_ServiceServerBase):
             self._drain.begin()
             self.health.enter_graceful_shutdown()
             self._drain.wait_idle(grace)
+            left = grace - (time.monotonic() - started)
+            self._drain.wait_quiet(QUIET_S, min(QUIET_WAIT_S, left))
             self._server.stop(max(0.0, grace - (time.monotonic() - started))).wait()
             for hook in self._on_stop:
                 hook()

@@ -4,7 +4,9 @@ CANCELLED; calls in flight get the grace period and finish; health answers NOT_S
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,6 +22,7 @@ from tests.support import running_aio_in_thread, running_sync
 SERVICE = "test.Drain"
 WAIT = 20.0
 LATE_CALLS = 20
+BURST = 16
 
 
 class Slow:
@@ -142,3 +145,51 @@ def test_stop_without_calls_in_flight_does_not_wait_for_the_grace_period(kind):
         assert channel.unary_unary(f"/{SERVICE}/Fast")(b"", timeout=WAIT) == b"ok"
         # WAIT (20 s) is the grace: a stop that waited for it would fail this result().
         stop().result(WAIT / 2)
+
+
+@pytest.mark.parametrize("kind", ["aio", "sync"])
+def test_bursts_arriving_while_the_server_stops_are_refused_never_cancelled(kind):
+    """Callers that resend together (as closed-loop clients do after a refusal) bring
+    bursts: the server takes a burst's calls from gRPC core one at a time, so the rest
+    wait in core meanwhile, and core answers CANCELLED to every call still waiting when
+    grpc's own stop begins (measured in `make chaos`: 2-12 per SIGTERM of inference)."""
+    slow = Slow()
+    outcomes: list[grpc.StatusCode] = []
+    stopped = threading.Event()
+    with (
+        _serving(kind, slow) as (address, stop),
+        grpc.insecure_channel(address, options=[("grpc.enable_retries", 0)]) as channel,
+    ):
+        fast = channel.unary_unary(f"/{SERVICE}/Fast")
+        assert fast(b"", timeout=WAIT) == b"ok"
+
+        def bursts() -> None:
+            while not stopped.is_set():
+                calls = [fast.future(b"", timeout=WAIT) for _ in range(BURST)]
+                if outcomes.count(grpc.StatusCode.UNAVAILABLE) >= 2 * BURST:
+                    # The drain has refused bursts: end the call that holds it open
+                    # as this burst arrives, so grpc's stop meets it.
+                    slow.release.set()
+                outcomes.extend(_code(call.result)[0] for call in calls)
+                time.sleep(0.02)  # ok-sleep: the callers' pause between bursts
+
+        sender = threading.Thread(target=bursts)
+        sender.start()
+        try:
+            deadline = time.monotonic() + WAIT
+            while len(outcomes) < 5 * BURST and time.monotonic() < deadline:
+                time.sleep(0.01)  # ok-sleep: a few bursts served before the stop
+            # A call in flight keeps the drain open while bursts are refused.
+            in_flight = channel.unary_unary(f"/{SERVICE}/Slow").future(b"", timeout=WAIT)
+            assert slow.entered.wait(WAIT)
+            stopping = stop()
+            assert in_flight.result(WAIT) == b"finished"
+            stopping.result(WAIT)
+            time.sleep(0.1)  # ok-sleep: bursts that find the server gone
+        finally:
+            stopped.set()
+            slow.release.set()
+            sender.join(WAIT)
+
+    assert grpc.StatusCode.UNAVAILABLE in outcomes  # the stop met the bursts
+    assert grpc.StatusCode.CANCELLED not in outcomes, collections.Counter(outcomes)

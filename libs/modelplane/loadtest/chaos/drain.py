@@ -16,7 +16,7 @@ import math
 import time
 from pathlib import Path
 
-from modelplane.loadtest.chaos.calls import OK, Tally, channel, format_codes
+from modelplane.loadtest.chaos.calls import OK, Tally, channel, failure_details, format_codes
 from modelplane.loadtest.chaos.config import ChaosConfig
 from modelplane.loadtest.chaos.drivers import Writers, probe_until_normal
 from modelplane.loadtest.chaos.ledger import AckLedger
@@ -79,7 +79,12 @@ async def run_term(root: Path, name: str, config: ChaosConfig) -> ScenarioRow:
         "finishes OK, or is refused UNAVAILABLE when it reached the service after the "
         f"signal, never another error  {verdict(not in_flight.failed)}",
         f"sent while draining: {during.sent} ({format_codes(during.codes)}); only "
-        f"UNAVAILABLE (or OK)  {verdict(not unexpected)}",
+        f"UNAVAILABLE (or OK)  {verdict(not unexpected)}"
+        + (
+            f"; {details}"
+            if (details := failure_details(c for c in calls if termed <= c.sent < exited))
+            else ""
+        ),
         f"sent after exit (within {AFTER_EXIT_S:g} s): {after.sent} ({format_codes(after.codes)})",
     ]
     if lost is not None:
