@@ -77,6 +77,27 @@ def load(served: Served, args: argparse.Namespace) -> Start:
     return results
 
 
+def start_and_load(
+    name: str,
+    command: list[str],
+    env: dict[str, str] | None,
+    tmp: Path,
+    index: int,
+    args: argparse.Namespace,
+) -> Start:
+    """One start, loaded; a server that does not come up is started once more (one
+    PyTriton start in 15 here did not within 2 minutes)."""
+    for attempt in (1, 2):
+        try:
+            with serving(command, tmp / f"{name}-{index}-{attempt}.log", env) as served:
+                return load(served, args)
+        except RuntimeError as exc:
+            if attempt == 2:
+                raise
+            print(f"   start {index + 1}: {name} did not start ({exc}); once more", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
 def generator_us(level: LevelResult) -> float:
     """The load generator's CPU per request: the same work against either server, so it
     tracks the machine's speed in the same seconds."""
@@ -154,10 +175,7 @@ def main() -> int:
         for index in range(args.starts):
             order = ["pytriton", "modelplane"] if index % 2 == 0 else ["modelplane", "pytriton"]
             for name in order:
-                command, env = commands[name]
-                log = tmp / f"{name}-{index}.log"
-                with serving(command, log, env) as served:
-                    runs[name].append(load(served, args))
+                runs[name].append(start_and_load(name, *commands[name], tmp, index, args))
                 print(f"   start {index + 1}: {name} done", file=sys.stderr, flush=True)
         print_starts(runs)
         print_spreads(runs)

@@ -203,8 +203,9 @@ def serving(
                 try:
                     line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
                 except queue.Empty:
+                    tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
                     raise RuntimeError(
-                        f"no 'serving' line within {STARTUP_TIMEOUT_S:.0f}s"
+                        f"no 'serving' line within {STARTUP_TIMEOUT_S:.0f}s; its log ends:\n{tail}"
                     ) from None
                 if line is None:
                     status = process.wait()
