@@ -37,6 +37,16 @@ async def test_closed_loop_callers_wait_out_the_hint_before_resending() -> None:
     assert {call.retry_after_s for call in calls} == {0.4}
 
 
+async def test_a_hint_longer_than_the_window_ends_the_caller_with_the_window() -> None:
+    async def refused() -> object:
+        raise _rejection("30000")
+
+    calls, elapsed = await closed_loop_for(refused, concurrency=1, duration_s=0.2)
+
+    assert len(calls) == 1
+    assert elapsed < 15  # not the 30 s the hint asked for
+
+
 async def test_after_a_failure_without_a_hint_callers_pause_briefly() -> None:
     attempts = 0
 

@@ -204,8 +204,8 @@ async def closed_loop_for(
             call = await timed(send)
             calls.append(call)
             if call.code != OK:
-                pause = call.retry_after_s
-                await asyncio.sleep(PAUSE_AFTER_FAILURE_S if pause is None else pause)
+                pause = PAUSE_AFTER_FAILURE_S if call.retry_after_s is None else call.retry_after_s
+                await asyncio.sleep(max(0.0, min(pause, end - time.monotonic())))
 
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     return calls, time.monotonic() - started
