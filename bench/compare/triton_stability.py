@@ -17,6 +17,7 @@ defaults: pytriton_server.py). It runs in a venv of its own, made on first use u
 temp directory (it needs PyPI), so nothing of it enters the project's venv. Its server CPU
 is that of its whole process tree. Not part of `make bench`.
 Usage: .venv/bin/python bench/compare/triton_stability.py [--starts 5] [--duration 5]
+       [--workers N]
 """
 
 from __future__ import annotations
@@ -67,11 +68,12 @@ def pytriton_env() -> dict[str, str]:
 
 
 def load(served: Served, args: argparse.Namespace) -> Start:
-    """One start's figures: c=1, then c=64."""
+    """One start's figures: c=1, then c=64 (over 16 connections with --workers)."""
     results: Start = {}
     for concurrency in LEVELS:
+        channels = starts.WORKER_CHANNELS if args.workers > 1 and concurrency > 1 else 1
         levels, _size = measure(
-            served, starts.MODEL, starts.levels(concurrency), args.duration, args
+            served, starts.MODEL, starts.levels(concurrency), args.duration, args, channels
         )
         results[f"c={concurrency}"] = levels[0]
     return results
@@ -155,6 +157,12 @@ def main() -> int:
     parser.add_argument("--starts", type=int, default=5, help="starts of each server")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per level")
     parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per level")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="modelplane's --workers (c=64 then comes over 16 connections, to both servers)",
+    )
     args = parser.parse_args()
     args.processes = 1  # the generator as the stability scenario runs it
     grpc_defaults.apply()
@@ -165,11 +173,12 @@ def main() -> int:
         model = repository / starts.MODEL / "1" / "model.onnx"
         commands = {
             "pytriton": ([str(python), str(SERVER), starts.MODEL, str(model)], pytriton_env()),
-            "modelplane": (inference_command(repository), None),
+            "modelplane": (inference_command(repository, args.workers), None),
         }
         print(
             f"== stability beside PyTriton: {args.starts} starts of each, in pairs, the heavy "
             f"MLP at c=1 then c=64, {args.duration:g}s per level, {os.cpu_count()} CPUs"
+            + (f"; modelplane with --workers {args.workers}" if args.workers > 1 else "")
         )
         runs: dict[str, list[Start]] = {"pytriton": [], "modelplane": []}
         for index in range(args.starts):
