@@ -101,8 +101,9 @@ def start_and_load(
 
 
 def generator_us(level: LevelResult) -> float:
-    """The load generator's CPU per request: the same work against either server, so it
-    tracks the machine's speed in the same seconds."""
+    """The load generator's CPU per request: about the same work against either server on
+    one connection, so it tracks the machine's speed in the same seconds (against two
+    workers over 16 connections it was ~2x: more, smaller replies to read)."""
     return level.client_cpu_s / max(level.completed, 1) * 1e6
 
 
