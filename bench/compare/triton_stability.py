@@ -101,9 +101,10 @@ def start_and_load(
 
 
 def generator_us(level: LevelResult) -> float:
-    """The load generator's CPU per request: about the same work against either server on
-    one connection, so it tracks the machine's speed in the same seconds (against two
-    workers over 16 connections it was ~2x: more, smaller replies to read)."""
+    """The load generator's CPU per request: the same work in every start of one server,
+    so it tracks the machine's speed in the same seconds. Not between the two servers:
+    their replies come in other sizes and rhythms (at c=64 it was ~1.3x as much against
+    modelplane, ~2x against two workers over 16 connections)."""
     return level.client_cpu_s / max(level.completed, 1) * 1e6
 
 
