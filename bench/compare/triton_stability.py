@@ -71,7 +71,7 @@ def load(served: Served, args: argparse.Namespace) -> Start:
     """One start's figures: c=1, then c=64 (over 16 connections with --workers)."""
     results: Start = {}
     for concurrency in LEVELS:
-        channels = starts.WORKER_CHANNELS if args.workers > 1 and concurrency > 1 else 1
+        channels = starts.generator_channels(args.workers, concurrency)
         levels, _size = measure(
             served, starts.MODEL, starts.levels(concurrency), args.duration, args, channels
         )

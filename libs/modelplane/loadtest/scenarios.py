@@ -373,9 +373,7 @@ def run_stability(tmp: Path, args: argparse.Namespace) -> None:
     """Issue 19's scenario: the heavy MLP with default settings, started `args.starts`
     times, each start at c=1 then c=64 (starts.py), beside the transport floor with the
     heavy model's request and response sizes at both levels."""
-    root = tmp / "default-models"
-    if not (root / starts.MODEL).is_dir():
-        starts.write_default_repository(root)
+    root = starts.write_default_repository(tmp / "default-models")
     with serving(floor_command(HEAVY_MLP[0], HEAVY_MLP[-1]), tmp / "floor-heavy.log") as floor:
         floor_levels, _size = measure(
             floor, floor_server.MODEL, starts.levels(1, 64), args.stability_duration, args
@@ -394,7 +392,7 @@ def run_stability(tmp: Path, args: argparse.Namespace) -> None:
 
             def at(concurrency: int, served: Served = served) -> list[LevelResult]:
                 plans = starts.levels(concurrency)
-                channels = starts.WORKER_CHANNELS if workers > 1 and concurrency > 1 else 1
+                channels = starts.generator_channels(workers, concurrency)
                 return measure(
                     served, starts.MODEL, plans, args.stability_duration, args, channels
                 )[0]
@@ -414,9 +412,7 @@ def run_stability(tmp: Path, args: argparse.Namespace) -> None:
 def run_workers(tmp: Path, args: argparse.Namespace) -> None:
     """Issue 14's figure: the heavy MLP at c=64 with --workers 1 and --workers 2 (the
     generator opens several connections: the kernel hands each to one worker)."""
-    root = tmp / "default-models"
-    if not (root / starts.MODEL).is_dir():
-        starts.write_default_repository(root)
+    root = starts.write_default_repository(tmp / "default-models")
     print(
         f"\n== workers: the same model at c=64, `--workers 1` then `--workers 2`, "
         f"{starts.WORKER_CHANNELS} connections, {args.duration:g}s"

@@ -49,9 +49,17 @@ def default_starts() -> int:
 
 
 def write_default_repository(root: Path) -> Path:
-    """The heavy MLP with no config.pbtxt: what the server does by default."""
-    write_model(mlp(HEAVY_MLP, seed=1, name=MODEL), root, MODEL)
+    """The heavy MLP with no config.pbtxt: what the server does by default (written once:
+    the stability and workers scenarios share it)."""
+    if not (root / MODEL).is_dir():
+        write_model(mlp(HEAVY_MLP, seed=1, name=MODEL), root, MODEL)
     return root
+
+
+def generator_channels(workers: int, concurrency: int) -> int:
+    """Connections the generator opens: one, or WORKER_CHANNELS to load several workers
+    (the kernel hands each connection to one) at more than one caller."""
+    return WORKER_CHANNELS if workers > 1 and concurrency > 1 else 1
 
 
 def _cpu_seconds() -> tuple[float, float]:

@@ -68,7 +68,8 @@ async def run_term(root: Path, name: str, config: ChaosConfig) -> ScenarioRow:
     # service after the signal (the sent time is taken before the client sends), so
     # UNAVAILABLE is a correct answer here too.
     in_flight = Tally.of(c for c in calls if c.sent < termed < c.done)
-    during = Tally.of(c for c in calls if termed <= c.sent < exited)
+    draining = [c for c in calls if termed <= c.sent < exited]
+    during = Tally.of(draining)
     after = Tally.of(c for c in calls if c.sent >= exited)
     unexpected = {k: v for k, v in during.codes.items() if k not in (OK, "UNAVAILABLE")}
     exit_text = "did not exit (killed)" if exit_code is None else f"exit code {exit_code}"
@@ -80,11 +81,7 @@ async def run_term(root: Path, name: str, config: ChaosConfig) -> ScenarioRow:
         f"signal, never another error  {verdict(not in_flight.failed)}",
         f"sent while draining: {during.sent} ({format_codes(during.codes)}); only "
         f"UNAVAILABLE (or OK)  {verdict(not unexpected)}"
-        + (
-            f"; {details}"
-            if (details := failure_details(c for c in calls if termed <= c.sent < exited))
-            else ""
-        ),
+        + (f"; {details}" if (details := failure_details(draining)) else ""),
         f"sent after exit (within {AFTER_EXIT_S:g} s): {after.sent} ({format_codes(after.codes)})",
     ]
     if lost is not None:
