@@ -10,14 +10,15 @@ list column of 512 float32 (an embedding); both in row groups of 65,536 rows, ch
 at most 262,144 rows and at least 8 chunks. By default 3M light rows and 200k heavy
 rows keep the run near two minutes; MODELPLANE_BENCH_BATCH_FULL=1 scores the issue's
 10M rows of each (the heavy one then takes many minutes on 2 cores). `--engine ray` is
-measured on a local Ray instance started once beforehand (its start printed apart),
-with the default actor pool (one actor per CPU, one ONNX Runtime thread each);
-`--no-ray` leaves it out. Then the same job over at most 1M rows into a SQLite table, a
+measured last, on a local Ray instance started then (its start printed apart), with the
+default actor pool (one actor per CPU, one ONNX Runtime thread each); `--no-ray` leaves
+it out. Then the same job over at most 1M rows into a SQLite table, a
 PostgreSQL table (MODELPLANE_BENCH_POSTGRES, default the machine's database `test`) and
 through an inference service process (`--via-service`), each beside the same ceiling;
 `--no-outputs` leaves them out. A shared machine is noisy: `--repeat N` measures N
 times. `make bench` runs it."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -25,10 +26,12 @@ from pathlib import Path
 # shadow the generated `inference` package.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
+# Ray starts its processes (fork, then exec) while this process serves the registry;
+# gRPC's fork handlers, which only logged that they skipped themselves, are not needed.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
-import os  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -36,7 +39,7 @@ import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
-from dataclasses import replace  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
@@ -115,6 +118,9 @@ def write_input(path: Path, width: int, rows: int, as_list: bool) -> list[str]:
         writer.write_table(table, row_group_size=ROW_GROUP)
     assert writer is not None
     writer.close()
+    # On disk before the job is timed: else the kernel writes this input back while
+    # the job runs, and the job's own fsyncs wait for it (seconds at 1 CPU).
+    os.sync()
     return names
 
 
@@ -152,6 +158,15 @@ def ceiling(model: ScoringModel, width: int, batch_rows: int, rows: int) -> tupl
     return found[way], way
 
 
+@dataclass
+class Measured:
+    """A model's job as the local engine ran it, for the same job on Ray after."""
+
+    label: str
+    job: BatchJob
+    ceilings: list[float]
+
+
 def measure(
     client: RegistryClient,
     address: str,
@@ -160,12 +175,11 @@ def measure(
     layers: tuple[int, ...],
     rows: int,
     batch: int,
-    on_ray: bool,
     repeat: int,
     other_outputs: bool,
-) -> None:
+) -> Measured | None:
     if not rows:
-        return
+        return None
     artifact = work / f"{name}.onnx"
     onnx.save(mlp(layers, seed=1, name=name), artifact)
     client.create_model(name)
@@ -191,6 +205,7 @@ def measure(
     )
     label = f"{name:5s} {'x'.join(map(str, layers))} rows {rows:,} batch {batch:,}"
     print(f"{label}, chunks of {options.chunk_rows:,}, {intra_op_threads()} CPUs:", flush=True)
+    measured = Measured(label, BatchJob(FileInput([source]), model, options), [])
     for _ in range(repeat):
         limit, way = ceiling(model, width, batch, ceiling_rows)
         shutil.rmtree(options.output, ignore_errors=True)
@@ -204,19 +219,7 @@ def measure(
             "(target >= 0.80x)",
             flush=True,
         )
-        if on_ray:
-            output = work / f"{name}-ray"
-            shutil.rmtree(output, ignore_errors=True)
-            ray_result = run_ray(
-                BatchJob(FileInput([source]), model, replace(options, output=output)),
-                RayOptions(registry=address, cache_dir=work / "cache"),
-            )
-            print(
-                f"  --engine ray ({ray_result.chunks_scored} chunks, one actor per CPU): "
-                f"job {ray_result.rows_per_s:>10,.0f} rows/s -> "
-                f"{ray_result.rows_per_s / top:.2f}x of the ceiling just measured",
-                flush=True,
-            )
+        measured.ceilings.append(top)
         if other_outputs:
             extra = work / f"{name}-outputs.parquet"
             extra_rows = min(rows, OUTPUTS_ROWS)
@@ -228,6 +231,7 @@ def measure(
                     f"{result.rows_per_s / top:.2f}x of the ceiling",
                     flush=True,
                 )
+    return measured
 
 
 def outputs_and_ways(
@@ -296,50 +300,70 @@ def main() -> int:
     )
     args = parser.parse_args()
     print("batch scoring, Parquet in and out (rows/s, higher is better)", flush=True)
-    on_ray = not args.no_ray
-    if on_ray:
-        import ray
-
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        started = time.perf_counter()
-        ray.init(include_dashboard=False, log_to_driver=False)
-        cpus = int(ray.cluster_resources().get("CPU", 0))
-        print(
-            f"local Ray instance ({cpus} CPUs) started in {time.perf_counter() - started:.1f} s",
-            flush=True,
-        )
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            work = Path(tmp)
-            with registry(work / "registry") as address, RegistryClient(address) as client:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        with registry(work / "registry") as address, RegistryClient(address) as client:
+            measured = [
                 measure(
                     client,
                     address,
                     work,
-                    "light",
-                    LIGHT_MLP,
-                    args.light_rows,
-                    args.light_batch,
-                    on_ray,
+                    name,
+                    layers,
+                    rows,
+                    batch,
                     args.repeat,
                     not args.no_outputs,
                 )
-                measure(
-                    client,
-                    address,
-                    work,
-                    "heavy",
-                    HEAVY_MLP,
-                    args.heavy_rows,
-                    args.heavy_batch,
-                    on_ray,
-                    args.repeat,
-                    not args.no_outputs,
+                for name, layers, rows, batch in (
+                    ("light", LIGHT_MLP, args.light_rows, args.light_batch),
+                    ("heavy", HEAVY_MLP, args.heavy_rows, args.heavy_batch),
+                )
+            ]
+            if not args.no_ray:
+                on_ray(address, work, [m for m in measured if m is not None], args.repeat)
+    return 0
+
+
+def on_ray(address: str, work: Path, measured: list[Measured], repeat: int) -> None:
+    """The same jobs with --engine ray, on a local Ray instance started now: started
+    before the local engine's runs, its idle processes took CPU from them (about 3% of
+    this machine)."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    started = time.perf_counter()
+    ray.init(include_dashboard=False, log_to_driver=False)
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    print(
+        f"--engine ray: a local Ray instance ({cpus} CPUs) started in "
+        f"{time.perf_counter() - started:.1f} s; one actor per CPU",
+        flush=True,
+    )
+    try:
+        for m in measured:
+            job, options = m.job, m.job.options
+            width = m.job.feed.width
+            rows = job.source.total_rows or 0
+            ceiling_rows = min(rows, max(options.batch_rows * 8, rows // 4))
+            for _ in range(repeat):
+                limit, _ = ceiling(job.model, width, options.batch_rows, ceiling_rows)
+                output = work / f"{job.model.name}-ray"
+                shutil.rmtree(output, ignore_errors=True)
+                result = run_ray(
+                    BatchJob(job.source, job.model, replace(options, output=output)),
+                    RayOptions(registry=address, cache_dir=work / "cache"),
+                )
+                after, _ = ceiling(job.model, width, options.batch_rows, ceiling_rows)
+                print(
+                    f"  {m.label} ({result.chunks_scored} chunks): job "
+                    f"{result.rows_per_s:>10,.0f} rows/s; ORT ceiling "
+                    f"{max(limit, after):>10,.0f} rows/s -> "
+                    f"{result.rows_per_s / max(limit, after):.2f}x",
+                    flush=True,
                 )
     finally:
-        if on_ray:
-            ray.shutdown()
-    return 0
+        ray.shutdown()
 
 
 if __name__ == "__main__":
