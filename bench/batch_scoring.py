@@ -9,14 +9,15 @@ The light MLP reads 64 float32 columns (a tabular input); the heavy one a fixed-
 list column of 512 float32 (an embedding); both in row groups of 65,536 rows, chunks of
 at most 262,144 rows and at least 8 chunks. By default 3M light rows and 200k heavy
 rows keep the run near two minutes; MODELPLANE_BENCH_BATCH_FULL=1 scores the issue's
-10M rows of each (the heavy one then takes many minutes on 2 cores). `--engine ray` is
-measured last, on a local Ray instance started then (its start printed apart), with the
-default actor pool (one actor per CPU, one ONNX Runtime thread each); `--no-ray` leaves
-it out. Then the same job over at most 1M rows into a SQLite table, a
-PostgreSQL table (MODELPLANE_BENCH_POSTGRES, default the machine's database `test`) and
-through an inference service process (`--via-service`), each beside the same ceiling;
-`--no-outputs` leaves them out. A shared machine is noisy: `--repeat N` measures N
-times. `make bench` runs it."""
+10M rows of each (the heavy one then takes many minutes on 2 cores). After each local
+run, the same job over at most 1M rows into a SQLite table, a PostgreSQL table
+(MODELPLANE_BENCH_POSTGRES, default the machine's database `test`) and through an
+inference service process (`--via-service`), each beside the same ceiling;
+`--no-outputs` leaves them out. `--engine ray` is measured last, on a local Ray
+instance started then (its start printed apart), with the default actor pool (one actor
+per CPU, one ONNX Runtime thread each), beside a ceiling measured again; `--no-ray`
+leaves it out. A shared machine is noisy: `--repeat N` measures N times. `make bench`
+runs it."""
 
 import os
 import sys
@@ -164,7 +165,7 @@ class Measured:
 
     label: str
     job: BatchJob
-    ceilings: list[float]
+    ceiling_rows: int
 
 
 def measure(
@@ -205,7 +206,7 @@ def measure(
     )
     label = f"{name:5s} {'x'.join(map(str, layers))} rows {rows:,} batch {batch:,}"
     print(f"{label}, chunks of {options.chunk_rows:,}, {intra_op_threads()} CPUs:", flush=True)
-    measured = Measured(label, BatchJob(FileInput([source]), model, options), [])
+    measured = Measured(label, BatchJob(FileInput([source]), model, options), ceiling_rows)
     for _ in range(repeat):
         limit, way = ceiling(model, width, batch, ceiling_rows)
         shutil.rmtree(options.output, ignore_errors=True)
@@ -219,7 +220,6 @@ def measure(
             "(target >= 0.80x)",
             flush=True,
         )
-        measured.ceilings.append(top)
         if other_outputs:
             extra = work / f"{name}-outputs.parquet"
             extra_rows = min(rows, OUTPUTS_ROWS)
@@ -343,9 +343,7 @@ def on_ray(address: str, work: Path, measured: list[Measured], repeat: int) -> N
     try:
         for m in measured:
             job, options = m.job, m.job.options
-            width = m.job.feed.width
-            rows = job.source.total_rows or 0
-            ceiling_rows = min(rows, max(options.batch_rows * 8, rows // 4))
+            width, ceiling_rows = job.feed.width, m.ceiling_rows
             for _ in range(repeat):
                 limit, _ = ceiling(job.model, width, options.batch_rows, ceiling_rows)
                 output = work / f"{job.model.name}-ray"
