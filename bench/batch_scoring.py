@@ -37,7 +37,7 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass, replace  # noqa: E402
@@ -160,12 +160,37 @@ def ceiling(model: ScoringModel, width: int, batch_rows: int, rows: int) -> tupl
 
 
 @dataclass
+class Beside:
+    """A job's result between two measurements of the ceiling."""
+
+    result: BatchResult
+    before: float
+    after: float
+    way: str
+    """How the higher of the two ran ONNX Runtime."""
+
+    @property
+    def top(self) -> float:
+        return max(self.before, self.after)
+
+
+@dataclass
 class Measured:
     """A model's job as the local engine ran it, for the same job on Ray after."""
 
     label: str
     job: BatchJob
     ceiling_rows: int
+
+    def beside_ceiling(self, output: Path, run: Callable[[BatchJob], BatchResult]) -> Beside:
+        """`run` on the job writing to `output` (emptied first), between two
+        measurements of the ceiling."""
+        job, batch = self.job, self.job.options.batch_rows
+        before, way = ceiling(job.model, job.feed.width, batch, self.ceiling_rows)
+        shutil.rmtree(output, ignore_errors=True)
+        result = run(BatchJob(job.source, job.model, replace(job.options, output=output)))
+        after, way_after = ceiling(job.model, job.feed.width, batch, self.ceiling_rows)
+        return Beside(result, before, after, way if before >= after else way_after)
 
 
 def measure(
@@ -208,16 +233,12 @@ def measure(
     print(f"{label}, chunks of {options.chunk_rows:,}, {intra_op_threads()} CPUs:", flush=True)
     measured = Measured(label, BatchJob(FileInput([source]), model, options), ceiling_rows)
     for _ in range(repeat):
-        limit, way = ceiling(model, width, batch, ceiling_rows)
-        shutil.rmtree(options.output, ignore_errors=True)
-        result = run_local(BatchJob(FileInput([source]), model, options))
-        after, way_after = ceiling(model, width, batch, ceiling_rows)
-        top = max(limit, after)
+        local = measured.beside_ceiling(options.output, run_local)
+        top = local.top
         print(
-            f"  local engine: job {result.rows_per_s:>10,.0f} rows/s; ORT ceiling "
-            f"{top:>10,.0f} rows/s ({way if limit >= after else way_after}; before "
-            f"{limit:,.0f}, after {after:,.0f}) -> {result.rows_per_s / top:.2f}x "
-            "(target >= 0.80x)",
+            f"  local engine: job {local.result.rows_per_s:>10,.0f} rows/s; ORT ceiling "
+            f"{top:>10,.0f} rows/s ({local.way}; before {local.before:,.0f}, after "
+            f"{local.after:,.0f}) -> {local.result.rows_per_s / top:.2f}x (target >= 0.80x)",
             flush=True,
         )
         if other_outputs:
@@ -341,23 +362,16 @@ def on_ray(address: str, work: Path, measured: list[Measured], repeat: int) -> N
         flush=True,
     )
     try:
+        ray_options = RayOptions(registry=address, cache_dir=work / "cache")
         for m in measured:
-            job, options = m.job, m.job.options
-            width, ceiling_rows = job.feed.width, m.ceiling_rows
             for _ in range(repeat):
-                limit, _ = ceiling(job.model, width, options.batch_rows, ceiling_rows)
-                output = work / f"{job.model.name}-ray"
-                shutil.rmtree(output, ignore_errors=True)
-                result = run_ray(
-                    BatchJob(job.source, job.model, replace(options, output=output)),
-                    RayOptions(registry=address, cache_dir=work / "cache"),
+                scored = m.beside_ceiling(
+                    work / f"{m.job.model.name}-ray", lambda job: run_ray(job, ray_options)
                 )
-                after, _ = ceiling(job.model, width, options.batch_rows, ceiling_rows)
                 print(
-                    f"  {m.label} ({result.chunks_scored} chunks): job "
-                    f"{result.rows_per_s:>10,.0f} rows/s; ORT ceiling "
-                    f"{max(limit, after):>10,.0f} rows/s -> "
-                    f"{result.rows_per_s / max(limit, after):.2f}x",
+                    f"  {m.label} ({scored.result.chunks_scored} chunks): job "
+                    f"{scored.result.rows_per_s:>10,.0f} rows/s; ORT ceiling {scored.top:>10,.0f} "
+                    f"rows/s -> {scored.result.rows_per_s / scored.top:.2f}x",
                     flush=True,
                 )
     finally:
