@@ -34,7 +34,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 # instance this process starts).
 from modelplane.kernel import arrow_memory  # noqa: E402
 
-arrow_memory.keep_freed_memory()
+arrow_memory.for_batch_job()
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402

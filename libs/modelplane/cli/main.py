@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["score", "batch"]:
         # Before the command modules import pyarrow (build_parser), which reads it then.
-        arrow_memory.keep_freed_memory()
+        arrow_memory.for_batch_job()
     args = build_parser().parse_args(argv)
     return int(args.handler(args) or 0)
 
