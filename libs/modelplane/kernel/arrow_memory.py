@@ -18,16 +18,16 @@ BATCH_JOB = {ALLOW_THP: "0"}
 def for_batch_job() -> bool:
     """Sets BATCH_JOB for this process (a value already in the environment wins).
 
-    Why: where the kernel grants transparent huge pages on request (the machine's
+    Why: where the kernel grants transparent huge pages on request (this machine's
     `madvise` mode), mimalloc asks for them, and the first write to each 2 MiB page
     (mimalloc threading a free list through a fresh page of small objects, or
     decoding into it) has the kernel zero all of it. A batch job decodes and frees its
     chunks' columns on several threads, and perf showed the first run of a 3M-row
-    light-MLP job spending 11% of its CPU in that zeroing, most of it under
-    `mi_page_free_list_extend`. Measured on that job, 2 CPUs, fresh processes in
-    alternation: the reader threads' CPU per row fell from 0.48-0.58 to 0.29-0.32 µs,
-    and the job went from 0.71-0.76x to 0.78-0.83x of the in-process ONNX Runtime
-    ceiling. mimalloc still returns freed memory to the OS as usual.
+    light-MLP job spending 11% of its CPU in that zeroing (1.4% with small pages), most
+    of it under `mi_page_free_list_extend`. Measured on that job, 2 CPUs, fresh
+    processes in alternation: the reader threads' CPU per row fell from 0.48-0.69 to
+    0.29-0.56 µs, and the job went from 0.69-0.76x to 0.73-0.83x of the in-process ONNX
+    Runtime ceiling. mimalloc still returns freed memory to the OS as usual.
 
     Returns whether it takes effect: not once pyarrow is loaded (in-process callers,
     tests)."""
