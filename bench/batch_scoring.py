@@ -30,11 +30,6 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _H
 # Ray starts its processes (fork, then exec) while this process serves the registry;
 # gRPC's fork handlers, which only logged that they skipped themselves, are not needed.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-# As `modelplane score batch` sets it, before pyarrow is imported (and for the Ray
-# instance this process starts).
-from modelplane.kernel import arrow_memory  # noqa: E402
-
-arrow_memory.for_batch_job()
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402

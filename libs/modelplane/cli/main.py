@@ -7,7 +7,7 @@ import importlib
 import sys
 
 from modelplane import __version__
-from modelplane.kernel import arrow_memory, grpc_defaults
+from modelplane.kernel import grpc_defaults
 
 # Before any command module imports grpc, which reads these settings only then.
 grpc_defaults.apply()
@@ -43,10 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:2] == ["score", "batch"]:
-        # Before the command modules import pyarrow (build_parser), which reads it then.
-        arrow_memory.for_batch_job()
     args = build_parser().parse_args(argv)
     return int(args.handler(args) or 0)
 
