@@ -44,7 +44,6 @@ from dataclasses import dataclass, replace  # noqa: E402
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 import psycopg  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -65,6 +64,7 @@ from modelplane.scoring.batch import (  # noqa: E402
 from modelplane.scoring.model import (  # noqa: E402
     ModelRef,
     ScoringModel,
+    cpu_session,
     fetch,
     intra_op_threads,
     resolve,
@@ -134,9 +134,7 @@ def ceiling(model: ScoringModel, width: int, batch_rows: int, rows: int) -> tupl
     cpus = intra_op_threads()
     x = np.random.default_rng(1).standard_normal((batch_rows, width), dtype=np.float32)
     feeds = {model.input_names[0]: x}
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = cpus
-    spread = ort.InferenceSession(str(model.path), options, providers=["CPUExecutionProvider"])
+    spread = cpu_session(str(model.path), cpus)
     single = model.session  # one intra-op thread (the job's)
     runs = max(1, rows // batch_rows)
 

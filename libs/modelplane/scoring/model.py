@@ -111,15 +111,21 @@ class ScoringModel:
                 if hashlib.sha256(data).hexdigest() != self.sha256:
                     raise ValueError(f"{self.path} changed since it was verified")
                 model = columns_first(onnx.load_model_from_string(data), input_name)
-                options = ort.SessionOptions()
-                options.intra_op_num_threads = (
-                    self.session.get_session_options().intra_op_num_threads
-                )
-                found = ort.InferenceSession(
-                    model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+                found = cpu_session(
+                    model.SerializeToString(),
+                    self.session.get_session_options().intra_op_num_threads,
                 )
                 self._by_columns[input_name] = found
             return found
+
+
+def cpu_session(model: str | bytes, threads: int) -> ort.InferenceSession:
+    """An ONNX Runtime session of `model` (a path or the model's bytes) on the CPU with
+    `threads` intra-op threads: one way to load, so that a model loaded again (by
+    columns, or as the benchmark's ceiling) runs as the job's does."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def columns_first(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
@@ -164,9 +170,7 @@ def fetch(
     if not path.exists() or sha256_of(path) != expected:
         path.unlink(missing_ok=True)
         client.download(version.model, path, version=version.version)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or intra_op_threads()
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(str(path), threads or intra_op_threads())
     return ScoringModel(
         name=version.model,
         version=version.version,
