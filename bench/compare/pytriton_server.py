@@ -8,11 +8,18 @@ same way; its metrics port serves `process_cpu_seconds_total` of the whole proce
 (this process, tritonserver and its Python backend stub), which is what the load
 generator's server-CPU probe reads.
 
-Usage: python pytriton_server.py MODEL_NAME MODEL.onnx
+With --max-queue-size or --queue-timeout-us, Triton's queue policy refuses what does not
+fit (UNAVAILABLE), as an operator sets it for overload: the anchor of the overload
+comparison (triton_overload.py). --threads: ONNX Runtime's intra-op threads (default: its
+own choice).
+
+Usage: python pytriton_server.py MODEL_NAME MODEL.onnx [--max-queue-size N]
+       [--queue-timeout-us US] [--threads N]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import socket
 import sys
@@ -24,7 +31,7 @@ import psutil
 from prometheus_client import start_http_server
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily
 from pytriton.decorators import batch
-from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor, TimeoutAction
 from pytriton.triton import Triton, TritonConfig
 
 MAX_BATCH_SIZE = 64
@@ -57,9 +64,31 @@ class TreeCpu:
         yield family
 
 
+def batcher(max_queue_size: int, queue_timeout_us: int) -> DynamicBatcher:
+    """Triton's dynamic batcher with no queue delay; with a bound, its queue policy."""
+    if not max_queue_size and not queue_timeout_us:
+        return DynamicBatcher()
+    policy = QueuePolicy(
+        timeout_action=TimeoutAction.REJECT,
+        default_timeout_microseconds=queue_timeout_us,
+        max_queue_size=max_queue_size,
+    )
+    return DynamicBatcher(default_queue_policy=policy)
+
+
 def main() -> int:
-    name, path = sys.argv[1], sys.argv[2]
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("name")
+    parser.add_argument("path")
+    parser.add_argument("--max-queue-size", type=int, default=0)
+    parser.add_argument("--queue-timeout-us", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    name, path = args.name, args.path
+    options = ort.SessionOptions()
+    if args.threads:
+        options.intra_op_num_threads = args.threads
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     (model_input,) = session.get_inputs()
     (model_output,) = session.get_outputs()
 
@@ -89,7 +118,10 @@ def main() -> int:
             outputs=[
                 Tensor(name=model_output.name, dtype=np.float32, shape=(model_output.shape[1],))
             ],
-            config=ModelConfig(max_batch_size=MAX_BATCH_SIZE, batcher=DynamicBatcher()),
+            config=ModelConfig(
+                max_batch_size=MAX_BATCH_SIZE,
+                batcher=batcher(args.max_queue_size, args.queue_timeout_us),
+            ),
             strict=False,
         )
         triton.run()

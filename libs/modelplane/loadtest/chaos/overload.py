@@ -17,7 +17,8 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from modelplane.examples.models import HEAVY_MLP, mlp, write_model
@@ -66,6 +67,17 @@ def inference_process(
     return ServiceProcess("inference", data, args, env=env)
 
 
+@dataclass(frozen=True)
+class OverloadTarget:
+    """A server the overload drives: where it listens, how to read its memory, and two
+    phrases for the notes (where it runs; how it is set up to shed load)."""
+
+    address: str
+    rss_mb: Callable[[], float]
+    placement: str
+    setup: str
+
+
 async def run_overload(root: Path, config: ChaosConfig) -> ScenarioRow:
     cpus = sorted(os.sched_getaffinity(0))
     pinned = bool(config.pin) and len(cpus) >= 2
@@ -74,25 +86,42 @@ async def run_overload(root: Path, config: ChaosConfig) -> ScenarioRow:
         "MODELPLANE_INFERENCE_RUNTIME_THREAD_NICE": str(config.runtime_nice),
         "MODELPLANE_INFERENCE_SHED_LOOP_LAG_US": str(config.shed_lag_us),
     }
-    layers = tuple(int(width) for width in config.overload_layers.split(","))
-    if layers[0] != HEAVY_MLP[0]:
-        raise ValueError("overload_layers must take the heavy demo's 512 inputs")
     service = inference_process(
         root,
         root / "overload-inference",
         env=env,
         cpus=str(cpus[-1]) if pinned else "",
-        layers=layers,
+        layers=overload_layers(config),
     )
     harness_cpus = frozenset(cpus[:-1]) if pinned else frozenset()
+    target = OverloadTarget(
+        service.address,
+        service.rss_mb,
+        placement(cpus[-1] if pinned else None, harness_cpus),
+        f"the service's queue-wait bound {config.queue_wait_ms} ms, load shedding past "
+        f"{config.shed_lag_us} µs of loop lag, runtime threads at nice {config.runtime_nice}",
+    )
     service.start()
     try:
-        if pinned:
-            with pinned_to(harness_cpus):
-                return await _drive(service, config, harness_cpus)
-        return await _drive(service, config, harness_cpus)
+        return await drive_overload(target, config, harness_cpus, "inference")
     finally:
         service.stop()
+
+
+def overload_layers(config: ChaosConfig) -> tuple[int, ...]:
+    layers = tuple(int(width) for width in config.overload_layers.split(","))
+    if layers[0] != HEAVY_MLP[0]:
+        raise ValueError("overload_layers must take the heavy demo's 512 inputs")
+    return layers
+
+
+def placement(server_cpu: int | None, harness_cpus: frozenset[int], who: str = "service") -> str:
+    if server_cpu is None:
+        return f"{who} and harness share every CPU"
+    return (
+        f"the {who} on CPU {server_cpu}, the harness on CPUs "
+        f"{','.join(map(str, sorted(harness_cpus)))}"
+    )
 
 
 @contextlib.contextmanager
@@ -106,18 +135,24 @@ def pinned_to(cpus: frozenset[int]) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
-async def _drive(
-    service: ServiceProcess, config: ChaosConfig, harness_cpus: frozenset[int]
+async def drive_overload(
+    target: OverloadTarget, config: ChaosConfig, harness_cpus: frozenset[int], label: str
 ) -> ScenarioRow:
-    placement = (
-        f"the service on CPU {service.extra_args[-1]}, the harness on CPUs "
-        f"{','.join(map(str, sorted(harness_cpus)))}"
-        if harness_cpus
-        else "service and harness share every CPU"
-    )
+    """Capacity, then `config.overload_factor` times it open-loop, then recovery, against
+    a server already serving the overload MLP as `heavy`; the harness on `harness_cpus`
+    (empty: wherever it runs)."""
+    if harness_cpus:
+        with pinned_to(harness_cpus):
+            return await _drive(target, config, harness_cpus, label)
+    return await _drive(target, config, harness_cpus, label)
+
+
+async def _drive(
+    target: OverloadTarget, config: ChaosConfig, harness_cpus: frozenset[int], label: str
+) -> ScenarioRow:
     request = infer_request_bytes()
-    load = channel(service.address, 1)
-    probe_channel = channel(service.address, 2)
+    load = channel(target.address, 1)
+    probe_channel = channel(target.address, 2)
     try:
         infer = raw_unary(load, INFER)
         probe_infer = raw_unary(probe_channel, INFER)
@@ -143,13 +178,13 @@ async def _drive(
         senders = SenderPool(config.overload_senders)
         try:
             await asyncio.to_thread(senders.warm)
-            rss_before = service.rss_mb()
+            rss_before = target.rss_mb()
             peak = [rss_before]
-            sampling = asyncio.create_task(_sample_rss(service, peak))
+            sampling = asyncio.create_task(_sample_rss(target, peak))
             start_at = time.monotonic() + 1.0
             sending = asyncio.create_task(
                 senders.run(
-                    service.address,
+                    target.address,
                     request,
                     rate,
                     config.overload_s,
@@ -171,7 +206,7 @@ async def _drive(
             senders.close()
         await asyncio.sleep(1.0)
         sampling.cancel()
-        rss_after = service.rss_mb()
+        rss_after = target.rss_mb()
     finally:
         await load.close()
         await probe_channel.close()
@@ -189,15 +224,13 @@ async def _drive(
         f"c={config.capacity_concurrency}: {capacity:.0f} req/s, p99 {capacity_p99:.1f} ms",
         f"offered {config.overload_factor:g}x = {rate:.0f} req/s for {config.overload_s:g} s "
         f"from {config.overload_senders} processes "
-        f"(deadline {config.deadline_s:g} s; the service's queue-wait bound "
-        f"{config.queue_wait_ms} ms, load shedding past {config.shed_lag_us} µs of loop lag, "
-        f"runtime threads at nice {config.runtime_nice}); "
+        f"(deadline {config.deadline_s:g} s; {target.setup}); "
         f"sent {run.sent} = "
         f"{run.sent / config.overload_s:.0f} req/s, sender at most "
         f"{run.max_lag_s * 1e3:.0f} ms behind schedule"
         + (f", {run.skipped} due but not sent (sender behind)" if run.skipped else "")
         + f"; the service saw {run.sent / config.overload_s / capacity:.1f}x its capacity",
-        placement,
+        target.placement,
         *(
             [
                 "the sender fell behind its schedule: the latencies and deadline misses "
@@ -225,7 +258,7 @@ async def _drive(
         f"target <= {RECOVERY_TARGET_S:g} s)  {verdict(recover_s <= RECOVERY_TARGET_S)}",
     ]
     return ScenarioRow.from_tally(
-        f"overload {config.overload_factor:g}x: inference",
+        f"overload {config.overload_factor:g}x: {label}",
         tally,
         rss_before_mb=rss_before,
         rss_after_mb=rss_after,
@@ -238,9 +271,9 @@ def _seconds(value: float) -> str:
     return "never" if math.isinf(value) else f"{value * 1e3:.0f} ms"
 
 
-async def _sample_rss(service: ServiceProcess, peak: list[float]) -> None:
+async def _sample_rss(target: OverloadTarget, peak: list[float]) -> None:
     while True:
-        value = service.rss_mb()
+        value = target.rss_mb()
         if not math.isnan(value):
             peak.append(value)
         await asyncio.sleep(0.25)
