@@ -31,7 +31,8 @@ threads) per *request*, which was most of its CPU (measured, see the inference i
   would take longer than `max_queue_wait_s` at the rate recent batches ran at, or could
   not be computed before its deadline. A rejection costs the
   caller a round trip instead of a wait ending in DEADLINE_EXCEEDED, and costs the
-  server no compute for an answer nobody would read.
+  server no compute for an answer nobody would read. While even a 1-row request would
+  be refused (`refuses_any`), the service refuses calls before reading their body.
 - A request whose deadline passed or whose caller went away is dropped before it runs.
   When a batch fails in the runtime, each of its requests is retried alone so one bad
   request fails alone.
@@ -148,7 +149,7 @@ class BatchingPolicy:
     """Rows waiting at most; beyond it requests are rejected at once."""
     max_queue_wait_s: float = DEFAULT_MAX_QUEUE_WAIT_S
     """Longest expected wait a request is admitted to (0: no bound but the deadline's
-    and the queue's); never less than two batches' time (see `_admit`)."""
+    and the queue's); never less than two 1-row batches' time (see `refusal`)."""
     peak_window_s: float = 0.5
     """How long the most rows in flight at once is remembered (for two windows), so a
     hold adapts within a second when fewer callers remain."""
@@ -506,9 +507,15 @@ class DynamicBatcher:
         return request.future
 
     def _admit(self, request: PendingRequest) -> None:
-        """Raises Rejected when `request` cannot be queued, or cannot be answered before
-        its deadline: when the rows ahead of it and its own, in batches as long as recent
-        ones of their sizes (ServiceRate), would take longer than the time it has left."""
+        refused = self.refusal(request.rows, request.deadline)
+        if refused is not None:
+            raise refused
+
+    def refusal(self, rows: int, deadline: float | None) -> Rejected | None:
+        """Why a request of `rows` with `deadline` (time.monotonic(); None: none) cannot
+        be queued now, or cannot be answered before its deadline: when the rows ahead of
+        it and its own, in batches as long as recent ones of their sizes (ServiceRate),
+        would take longer than the time it has left. None: it would be admitted."""
         ahead = self._queued_rows + self._running_rows
         wait_s = self.drain_s(ahead)
         retry_ms = (
@@ -516,8 +523,8 @@ class DynamicBatcher:
             if wait_s is None
             else min(max(1, int(wait_s * 1000) + 1), MAX_RETRY_AFTER_MS)
         )
-        if self._queued_rows + request.rows > self.policy.max_queue_rows:
-            raise Rejected(
+        if self._queued_rows + rows > self.policy.max_queue_rows:
+            return Rejected(
                 f"Exceeds maximum queue size: model '{self.name}' has "
                 f"{self._queued_rows} of {self.policy.max_queue_rows} rows queued; "
                 f"retry after {retry_ms} ms",
@@ -525,32 +532,46 @@ class DynamicBatcher:
                 retry_ms,
             )
         if wait_s is None:
-            return
+            return None
         bound_s = self.policy.max_queue_wait_s
         if bound_s > 0:
-            # A slow model's one running batch must not refuse the next request: the
-            # bound is never below two batches' time.
-            bound_s = max(bound_s, 2 * (self.rate.batch_s or 0.0))
+            # A slow model's one running request must not refuse the next: the bound is
+            # never below two 1-row batches' time. Not two recent batches': under
+            # overload those are full and slow (64 rows of an MLP 13x the heavy demo's
+            # took ~250 ms on half a CPU), and requests then waited ~500 ms against a
+            # 100 ms bound.
+            bound_s = max(bound_s, 2 * (self.rate.batch_time(1) or 0.0))
             if wait_s > bound_s:
-                raise Rejected(
+                return Rejected(
                     f"Queue too long: model '{self.name}' has {ahead} rows ahead, about "
                     f"{wait_s * 1000:.0f} ms of work (bound {bound_s * 1000:.0f} ms); "
                     f"retry after {retry_ms} ms",
                     "queue_wait",
                     retry_ms,
                 )
-        if request.deadline is None:
-            return
-        left_s = request.deadline - time.monotonic()
-        done_s = self.drain_s(ahead + request.rows) or 0.0
+        if deadline is None:
+            return None
+        left_s = deadline - time.monotonic()
+        done_s = self.drain_s(ahead + rows) or 0.0
         if done_s > left_s:
-            raise Rejected(
+            return Rejected(
                 f"Cannot answer before the deadline: model '{self.name}' has {ahead} rows "
                 f"ahead, {done_s * 1000:.0f} ms of work with its own, and the request has "
                 f"{max(left_s, 0) * 1000:.0f} ms left; retry after {retry_ms} ms",
                 "deadline",
                 retry_ms,
             )
+        return None
+
+    def refuses_any(self) -> int | None:
+        """The retry hint (ms) when even a 1-row request without a deadline would be
+        refused now (queue full, or past the queue-wait bound); None otherwise, and at
+        once while nothing is queued or running: it is asked as each call arrives (the
+        service's refusal at the door, main.py)."""
+        if not self._queued_rows and not self._running_rows:
+            return None
+        refused = self.refusal(1, None)
+        return None if refused is None else refused.retry_after_ms
 
     async def infer(self, request: PendingRequest) -> dict[str, np.ndarray]:
         """Submits and waits for the outputs."""

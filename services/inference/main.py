@@ -490,6 +490,8 @@ def build(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime) -> 
             else None
         ),
         shed_methods=(f"/{SERVICE_NAME}/ModelInfer",),
+        # What admission would refuse anyway, refused before the body is read.
+        door=repository.refusing_every_call,
     )
 
 

@@ -187,6 +187,19 @@ class ModelRepository:
     def loaded(self) -> list[ModelVersion]:
         return [v for entry in self._models.values() for v in entry.versions.values()]
 
+    def refusing_every_call(self) -> int | None:
+        """The shortest retry hint (ms) when every loaded version's batcher would refuse
+        any request now (so a call can be refused before its body is read); None while
+        one would take a request, or nothing is loaded."""
+        hints = []
+        for entry in self._models.values():
+            for version in entry.versions.values():
+                hint = version.batcher.refuses_any()
+                if hint is None:
+                    return None
+                hints.append(hint)
+        return min(hints) if hints else None
+
     def versions(self, name: str) -> list[ModelVersion]:
         entry = self._models.get(name)
         if entry is None:

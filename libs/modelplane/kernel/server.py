@@ -49,7 +49,7 @@ from modelplane.kernel.interceptors import (
     WrappedHandlers,
     rewrap,
 )
-from modelplane.kernel.load_shedding import AioLoadShedInterceptor, LoopLagShedder
+from modelplane.kernel.load_shedding import AioLoadShedInterceptor, Door, LoopLagShedder
 from modelplane.kernel.logs import configure_logging
 from modelplane.kernel.metrics import MetricsServer, new_registry
 from modelplane.kernel.settings import ServiceSettings
@@ -518,14 +518,16 @@ class AioServiceServer(_ServiceServerBase):
         handler_threads: int = 0,
         shedder: LoopLagShedder | None = None,
         shed_methods: Collection[str] = (),
+        door: Door | None = None,
     ) -> None:
         """`handler_threads`: threads that run synchronous unary handlers (see
         AioThreadedHandlers); 0 when every handler is a coroutine. `shedder`: refuses a
-        share of new calls to `shed_methods` while the event loop falls behind
-        (load_shedding.py)."""
+        share of new calls to `shed_methods` while the event loop falls behind; `door`:
+        refuses each of them at once while it gives a retry hint (load_shedding.py)."""
         super().__init__(settings, name, service_names, registry)
         self._shedder = shedder
         self._shed_methods = shed_methods
+        self._door = door
         self._add_servicers = add_servicers
         self._on_stop = list(on_stop)
         self._on_role_denied = on_role_denied
@@ -545,9 +547,11 @@ class AioServiceServer(_ServiceServerBase):
         interceptors.extend(
             aio_auth_interceptors(self.settings, self.registry, self._on_role_denied)
         )
-        if self._shedder is not None:
+        if self._shedder is not None or self._door is not None:
             # First after authentication: a refused call must cost as little as can be.
-            interceptors.append(AioLoadShedInterceptor(self._shedder, self._shed_methods))
+            interceptors.append(
+                AioLoadShedInterceptor(self._shed_methods, self._shedder, self._door, self.registry)
+            )
         # After authentication, which refuses a caller at its headers, before its body.
         interceptors.append(self._bounds)
         interceptors.append(AioDrainInterceptor(self._drain))

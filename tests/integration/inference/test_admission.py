@@ -1,6 +1,7 @@
 """Admission control over real gRPC: a request whose deadline comes before the work queued
 ahead of it is refused at once with UNAVAILABLE and a `grpc-retry-pushback-ms` trailer,
-and counted by reason; a request without a deadline still waits its turn.
+and counted by reason; a request without a deadline still waits its turn. While every
+loaded model would refuse any request, calls are refused at their headers (the door).
 
 The instance is held busy by the gate and the model's batch times are set by hand, so the
 work ahead is known exactly (no sleeps, no timing assertions)."""
@@ -8,12 +9,14 @@ work ahead is known exactly (no sleeps, no timing assertions)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
 from inference import grpc_service_pb2 as pb
+from modelplane.examples.models import LIGHT_MLP, mlp, write_model
 from tests.integration.inference.conftest import WAIT, Gate, fp32_request, output, serving
 from tests.integration.inference.test_batching_service import hold_instance
 from tests.support import wait_until
@@ -66,17 +69,80 @@ def test_a_shed_call_is_refused_at_its_headers_and_other_methods_go_on(repositor
         shedder = server._shedder
         assert shedder is not None
         shedder.admit = lambda: False  # type: ignore[method-assign]
-        channel = grpc.insecure_channel(server.address)
-        raw = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
-        for body in (fp32_request("light", x).SerializeToString(), b"\xff\x00 not protobuf"):
-            with pytest.raises(grpc.RpcError) as shed:
-                raw(body, timeout=WAIT)
-            assert shed.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "overloaded" in shed.value.details()
-            assert dict(shed.value.trailing_metadata())["grpc-retry-pushback-ms"] == "50"
+        assert_refused_at_headers(server.address, x, "overloaded", "50")
         assert stub.ServerLive(pb.ServerLiveRequest(), timeout=WAIT).live
         assert stub.ModelReady(pb.ModelReadyRequest(name="light"), timeout=WAIT).ready
 
         del shedder.admit  # the real one: the idle loop keeps up, so all are let through
         assert output(stub.ModelInfer(fp32_request("light", x), timeout=WAIT)).shape == (1, 8)
-        channel.close()
+
+
+def assert_refused_at_headers(address: str, x: np.ndarray, words: str, retry_ms: str) -> None:
+    """ModelInfer answers UNAVAILABLE with `words` and the retry hint before its body is
+    read: an unparseable body is refused the same way."""
+    with grpc.insecure_channel(address) as channel:
+        raw = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for body in (fp32_request("light", x).SerializeToString(), b"\xff\x00 not protobuf"):
+            with pytest.raises(grpc.RpcError) as refused:
+                raw(body, timeout=WAIT)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert words in refused.value.details()
+            assert dict(refused.value.trailing_metadata())["grpc-retry-pushback-ms"] == retry_ms
+
+
+def _past_the_bound(server, stub, gate: Gate, x: np.ndarray) -> list[grpc.Future]:
+    """`light` busy with 1 row, batches of 0.1 s a row, a 0.25 s queue-wait bound and 2
+    rows queued: 0.3 s ahead, so any further request would be refused."""
+    batcher = server.repository.get("light").batcher
+    first = hold_instance(server, stub, gate, "light", fp32_request("light", x))
+    batcher.rate = KnownLine(0.0, 0.1)
+    batcher.policy = dataclasses.replace(batcher.policy, max_queue_wait_s=0.25)
+    queued = [stub.ModelInfer.future(fp32_request("light", x), timeout=WAIT) for _ in range(2)]
+    wait_until(lambda: batcher.queued_rows == 2, WAIT)
+    return [first, *queued]
+
+
+def test_while_every_model_would_refuse_calls_are_refused_at_their_headers(tmp_path: Path):
+    root = tmp_path / "models"
+    write_model(mlp(LIGHT_MLP, seed=3, name="light"), root, "light")
+    gate = Gate()
+    x = np.zeros((1, 64), np.float32)
+    with serving(root, gate) as (server, stub):
+        admitted = _past_the_bound(server, stub, gate, x)
+        assert_refused_at_headers(server.address, x, "past its bound", "301")  # 3 rows ahead
+        assert stub.ServerLive(pb.ServerLiveRequest(), timeout=WAIT).live  # not guarded
+
+        def count(name: str, **labels: str) -> float | None:
+            return server.registry.get_sample_value(name, labels)
+
+        assert count("modelplane_grpc_calls_refused_at_door_total") == 2
+        rejected = {"model": "light", "version": "1", "outcome": "rejected"}
+        assert count("modelplane_inference_requests_total", **rejected, reason="queue_wait") == 0
+
+        gate.open()
+        assert all(output(f.result(WAIT)).shape == (1, 8) for f in admitted)
+        # Nothing ahead any more: calls go through again.
+        assert output(stub.ModelInfer(fp32_request("light", x), timeout=WAIT)).shape == (1, 8)
+
+
+def test_while_another_model_would_take_a_request_the_door_lets_calls_in(repository):
+    gate = Gate()
+    x = np.zeros((1, 64), np.float32)
+    with serving(repository, gate) as (server, stub):
+        admitted = _past_the_bound(server, stub, gate, x)
+        # `echo` and the others are idle, so the call is read and refused by `light`'s
+        # own admission, by reason.
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(fp32_request("light", x), timeout=WAIT)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "Queue too long" in refused.value.details()
+        assert (
+            server.registry.get_sample_value(
+                "modelplane_inference_requests_total",
+                {"model": "light", "version": "1", "outcome": "rejected", "reason": "queue_wait"},
+            )
+            == 1
+        )
+        assert server.registry.get_sample_value("modelplane_grpc_calls_refused_at_door_total") == 0
+        gate.open()
+        assert all(output(f.result(WAIT)).shape == (1, 8) for f in admitted)

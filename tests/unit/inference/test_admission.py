@@ -209,6 +209,45 @@ async def test_a_slow_models_next_batch_is_never_refused_by_a_short_bound():
     await batcher.close()
 
 
+async def test_the_queue_wait_bound_holds_after_long_full_batches():
+    # Recent batches: full ones of 64 rows in 257 ms and 1-row ones in 5 ms, the line
+    # 1 ms + 4 ms a row. The 0.1 s bound is floored at two 1-row batches (10 ms), not at
+    # two recent batches (~0.26 s, under which requests waited ~0.5 s behind full ones).
+    batcher, runner, first = await start_busy(BatchingPolicy(max_queue_wait_s=0.1))
+    rate = ServiceRate()
+    for _ in range(5):
+        rate.add(64, 257_000_000)
+        rate.add(1, 5_000_000)
+    batcher.rate = rate
+    assert rate.batch_s is not None and 2 * rate.batch_s > 0.2
+    waiting = [request(float(i)) for i in range(24)]
+    for pending in waiting:
+        batcher.submit(pending)  # the last one behind 24 rows: 0.097 s
+    hint = batcher.refuses_any()  # 25 rows ahead: 0.101 s
+    assert hint is not None and 100 <= hint <= 103
+    with pytest.raises(Rejected) as long_wait:
+        batcher.submit(request(1.0))
+    assert long_wait.value.reason == "queue_wait"
+    assert long_wait.value.retry_after_ms == hint
+    assert batcher.queued_rows == 24
+    runner.open()
+    await settle(first, *waiting)
+    assert batcher.refuses_any() is None  # nothing ahead any more
+    await batcher.close()
+
+
+async def test_refuses_any_answers_for_a_1_row_request_without_a_deadline():
+    batcher, runner, admitted = await busy_with_known_line(1.0, 1.0, queued=60)  # a minute
+    assert batcher.refuses_any() is None  # no queue-wait bound, room for 4 more rows
+    unhurried = request(1.0, 2.0, 3.0, 4.0)
+    batcher.submit(unhurried)
+    assert batcher.refuses_any() == 10_000  # the queue is full: the capped hint
+    runner.open()
+    await settle(*admitted, unhurried)
+    assert batcher.refuses_any() is None
+    await batcher.close()
+
+
 async def test_the_queue_wait_bound_keeps_to_the_recent_batches():
     # Fast batches (1 ms + 0.1 ms a row), bound 0.1 s: a full queue is a few ms of work.
     batcher, runner, admitted = await busy_with_known_line(

@@ -27,8 +27,8 @@ class ChaosConfig:
     overload_factor: float = 5.0
     """The open-loop arrival rate, in multiples of the measured capacity (one run)."""
     overload_factors: str = "2,5"
-    """The overload runs, each its own row: 2x, within what one CPU can receive and refuse,
-    and the issue's 5x, beyond it."""
+    """The overload runs, each its own row: 2x, and the issue's 5x, where taking the calls
+    alone fills about half of the service's one CPU."""
     overload_s: float = 10.0
     overload_layers: str = "512,8192,8192,16"
     """The MLP served in the overload: 13x the heavy demo's work per row (a 285 MB model
