@@ -159,7 +159,8 @@ class Settings(ServiceSettings):
         SERVING_THRESHOLD,
         ge=0,
         description="Python GC young-generation threshold for `serve` (0 keeps Python's 700); "
-        "see modelplane.kernel.gc_tuning.",
+        "see modelplane.kernel.gc_tuning. Thousands of calls a second on one CPU: 5000 "
+        "(shorter collector pauses; README, Overload).",
     )
     monitoring: str | None = Field(
         None,

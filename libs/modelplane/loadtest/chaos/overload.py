@@ -85,6 +85,7 @@ async def run_overload(root: Path, config: ChaosConfig) -> ScenarioRow:
         "MODELPLANE_INFERENCE_MAX_QUEUE_WAIT_US": str(config.queue_wait_ms * 1000),
         "MODELPLANE_INFERENCE_RUNTIME_THREAD_NICE": str(config.runtime_nice),
         "MODELPLANE_INFERENCE_SHED_LOOP_LAG_US": str(config.shed_lag_us),
+        "MODELPLANE_INFERENCE_GC_THRESHOLD": str(config.gc_threshold),
     }
     service = inference_process(
         root,
@@ -99,7 +100,8 @@ async def run_overload(root: Path, config: ChaosConfig) -> ScenarioRow:
         service.rss_mb,
         placement(cpus[-1] if pinned else None, harness_cpus),
         f"the service's queue-wait bound {config.queue_wait_ms} ms, load shedding past "
-        f"{config.shed_lag_us} µs of loop lag, runtime threads at nice {config.runtime_nice}",
+        f"{config.shed_lag_us} µs of loop lag, runtime threads at nice {config.runtime_nice}, "
+        f"GC threshold {config.gc_threshold}",
     )
     service.start()
     try:
