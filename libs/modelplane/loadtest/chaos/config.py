@@ -53,8 +53,8 @@ class ChaosConfig:
     """The inference service's gc_threshold in the overload (default 20,000). At ~2,500
     calls a second each leaves a few objects in reference cycles inside grpc.aio, so with
     20,000 a young collection freed them every ~1.3 s and held the event loop 5-12 ms
-    each time, every call arriving meanwhile waiting (refusals' p99 median 10.2 ms in 7
-    runs); with 5,000 the pauses stayed under ~4 ms (median 7.3 ms)."""
+    each time, every call arriving meanwhile waiting; with 5,000 the pauses stayed under
+    ~4 ms."""
     runtime_nice: int = 10
     """The inference service's runtime_thread_nice in the overload (default 0), as for a
     service on a CPU of its own: the event loop answers calls before the model computes,
