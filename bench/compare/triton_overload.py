@@ -41,6 +41,7 @@ from modelplane.loadtest.chaos.overload import (
     overload_layers,
     placement,
     run_overload,
+    split_cpus,
     write_heavy_repository,
 )
 from modelplane.loadtest.chaos.processes import rss_mb
@@ -80,18 +81,13 @@ def pytriton(
 
 
 async def anchor_row(root: Path, config: ChaosConfig, args: argparse.Namespace) -> ScenarioRow:
-    cpus = sorted(os.sched_getaffinity(0))
-    pinned = bool(config.pin) and len(cpus) >= 2
+    server_cpu, harness = split_cpus(config)
     model = root / "models" / HEAVY_MODEL / "1" / "model.onnx"
-    harness = frozenset(cpus[:-1]) if pinned else frozenset()
-    with pytriton(model, cpus[-1] if pinned else None, args, root / "pytriton.log") as (
-        address,
-        pid,
-    ):
+    with pytriton(model, server_cpu, args, root / "pytriton.log") as (address, pid):
         target = OverloadTarget(
             address,
             lambda: tree_rss_mb(pid),
-            placement(cpus[-1] if pinned else None, harness, "server"),
+            placement(server_cpu, harness, "server"),
             f"Triton's queue policy: UNAVAILABLE past {args.max_queue_size} requests queued"
             + (
                 f" or {args.queue_timeout_us / 1e3:g} ms in the queue"

@@ -79,8 +79,7 @@ class OverloadTarget:
 
 
 async def run_overload(root: Path, config: ChaosConfig) -> ScenarioRow:
-    cpus = sorted(os.sched_getaffinity(0))
-    pinned = bool(config.pin) and len(cpus) >= 2
+    server_cpu, harness_cpus = split_cpus(config)
     env = {
         "MODELPLANE_INFERENCE_MAX_QUEUE_WAIT_US": str(config.queue_wait_ms * 1000),
         "MODELPLANE_INFERENCE_RUNTIME_THREAD_NICE": str(config.runtime_nice),
@@ -91,14 +90,13 @@ async def run_overload(root: Path, config: ChaosConfig) -> ScenarioRow:
         root,
         root / "overload-inference",
         env=env,
-        cpus=str(cpus[-1]) if pinned else "",
+        cpus="" if server_cpu is None else str(server_cpu),
         layers=overload_layers(config),
     )
-    harness_cpus = frozenset(cpus[:-1]) if pinned else frozenset()
     target = OverloadTarget(
         service.address,
         service.rss_mb,
-        placement(cpus[-1] if pinned else None, harness_cpus),
+        placement(server_cpu, harness_cpus),
         f"the service's queue-wait bound {config.queue_wait_ms} ms, load shedding past "
         f"{config.shed_lag_us} µs of loop lag, runtime threads at nice {config.runtime_nice}, "
         f"GC threshold {config.gc_threshold}",
@@ -108,6 +106,15 @@ async def run_overload(root: Path, config: ChaosConfig) -> ScenarioRow:
         return await drive_overload(target, config, harness_cpus, "inference")
     finally:
         service.stop()
+
+
+def split_cpus(config: ChaosConfig) -> tuple[int | None, frozenset[int]]:
+    """The CPU the overloaded server runs on (the last; None: not pinned) and the
+    harness's (the others; empty: any)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not config.pin or len(cpus) < 2:
+        return None, frozenset()
+    return cpus[-1], frozenset(cpus[:-1])
 
 
 def overload_layers(config: ChaosConfig) -> tuple[int, ...]:
