@@ -285,12 +285,23 @@ class ServiceRate:
     bound every request past the first few was refused, so batches stayed small and the
     estimate stayed wrong (27 requests a second served, against ~800 possible).
 
-    While recent batches are all about one size the line cannot be fitted: any batch is
-    then taken to last as long as they did. That errs towards admitting (a burst after
-    1-row batches is larger batches that each take a little longer), and the batches it
-    admits give the sizes that fit the line; erring the other way never recovers."""
+    While recent batches are all about one size, or larger ones took less time (noise: a
+    small batch that waited for a busy CPU), there is no line to fit. A smaller batch is
+    then taken to last as long as they did, and a larger one longer in proportion to its
+    rows: no batch takes longer, whatever the line, as long as neither of its terms is
+    negative. Taking any batch to last as long as recent ones, as before, was wrong at
+    5x overload on one CPU: the batches settled at 21 rows (100 ms), 64 rows were
+    admitted as 100 ms of work and took 215 ms, and the next 64 240 ms (p99 2.9x the
+    at-capacity one); after a 1-row batch took 141 ms, 64 rows were taken as 61 ms and
+    took 252. Proportional for every size was wrong the other way (after 1-row batches
+    of 8 ms, 16 rows as 128 ms of work when they were one 9 ms batch: under a 100 ms
+    bound the batches stayed small and the estimate wrong, 27 requests a second served
+    of ~800); taken so only above the usual size, the bound still admits batches larger
+    than it whenever they took less than the bound, and those give the sizes that fit a
+    line. (Keeping the last line fitted, scaled, does not help: a decayed fit drifts
+    flat as the sizes gather around one.)"""
 
-    __slots__ = ("_b", "_bb", "_bt", "_fixed", "_per_row", "_t", "_w")
+    __slots__ = ("_b", "_bb", "_bt", "_fixed", "_per_row", "_t", "_usual", "_w")
 
     DECAY = 0.9
     """Weight kept by the past at each batch: the estimate follows ~10 batches, so one
@@ -304,6 +315,7 @@ class ServiceRate:
         self._bt = 0.0  # ... sum of rows x seconds
         self._fixed = 0.0  # the line, fitted once per batch (admission reads it per call)
         self._per_row = 0.0
+        self._usual = 0.0  # the size of recent batches while there is no line (0: a line)
 
     def add(self, rows: int, ns: int) -> None:
         if rows <= 0 or ns <= 0:
@@ -321,14 +333,16 @@ class ServiceRate:
         mean_rows = self._b / self._w
         mean_s = self._t / self._w
         spread = self._bb / self._w - mean_rows * mean_rows  # variance of the sizes
-        if spread < max(1.0, (0.1 * mean_rows) ** 2):
-            self._fixed, self._per_row = mean_s, 0.0  # one size lately: see the docstring
+        per_row = 0.0
+        if spread >= max(1.0, (0.1 * mean_rows) ** 2):
+            per_row = (self._bt / self._w - mean_rows * mean_s) / spread
+        if per_row <= 0:  # no line in recent batches: see the docstring
+            self._fixed, self._per_row, self._usual = mean_s, 0.0, mean_rows
             return
-        per_row = max(0.0, (self._bt / self._w - mean_rows * mean_s) / spread)
         fixed = mean_s - per_row * mean_rows
         if fixed < 0:  # noise: no batch takes less than nothing
             fixed, per_row = 0.0, mean_s / mean_rows
-        self._fixed, self._per_row = fixed, per_row
+        self._fixed, self._per_row, self._usual = fixed, per_row, 0.0
 
     @property
     def batch_s(self) -> float | None:
@@ -341,6 +355,8 @@ class ServiceRate:
         """Seconds a batch of `rows` would hold an instance (None until one finished)."""
         if self._w <= 0:
             return None
+        if self._usual and rows > self._usual:
+            return self._fixed * rows / self._usual
         return self._fixed + self._per_row * rows
 
     def drain_s(self, rows: int, max_batch: int, instances: int) -> float | None:

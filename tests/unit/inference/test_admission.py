@@ -50,16 +50,28 @@ def test_a_batch_s_time_is_a_line_in_its_rows_fitted_to_recent_batches():
     assert rate.batch_time(16) == pytest.approx(0.034, rel=0.01)
 
 
-def test_batches_of_one_size_make_any_batch_take_as_long():
-    """The case a rows-per-second rate got wrong: after 1-row batches of 8 ms, 16 queued
-    rows are one batch, not 16 x 8 ms (which refused them under a 100 ms bound, kept the
-    batches small and the estimate wrong)."""
+def test_after_batches_of_one_size_a_larger_batch_takes_at_most_proportionally_longer():
+    """Whatever the line is (neither term negative), a batch of 16 rows after 1-row
+    batches of 8 ms takes at most 16 x 8 ms and a smaller one at most 8 ms. A 100 ms
+    bound still admits a batch of 12 (96 ms), and once one larger batch ran the line is
+    fitted: a rows-per-second rate for every size had kept the batches at one row for
+    good. Taking any batch as long as recent ones had, at 5x overload, admitted 64 rows
+    after batches of 21 as 100 ms of work; they took 215."""
     rate = ServiceRate()
     for _ in range(5):
         rate.add(1, 8_000_000)
-    assert rate.batch_time(16) == pytest.approx(0.008)
-    assert rate.drain_s(16, 64, 1) == pytest.approx(0.008)
-    assert rate.drain_s(130, 64, 1) == pytest.approx(3 * 0.008)
+    assert rate.batch_time(1) == pytest.approx(0.008)
+    assert rate.batch_time(16) == pytest.approx(0.128)
+    assert rate.drain_s(12, 64, 1) == pytest.approx(0.096)
+    assert rate.drain_s(130, 64, 1) == pytest.approx(130 * 0.008)
+    rate.add(12, 9_000_000)  # the 12 rows were one 9 ms batch
+    assert rate.batch_time(16) < 0.012
+    assert rate.drain_s(64, 64, 1) < 0.1
+    rate = ServiceRate()
+    for _ in range(5):
+        rate.add(21, 100_000_000)  # batches of 21 rows lately
+    assert rate.batch_time(4) == pytest.approx(0.1)
+    assert rate.batch_time(64) == pytest.approx(0.1 * 64 / 21)
 
 
 def test_a_line_through_noise_never_gives_a_batch_less_than_nothing():
@@ -69,8 +81,10 @@ def test_a_line_through_noise_never_gives_a_batch_less_than_nothing():
     assert rate.batch_time(1) is not None and rate.batch_time(1) > 0
     rate = ServiceRate()
     rate.add(10, 50_000_000)
-    rate.add(60, 40_000_000)  # larger batches faster: no per-row cost, no negative one
-    assert rate.batch_time(1) == pytest.approx(rate.batch_time(64))
+    rate.add(60, 40_000_000)  # larger batches faster: no line, as after batches of one size
+    assert rate.batch_time(1) == pytest.approx(rate.batch_time(30))  # up to their size
+    mean_rows, mean_s = (0.9 * 10 + 60) / 1.9, (0.9 * 0.05 + 0.04) / 1.9
+    assert rate.batch_time(64) == pytest.approx(mean_s * 64 / mean_rows)  # then in proportion
 
 
 async def test_finished_batches_set_the_time_of_all_instances():
