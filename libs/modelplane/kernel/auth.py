@@ -36,7 +36,15 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,7 +53,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter
 
-from modelplane.kernel.interceptors import WrappedHandlers, rewrap
+from modelplane.kernel.interceptors import WrappedHandlers, read_out, rewrap
 from modelplane.kernel.logs import RateLimitedLog
 from modelplane.kernel.settings import ServiceSettings
 
@@ -631,7 +639,10 @@ class AioAuthInterceptor(grpc.aio.ServerInterceptor):
         self._authorizer = authorizer
         self._handlers = WrappedHandlers(
             lambda handler, method: rewrap(
-                handler, lambda behavior, _cs, streaming: self._wrap(behavior, streaming, method)
+                handler,
+                lambda behavior, client_streaming, streaming: self._wrap(
+                    behavior, client_streaming, streaming, method
+                ),
             )
         )
 
@@ -646,25 +657,34 @@ class AioAuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         return self._handlers.get(handler, method)
 
-    async def _admit(self, method: str, context: grpc.aio.ServicerContext) -> Principal:
+    async def _admit(
+        self, method: str, context: grpc.aio.ServicerContext, requests: Any = None
+    ) -> Principal:
+        """The caller's principal, or the call refused; a client stream (`requests`) is
+        read out first, else its client may read INTERNAL instead (interceptors.py)."""
         try:
             return self._authorizer.check(
                 method, context.invocation_metadata(), _certificate_name(self._authorizer, context)
             )
         except _Denied as denied:
             self._authorizer.record(method, denied, context.peer())
+            if requests is not None:
+                await read_out(requests)
             await context.abort(denied.code, denied.message)
             raise  # unreachable: abort raises
 
     def _wrap(
-        self, behavior: Callable[..., Any], streaming: bool, method: str
+        self, behavior: Callable[..., Any], client_streaming: bool, streaming: bool, method: str
     ) -> Callable[..., Any]:
+        def admit(request: Any, context: grpc.aio.ServicerContext) -> Awaitable[Principal]:
+            return self._admit(method, context, request if client_streaming else None)
+
         if streaming and inspect.isasyncgenfunction(behavior):
 
             async def gen_wrapper(
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
-                token = _principal.set(await self._admit(method, context))
+                token = _principal.set(await admit(request, context))
                 try:
                     async for response in behavior(request, context):
                         yield response
@@ -674,7 +694,7 @@ class AioAuthInterceptor(grpc.aio.ServerInterceptor):
             return gen_wrapper
 
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            token = _principal.set(await self._admit(method, context))
+            token = _principal.set(await admit(request, context))
             try:
                 return await behavior(request, context)
             finally:

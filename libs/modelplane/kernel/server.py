@@ -47,6 +47,7 @@ from modelplane.kernel.interceptors import (
     AioWrappingInterceptor,
     SyncErrorInterceptor,
     WrappedHandlers,
+    read_out,
     rewrap,
 )
 from modelplane.kernel.load_shedding import AioLoadShedInterceptor, Door, LoopLagShedder
@@ -181,7 +182,7 @@ class AioDrainInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if self._drain.started:
             self._drain.refused()
-            return rewrap(handler, lambda *_: _refuse_aio)
+            return rewrap(handler, _refusal_aio)
         return self._counted.get(handler, method)
 
     def _count(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
@@ -211,7 +212,18 @@ class AioDrainInterceptor(grpc.aio.ServerInterceptor):
         return call
 
 
+def _refusal_aio(
+    _behavior: Callable[..., Any], client_streaming: bool, _streaming: bool
+) -> Callable[..., Any]:
+    return _refuse_stream_aio if client_streaming else _refuse_aio
+
+
 async def _refuse_aio(request: Any, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+
+
+async def _refuse_stream_aio(requests: Any, context: grpc.aio.ServicerContext) -> None:
+    await read_out(requests)  # else its client may read INTERNAL, not UNAVAILABLE
     await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
 

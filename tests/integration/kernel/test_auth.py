@@ -3,6 +3,8 @@ the principal visible to handlers (unary and streaming)."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -19,6 +21,7 @@ from tests.support import running_aio_in_thread, running_sync
 REGISTRY = "modelplane.registry.v1.RegistryService"
 INFERENCE = "inference.GRPCInferenceService"
 GET_MODEL = f"/{REGISTRY}/GetModel"  # reader
+UPLOAD = f"/{REGISTRY}/UploadVersion"  # writer, client streaming
 WATCH_MODEL = f"/{REGISTRY}/WatchModel"  # reader, server streaming
 SET_ALIAS = f"/{REGISTRY}/SetAlias"  # approver
 UNLOAD = f"/{INFERENCE}/RepositoryModelUnload"  # admin
@@ -38,6 +41,12 @@ async def _aio_stream(request: bytes, context: grpc.aio.ServicerContext) -> Asyn
         yield _who()
 
 
+async def _aio_upload(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+    async for _ in requests:
+        pass
+    return _who()
+
+
 def _sync_unary(request: bytes, context: grpc.ServicerContext) -> bytes:
     return _who()
 
@@ -47,16 +56,20 @@ def _sync_stream(request: bytes, context: grpc.ServicerContext) -> Iterator[byte
         yield _who()
 
 
-def _handlers(unary: Callable[..., object], stream: Callable[..., object]) -> list:
+def _handlers(
+    unary: Callable[..., object],
+    stream: Callable[..., object],
+    upload: Callable[..., object] | None = None,
+) -> list:
+    registry = {
+        "GetModel": grpc.unary_unary_rpc_method_handler(unary),
+        "SetAlias": grpc.unary_unary_rpc_method_handler(unary),
+        "WatchModel": grpc.unary_stream_rpc_method_handler(stream),
+    }
+    if upload is not None:
+        registry["UploadVersion"] = grpc.stream_unary_rpc_method_handler(upload)
     return [
-        grpc.method_handlers_generic_handler(
-            REGISTRY,
-            {
-                "GetModel": grpc.unary_unary_rpc_method_handler(unary),
-                "SetAlias": grpc.unary_unary_rpc_method_handler(unary),
-                "WatchModel": grpc.unary_stream_rpc_method_handler(stream),
-            },
-        ),
+        grpc.method_handlers_generic_handler(REGISTRY, registry),
         grpc.method_handlers_generic_handler(
             INFERENCE, {"RepositoryModelUnload": grpc.unary_unary_rpc_method_handler(unary)}
         ),
@@ -82,7 +95,9 @@ def _serve(kind: str, path: Path) -> AbstractContextManager[str]:
             settings,
             "auth-test",
             [REGISTRY],
-            lambda server: server.add_generic_rpc_handlers(_handlers(_aio_unary, _aio_stream)),
+            lambda server: server.add_generic_rpc_handlers(
+                _handlers(_aio_unary, _aio_stream, _aio_upload)
+            ),
         )
         return running_aio_in_thread(aio)
     sync = SyncServiceServer(
@@ -147,3 +162,39 @@ def test_tokens_and_roles(kind: str, tokens: tuple[Path, dict[str, str]]) -> Non
         # One principal's call does not leak into the next (thread pool reuse).
         assert get_model(b"", metadata=admin, timeout=5) == b"root"
         assert get_model(b"", metadata=reader, timeout=5) == b"rita"
+
+
+def test_an_upload_refused_while_its_client_still_writes_reads_the_refusal(
+    tokens: tuple[Path, dict[str, str]],
+) -> None:
+    """A client stream refused while its client is still writing: grpc.aio's client read
+    "Internal error from Core" (INTERNAL) instead of the code in a few percent of calls,
+    unless the refusal first reads what the client sends."""
+    path, made = tokens
+    reader = bearer_metadata(made["reader"])
+
+    async def uploads(address: str) -> collections.Counter[str]:
+        outcomes: collections.Counter[str] = collections.Counter()
+        async with grpc.aio.insecure_channel(address) as channel:
+            upload = channel.stream_unary(UPLOAD)
+
+            async def chunks() -> AsyncIterator[bytes]:
+                yield b"m" * 100
+                await asyncio.sleep(0.002)  # ok-sleep: still writing when refused
+                yield b"x" * 4000
+
+            async def one(metadata: tuple[tuple[str, str], ...]) -> None:
+                try:
+                    await upload(chunks(), metadata=metadata, timeout=5)
+                    outcomes["OK"] += 1
+                except grpc.RpcError as error:
+                    outcomes[error.code().name] += 1
+
+            for _ in range(10):
+                await asyncio.gather(*(one(()) for _ in range(10)))
+                await asyncio.gather(*(one(reader) for _ in range(10)))
+        return outcomes
+
+    with _serve("aio", path) as address:
+        outcomes = asyncio.run(uploads(address))
+    assert outcomes == {"UNAUTHENTICATED": 100, "PERMISSION_DENIED": 100}
