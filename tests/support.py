@@ -8,12 +8,14 @@ does."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
+import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelplane.client.credentials import ClientCredentials
@@ -124,3 +126,39 @@ def wait_until(condition: Callable[[], object], timeout: float = 20.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met")
         time.sleep(0.01)  # ok-sleep: polling interval; nothing to wait on instead
+
+
+def streams_still_writing(
+    address: str,
+    method: str,
+    first: bytes,
+    rest: bytes,
+    calls: int = 200,
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> collections.Counter[str]:
+    """How `calls` client-streaming calls to `method` ended ("OK" or a code's name) for a
+    grpc.aio client that sends `first`, pauses 2 ms, then `rest`, ten at a time: it is
+    still writing when a server that refuses the call at once answers."""
+
+    async def run() -> collections.Counter[str]:
+        outcomes: collections.Counter[str] = collections.Counter()
+        async with grpc.aio.insecure_channel(address) as channel:
+            stream = channel.stream_unary(method)
+
+            async def frames() -> AsyncIterator[bytes]:
+                yield first
+                await asyncio.sleep(0.002)  # ok-sleep: still writing when refused
+                yield rest
+
+            async def one() -> None:
+                try:
+                    await stream(frames(), metadata=metadata, timeout=20)
+                    outcomes["OK"] += 1
+                except grpc.RpcError as error:
+                    outcomes[error.code().name] += 1
+
+            for _ in range(calls // 10):
+                await asyncio.gather(*(one() for _ in range(10)))
+        return outcomes
+
+    return asyncio.run(run())

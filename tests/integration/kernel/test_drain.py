@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelplane.kernel.server import SHUTTING_DOWN, AioServiceServer, SyncServiceServer
 from modelplane.kernel.settings import ServiceSettings
-from tests.support import running_aio_in_thread, running_sync
+from tests.support import running_aio_in_thread, running_sync, streams_still_writing
 
 SERVICE = "test.Drain"
 WAIT = 20.0
@@ -65,20 +65,27 @@ def _stream_sync(request: bytes, context: grpc.ServicerContext) -> Iterator[byte
     yield b"one"
 
 
+def _upload_sync(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+    for _ in requests:
+        pass
+    return b"stored"
+
+
 def _handlers(
     slow: Callable[..., Any],
     fast: Callable[..., Any],
     stream: Callable[..., Any],
-    upload: Callable[..., Any] | None = None,
+    upload: Callable[..., Any],
 ):
-    methods = {
-        "Slow": grpc.unary_unary_rpc_method_handler(slow),
-        "Fast": grpc.unary_unary_rpc_method_handler(fast),
-        "Stream": grpc.unary_stream_rpc_method_handler(stream),
-    }
-    if upload is not None:
-        methods["Upload"] = grpc.stream_unary_rpc_method_handler(upload)
-    return grpc.method_handlers_generic_handler(SERVICE, methods)
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Slow": grpc.unary_unary_rpc_method_handler(slow),
+            "Fast": grpc.unary_unary_rpc_method_handler(fast),
+            "Stream": grpc.unary_stream_rpc_method_handler(stream),
+            "Upload": grpc.stream_unary_rpc_method_handler(upload),
+        },
+    )
 
 
 @contextmanager
@@ -95,7 +102,7 @@ def _serving(kind: str, slow: Slow) -> Iterator[tuple[str, Callable[[], Any]]]:
             loop = aio._server._loop  # type: ignore[union-attr]  # the server's own loop
             yield address, lambda: asyncio.run_coroutine_threadsafe(aio.stop(grace=WAIT), loop)
         return
-    handlers = _handlers(slow.sync, _fast_sync, _stream_sync)
+    handlers = _handlers(slow.sync, _fast_sync, _stream_sync, _upload_sync)
     sync = SyncServiceServer(
         settings, "drain", [SERVICE], lambda s: s.add_generic_rpc_handlers((handlers,))
     )
@@ -221,29 +228,8 @@ def test_uploads_refused_while_their_client_still_writes_read_unavailable():
         while health.Check(request, timeout=WAIT).status == health_pb2.HealthCheckResponse.SERVING:
             pass
 
-        async def uploads() -> collections.Counter[str]:
-            outcomes: collections.Counter[str] = collections.Counter()
-            async with grpc.aio.insecure_channel(address) as aio_channel:
-                upload = aio_channel.stream_unary(f"/{SERVICE}/Upload")
-
-                async def chunks() -> Any:
-                    yield b"m" * 100
-                    await asyncio.sleep(0.002)  # ok-sleep: still writing when refused
-                    yield b"x" * 4000
-
-                async def one() -> None:
-                    try:
-                        await upload(chunks(), timeout=WAIT)
-                        outcomes["OK"] += 1
-                    except grpc.RpcError as error:
-                        outcomes[f"{error.code().name} {error.details()}"] += 1
-
-                for _ in range(20):
-                    await asyncio.gather(*(one() for _ in range(10)))
-            return outcomes
-
-        outcomes = asyncio.run(uploads())
-        assert outcomes == {f"UNAVAILABLE {SHUTTING_DOWN}": 200}
+        outcomes = streams_still_writing(address, f"/{SERVICE}/Upload", b"m" * 100, b"x" * 4000)
+        assert outcomes == {"UNAVAILABLE": 200}
         slow.release.set()
         assert in_flight.result(WAIT) == b"finished"
         stopping.result(WAIT)

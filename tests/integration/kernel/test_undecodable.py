@@ -5,8 +5,6 @@ on both server kinds, and log it as one rate-limited line."""
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import logging
 from collections.abc import AsyncIterator, Iterator
 
@@ -17,7 +15,7 @@ from grpc_health.v1 import health_pb2
 from modelplane.kernel.logs import RateLimitedLog
 from modelplane.kernel.server import AioServiceServer, SyncServiceServer
 from modelplane.kernel.settings import ServiceSettings
-from tests.support import running_aio_in_thread, running_sync
+from tests.support import running_aio_in_thread, running_sync, streams_still_writing
 
 SERVICE = "test.Count"
 # Field 1 says "length-delimited, 2**63 bytes follow": no message parses from it.
@@ -103,30 +101,9 @@ def test_a_stream_failed_while_its_client_still_writes_reads_invalid_argument(tm
     """The frame that fails the call is the first; its client is still writing when the
     server answers. grpc.aio's client then read "Internal error from Core" (INTERNAL) in a
     few percent of calls, unless the server first reads what the client sends."""
-
-    async def calls(address: str) -> collections.Counter[str]:
-        outcomes: collections.Counter[str] = collections.Counter()
-        async with grpc.aio.insecure_channel(address) as channel:
-            count = channel.stream_unary(f"/{SERVICE}/Count")
-
-            async def frames() -> AsyncIterator[bytes]:
-                yield GARBAGE
-                await asyncio.sleep(0.002)  # ok-sleep: still writing when refused
-                yield GOOD * 400
-
-            async def one() -> None:
-                try:
-                    await count(frames(), timeout=10)
-                    outcomes["OK"] += 1
-                except grpc.RpcError as error:
-                    outcomes[error.code().name] += 1
-
-            for _ in range(20):
-                await asyncio.gather(*(one() for _ in range(10)))
-        return outcomes
-
     with running_aio_in_thread(_aio_server(tmp_path)) as address:
-        assert asyncio.run(calls(address)) == {"INVALID_ARGUMENT": 200}
+        outcomes = streams_still_writing(address, f"/{SERVICE}/Count", GARBAGE, GOOD * 400)
+    assert outcomes == {"INVALID_ARGUMENT": 200}
 
 
 def test_bad_input_is_logged_once_per_interval_with_a_count(caplog):
