@@ -23,9 +23,11 @@ from tests.integration.kernel.test_auth import (
     WATCH_MODEL,
     _aio_stream,
     _aio_unary,
+    _aio_upload,
     _handlers,
     _sync_stream,
     _sync_unary,
+    _sync_upload,
 )
 from tests.support import running_aio_in_thread, running_sync
 
@@ -58,14 +60,18 @@ def _serve(
             settings,
             "auth-cert-test",
             [REGISTRY],
-            lambda server: server.add_generic_rpc_handlers(_handlers(_aio_unary, _aio_stream)),
+            lambda server: server.add_generic_rpc_handlers(
+                _handlers(_aio_unary, _aio_stream, _aio_upload)
+            ),
         )
         return running_aio_in_thread(aio, credentials=ready)
     sync = SyncServiceServer(
         settings,
         "auth-cert-test",
         [REGISTRY],
-        lambda server: server.add_generic_rpc_handlers(_handlers(_sync_unary, _sync_stream)),
+        lambda server: server.add_generic_rpc_handlers(
+            _handlers(_sync_unary, _sync_stream, _sync_upload)
+        ),
         max_workers=4,
     )
     return running_sync(sync, credentials=ready)
