@@ -16,8 +16,13 @@ inference service process (`--via-service`), each beside the same ceiling;
 `--no-outputs` leaves them out. `--engine ray` is measured last, on a local Ray
 instance started then (its start printed apart), with the default actor pool (one actor
 per CPU, one ONNX Runtime thread each), beside a ceiling measured again; `--no-ray`
-leaves it out. A shared machine is noisy: `--repeat N` measures N times. `make bench`
-runs it."""
+leaves it out. Under each local run: what the job spends outside the model (reading and
+writing its first chunks, each timed alone on one CPU), and the most a job doing that
+could reach beside this ceiling. A shared machine is noisy: `--repeat N` measures N
+times. `make bench` runs it.
+
+The process gives Arrow the memory pool `modelplane score batch` gives its job
+(reuse_freed_buffers)."""
 
 import os
 import sys
@@ -59,7 +64,10 @@ from modelplane.scoring.batch import (  # noqa: E402
     BatchOptions,
     BatchResult,
     FileInput,
+    Scored,
+    reuse_freed_buffers,
     run_local,
+    write_parts,
 )
 from modelplane.scoring.model import (  # noqa: E402
     ModelRef,
@@ -157,6 +165,44 @@ def ceiling(model: ScoringModel, width: int, batch_rows: int, rows: int) -> tupl
     return found[way], way
 
 
+def outside_the_model(job: BatchJob, ceiling_rows_per_s: float) -> tuple[float, float, float]:
+    """The CPU the job spends a row outside the model, each part timed alone (no model
+    running beside it), over its first chunks up to a whole row group (chunks that split
+    one share its decoding), best of two: reading them into model input, and making and
+    writing their output. Returns both (us of one CPU a row) and the most a job doing
+    that work can reach against the ceiling: the model's CPU a row at the ceiling (every
+    CPU running it) over that plus this, with nothing lost to contention."""
+    scorer = job.scorer()
+    scored: list[Scored] = []  # the model's outputs, computed once (not timed)
+    per_row: list[tuple[float, float]] = []
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            options = replace(job.options, output=Path(out))
+            for _ in range(2):
+                read = write = 0.0
+                rows = 0
+                chunks = job.source.chunks(job.columns, options.chunk_rows, set())
+                for k, chunk in enumerate(chunks):
+                    began = time.thread_time()  # this thread's CPU: the job reads on one too
+                    table = chunk.load()
+                    x, reasons = scorer.prepare(chunk, table)
+                    read += time.thread_time() - began
+                    if k == len(scored):
+                        scored.append(scorer.predict(x, reasons))
+                    began = time.thread_time()
+                    write_parts(options, chunk, scorer.output_table(chunk, table, scored[k]))
+                    write += time.thread_time() - began
+                    rows += table.num_rows
+                    if rows >= ROW_GROUP:
+                        break
+                per_row.append((1e6 * read / rows, 1e6 * write / rows))
+    finally:
+        scorer.close()
+    read_us, write_us = min(per_row)
+    model_us = 1e6 * intra_op_threads() / ceiling_rows_per_s
+    return read_us, write_us, model_us / (model_us + read_us + write_us)
+
+
 @dataclass
 class Beside:
     """A job's result between two measurements of the ceiling."""
@@ -239,6 +285,13 @@ def measure(
             f"{local.after:,.0f}) -> {local.result.rows_per_s / top:.2f}x (target >= 0.80x)",
             flush=True,
         )
+        read_us, write_us, most = outside_the_model(measured.job, top)
+        print(
+            f"    outside the model, timed alone: reading {read_us:.2f} and writing "
+            f"{write_us:.2f} us of one CPU a row, against the model's "
+            f"{1e6 * intra_op_threads() / top:.2f} at the ceiling: at most {most:.2f}x here",
+            flush=True,
+        )
         if other_outputs:
             extra = work / f"{name}-outputs.parquet"
             extra_rows = min(rows, OUTPUTS_ROWS)
@@ -319,6 +372,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     print("batch scoring, Parquet in and out (rows/s, higher is better)", flush=True)
+    reuse_freed_buffers()  # as `modelplane score batch` does for its job
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         with registry(work / "registry") as address, RegistryClient(address) as client:

@@ -328,6 +328,7 @@ def run_batch(args: argparse.Namespace) -> int:
             )
             result = run_ray(job, ray_options)
         else:
+            batch.reuse_freed_buffers()  # this process runs the job
             result = batch.run_local(job)
     except (batch.BatchInputError, ManifestMismatch, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

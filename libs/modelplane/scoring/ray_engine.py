@@ -68,6 +68,7 @@ from modelplane.scoring.batch import (
     FileInput,
     ModelFeed,
     ParquetChunk,
+    reuse_freed_buffers,
     write_success,
 )
 from modelplane.scoring.manifest import ChunkManifest
@@ -146,6 +147,7 @@ class ChunkActor:
         from modelplane.scoring.model import fetch
 
         self.spec = spec
+        reuse_freed_buffers()  # the actor's process runs only this job's chunks
         with RegistryClient(spec.registry, credentials=spec.credentials) as registry:
             version = registry.get_version(spec.model, version=spec.version)
             if version.artifact.sha256 != spec.sha256:

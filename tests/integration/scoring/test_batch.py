@@ -98,6 +98,8 @@ def test_scores_files_exactly_as_onnx_runtime(registry, tmp_path, capsys):
     )
     assert code == 0
     assert "scored 7,500 rows" in capsys.readouterr().out
+    # The job's process keeps what a chunk frees for the next (reuse_freed_buffers).
+    assert pa.default_memory_pool().backend_name == "jemalloc"
     result = read_output(out)
     assert result[ROW_COLUMN].to_pylist() == list(range(7_500))
     assert result["id"].to_pylist() == rows["id"].to_pylist()
