@@ -86,9 +86,9 @@ def reuse_freed_buffers() -> bool:
     (mimalloc) does: each chunk allocates the same large buffers again (a heavy
     model's row group of 512-float lists decoded: 134 MB), and the next chunk then
     took fresh pages that the kernel faulted in and zeroed. For a process that runs a
-    job (the CLI, a Ray actor): measured on 2 CPUs, the heavy MLP's reader spent 8 us
-    of CPU a row against ~4-6, and a light job's first run in a process went from
-    ~830,000 to ~960,000 rows a second. False where pyarrow has no jemalloc (the
+    job (the CLI, a Ray actor): measured on 2 CPUs, the heavy MLP's reader spent ~8 us
+    of CPU a row against 5-6.5 with it, and a light job's first run in a process went
+    from ~830,000 to ~960,000 rows a second. False where pyarrow has no jemalloc (the
     default pool stays)."""
     try:
         pool = pa.jemalloc_memory_pool()
