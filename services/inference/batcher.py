@@ -31,8 +31,12 @@ threads) per *request*, which was most of its CPU (measured, see the inference i
   would take longer than `max_queue_wait_s` at the rate recent batches ran at, or could
   not be computed before its deadline. A rejection costs the
   caller a round trip instead of a wait ending in DEADLINE_EXCEEDED, and costs the
-  server no compute for an answer nobody would read. While even a 1-row request would
-  be refused (`refuses_any`), the service refuses calls before reading their body.
+  server no compute for an answer nobody would read. The estimate can be wrong (the
+  first batches of a flood run slower than those it was learned from), so a request
+  still queued once it has waited past the bound is refused then, as Triton's queue
+  timeout does: the bound holds for every request that runs. While even a 1-row
+  request would be refused (`refuses_any`), the service refuses calls before reading
+  their body.
 - A request whose deadline passed or whose caller went away is dropped before it runs.
   When a batch fails in the runtime, each of its requests is retried alone so one bad
   request fails alone.
@@ -234,6 +238,8 @@ class BatchObserver(Protocol):
 
     def request_failed(self, request: PendingRequest, reason: str) -> None: ...
 
+    def request_rejected(self, request: PendingRequest, reason: str) -> None: ...
+
 
 class NullObserver:
     def batch_done(
@@ -252,6 +258,9 @@ class NullObserver:
     def request_failed(self, request: PendingRequest, reason: str) -> None:
         pass
 
+    def request_rejected(self, request: PendingRequest, reason: str) -> None:
+        pass
+
 
 class Unloading(Unavailable):
     """The batcher closed between the caller's model lookup and its submit."""
@@ -266,7 +275,7 @@ class Rejected(Overloaded):
         self.reason = reason
 
 
-REJECT_REASONS = ("queue_full", "queue_wait", "deadline")
+REJECT_REASONS = ("queue_full", "queue_wait", "deadline", "queue_timeout")
 DEFAULT_RETRY_AFTER_MS = 100
 """The retry hint before any batch has finished (no service rate known yet)."""
 MAX_RETRY_AFTER_MS = 10_000
@@ -534,11 +543,7 @@ class DynamicBatcher:
         would take longer than the time it has left. None: it would be admitted."""
         ahead = self._queued_rows + self._running_rows
         wait_s = self.drain_s(ahead)
-        retry_ms = (
-            DEFAULT_RETRY_AFTER_MS
-            if wait_s is None
-            else min(max(1, int(wait_s * 1000) + 1), MAX_RETRY_AFTER_MS)
-        )
+        retry_ms = _retry_ms(wait_s)
         if self._queued_rows + rows > self.policy.max_queue_rows:
             return Rejected(
                 f"Exceeds maximum queue size: model '{self.name}' has "
@@ -549,22 +554,15 @@ class DynamicBatcher:
             )
         if wait_s is None:
             return None
-        bound_s = self.policy.max_queue_wait_s
-        if bound_s > 0:
-            # A slow model's one running request must not refuse the next: the bound is
-            # never below two 1-row batches' time. Not two recent batches': under
-            # overload those are full and slow (64 rows of an MLP 13x the heavy demo's
-            # took ~250 ms on half a CPU), and requests then waited ~500 ms against a
-            # 100 ms bound.
-            bound_s = max(bound_s, 2 * (self.rate.batch_time(1) or 0.0))
-            if wait_s > bound_s:
-                return Rejected(
-                    f"Queue too long: model '{self.name}' has {ahead} rows ahead, about "
-                    f"{wait_s * 1000:.0f} ms of work (bound {bound_s * 1000:.0f} ms); "
-                    f"retry after {retry_ms} ms",
-                    "queue_wait",
-                    retry_ms,
-                )
+        bound_s = self.wait_bound_s()
+        if bound_s > 0 and wait_s > bound_s:
+            return Rejected(
+                f"Queue too long: model '{self.name}' has {ahead} rows ahead, about "
+                f"{wait_s * 1000:.0f} ms of work (bound {bound_s * 1000:.0f} ms); "
+                f"retry after {retry_ms} ms",
+                "queue_wait",
+                retry_ms,
+            )
         if deadline is None:
             return None
         left_s = deadline - time.monotonic()
@@ -578,6 +576,17 @@ class DynamicBatcher:
                 retry_ms,
             )
         return None
+
+    def wait_bound_s(self) -> float:
+        """The queue-wait bound in force (0: none): `max_queue_wait_s`, never below two
+        1-row batches' time, so a slow model's one running request does not refuse the
+        next. Not two recent batches': under overload those are full and slow (64 rows
+        of an MLP 13x the heavy demo's took ~250 ms on half a CPU), and requests then
+        waited ~500 ms against a 100 ms bound."""
+        bound_s = self.policy.max_queue_wait_s
+        if bound_s <= 0:
+            return 0.0
+        return max(bound_s, 2 * (self.rate.batch_time(1) or 0.0))
 
     def refuses_any(self) -> int | None:
         """The retry hint (ms) when even a 1-row request without a deadline would be
@@ -708,6 +717,8 @@ class DynamicBatcher:
         queue_ = self._queue
         cap = self.policy.target_rows if self.policy.enabled else 0
         now = time.monotonic()
+        now_ns = time.perf_counter_ns()
+        timeout_ns = int(self.wait_bound_s() * 1e9)
         batch: list[PendingRequest] = []
         skipped: list[PendingRequest] = []
         rows = 0
@@ -719,6 +730,11 @@ class DynamicBatcher:
                 queue_.popleft()
                 self._queued_rows -= request.rows
                 self._drop(request, reason)
+                continue
+            if timeout_ns and now_ns - request.enqueued_ns > timeout_ns:
+                queue_.popleft()
+                self._queued_rows -= request.rows
+                self._time_out(request, now_ns, timeout_ns)
                 continue
             if batch:
                 if rows + request.rows > cap:
@@ -801,6 +817,27 @@ class DynamicBatcher:
         if future is not None and not future.done():
             future.set_exception(request.error)
 
+    def _time_out(self, request: PendingRequest, now_ns: int, timeout_ns: int) -> None:
+        """Refuses a queued request that has waited past the queue-wait bound (the
+        admission estimate was short): UNAVAILABLE with a retry hint, never run."""
+        retry_ms = _retry_ms(self.drain_s(self._queued_rows + self._running_rows))
+        request.error = Rejected(
+            f"Queue timeout: request to model '{self.name}' waited "
+            f"{(now_ns - request.enqueued_ns) / 1e6:.0f} ms in the queue, past the "
+            f"queue-wait bound ({timeout_ns / 1e6:.0f} ms); not executed; "
+            f"retry after {retry_ms} ms",
+            "queue_timeout",
+            retry_ms,
+        )
+        request.finished_ns = now_ns
+        try:
+            self._observer.request_rejected(request, "queue_timeout")
+        except Exception:
+            log.exception("batch observer failed", extra={"model": self.name})
+        future = request.future
+        if future is not None and not future.done():
+            future.set_exception(request.error)
+
     def _check_drained(self) -> None:
         if (
             self._drained is not None
@@ -873,6 +910,13 @@ def _execution_error(exc: Exception, name: str) -> ModelplaneError:
     return ExecutionFailed(
         f"model '{name}' could not run this request's input values: {_runtime_message(exc)}"
     )
+
+
+def _retry_ms(wait_s: float | None) -> int:
+    """The retry hint for `wait_s` of work ahead (None: unknown yet)."""
+    if wait_s is None:
+        return DEFAULT_RETRY_AFTER_MS
+    return min(max(1, int(wait_s * 1000) + 1), MAX_RETRY_AFTER_MS)
 
 
 def _stale(request: PendingRequest, now: float) -> str | None:

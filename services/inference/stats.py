@@ -72,7 +72,8 @@ class InferenceMetrics:
             "Inference requests by outcome (success, invalid, rejected, expired, cancelled, "
             "failed); a rejected one by reason (queue_full: no room in the queue; queue_wait: "
             "the work ahead passes the queue-wait bound; deadline: the work ahead would "
-            "outlast its deadline), others with an empty reason",
+            "outlast its deadline; queue_timeout: still queued past the queue-wait bound, "
+            "refused then), others with an empty reason",
             [*labels, "outcome", "reason"],
             registry=registry,
         )

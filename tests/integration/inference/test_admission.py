@@ -90,6 +90,14 @@ def assert_refused_at_headers(address: str, x: np.ndarray, words: str, retry_ms:
             assert dict(refused.value.trailing_metadata())["grpc-retry-pushback-ms"] == retry_ms
 
 
+def _lift_the_bound(server) -> None:
+    """Lifts `light`'s queue-wait bound before the gate opens: the calls queued meanwhile
+    have waited as long as the test took, and one still queued past the bound would be
+    refused then (the unit tests cover that)."""
+    batcher = server.repository.get("light").batcher
+    batcher.policy = dataclasses.replace(batcher.policy, max_queue_wait_s=0.0)
+
+
 def _past_the_bound(server, stub, gate: Gate, x: np.ndarray) -> list[grpc.Future]:
     """`light` busy with 1 row, batches of 0.1 s a row, a 0.25 s queue-wait bound and 2
     rows queued: 0.3 s ahead, so any further request would be refused."""
@@ -119,6 +127,7 @@ def test_while_every_model_would_refuse_calls_are_refused_at_their_headers(tmp_p
         rejected = {"model": "light", "version": "1", "outcome": "rejected"}
         assert count("modelplane_inference_requests_total", **rejected, reason="queue_wait") == 0
 
+        _lift_the_bound(server)
         gate.open()
         assert all(output(f.result(WAIT)).shape == (1, 8) for f in admitted)
         # Nothing ahead any more: calls go through again.
@@ -144,5 +153,6 @@ def test_while_another_model_would_take_a_request_the_door_lets_calls_in(reposit
             == 1
         )
         assert server.registry.get_sample_value("modelplane_grpc_calls_refused_at_door_total") == 0
+        _lift_the_bound(server)
         gate.open()
         assert all(output(f.result(WAIT)).shape == (1, 8) for f in admitted)

@@ -1,7 +1,8 @@
 """Admission control in the batcher: a request is refused at once when the queue has no
 room for its rows, when the work ahead of it would take longer than the queue-wait bound,
-or could not be done before its deadline, in batches as long as recent ones of their size; every
-refusal carries a retry hint and is counted by reason.
+or could not be done before its deadline, in batches as long as recent ones of their size,
+and later if it is still queued past the bound; every refusal carries a retry hint and is
+counted by reason.
 
 Batch times are set by hand (`KnownLine`) where a test needs known ones, and
 a gated runner holds the only instance busy, so what is ahead of a request is known
@@ -270,6 +271,66 @@ async def test_the_queue_wait_bound_keeps_to_the_recent_batches():
     runner.open()
     await settle(*admitted)
     await batcher.close()
+
+
+async def test_a_request_still_queued_past_the_bound_is_refused_not_run():
+    """The admission estimate can be short (the first batches of a flood run slower than
+    those it was learned from): a request that has waited past the bound when its batch
+    forms is refused then, with UNAVAILABLE and a retry hint, counted by reason, and never
+    run; one within the bound runs. Time is moved by hand: the late one's queueing is set
+    10 s back, against a 5 s bound."""
+    registry = CollectorRegistry()
+    stats = VersionStats("m", "1", InferenceMetrics(registry))
+    runner = GatedRunner()
+    policy = BatchingPolicy(max_batch_size=1, max_queue_wait_s=5.0)
+    batcher = DynamicBatcher("m", [runner], policy, observer=stats)
+    first = request(0.0)
+    batcher.submit(first)
+    await runner.wait_entered()
+    batcher.rate = KnownLine(0.001, 0.001)  # 2 ms a 1-row batch: the bound stays 5 s
+    late, in_time = request(1.0), request(2.0)
+    batcher.submit(late)
+    batcher.submit(in_time)
+    late.enqueued_ns -= 10 * SECOND_NS  # it has waited 10 s
+    runner.open()
+    await settle(first, late, in_time)
+    assert late.future is not None and in_time.future is not None
+    timed_out = late.future.exception()
+    assert isinstance(timed_out, Rejected) and isinstance(timed_out, Overloaded)
+    assert timed_out.reason == "queue_timeout"
+    assert "Queue timeout" in timed_out.message and "bound (5000 ms)" in timed_out.message
+    assert timed_out.retry_after_ms is not None and timed_out.retry_after_ms >= 1
+    assert in_time.future.result()["y"][0, 0] == 4.0
+    assert runner.batches == [1, 1]  # the first and the one in time: the late one never ran
+    assert (
+        registry.get_sample_value(
+            "modelplane_inference_requests_total",
+            {"model": "m", "version": "1", "outcome": "rejected", "reason": "queue_timeout"},
+        )
+        == 1
+    )
+    assert stats.snapshot().rejected == 1 and batcher.queued_rows == 0
+    await batcher.close()
+
+
+async def test_without_a_bound_or_within_a_slow_models_floor_a_long_wait_still_runs():
+    """No queue-wait bound: a request waits as long as it takes. A slow model's bound is
+    never below two 1-row batches' time (here 2.02 s against a 0.2 s bound): a request
+    that waited 1 s behind its running batch still runs."""
+    for bound_s, line in ((0.0, KnownLine(0.001, 0.001)), (0.2, KnownLine(1.0, 0.01))):
+        runner = GatedRunner()
+        batcher = DynamicBatcher("m", [runner], BatchingPolicy(max_queue_wait_s=bound_s))
+        first = request(0.0)
+        batcher.submit(first)
+        await runner.wait_entered()
+        batcher.rate = line
+        waited = request(1.0)
+        batcher.submit(waited)
+        waited.enqueued_ns -= SECOND_NS
+        runner.open()
+        await settle(first, waited)
+        assert waited.future is not None and waited.future.result()["y"][0, 0] == 2.0
+        await batcher.close()
 
 
 def test_rejections_are_counted_by_reason():
