@@ -353,13 +353,6 @@ class ServiceRate:
             fixed, per_row = 0.0, mean_s / mean_rows
         self._fixed, self._per_row, self._usual = fixed, per_row, 0.0
 
-    @property
-    def batch_s(self) -> float | None:
-        """How long a recent batch held its instance (None until one finished)."""
-        if self._w <= 0:
-            return None
-        return self._t / self._w
-
     def batch_time(self, rows: int) -> float | None:
         """Seconds a batch of `rows` would hold an instance (None until one finished)."""
         if self._w <= 0:

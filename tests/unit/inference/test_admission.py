@@ -110,10 +110,6 @@ class KnownLine(ServiceRate):
         super().__init__()
         self.fixed_s, self.per_row_s = fixed_s, per_row_s
 
-    @property
-    def batch_s(self) -> float | None:
-        return self.fixed_s + self.per_row_s
-
     def batch_time(self, rows: int) -> float | None:
         return self.fixed_s + self.per_row_s * rows
 
@@ -234,7 +230,6 @@ async def test_the_queue_wait_bound_holds_after_long_full_batches():
         rate.add(64, 257_000_000)
         rate.add(1, 5_000_000)
     batcher.rate = rate
-    assert rate.batch_s is not None and 2 * rate.batch_s > 0.2
     waiting = [request(float(i)) for i in range(24)]
     for pending in waiting:
         batcher.submit(pending)  # the last one behind 24 rows: 0.097 s
