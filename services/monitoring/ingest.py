@@ -38,7 +38,11 @@ from modelplane.services.monitoring.record_keys import (
     record_keys,
 )
 from modelplane.services.monitoring.references import References
-from modelplane.services.monitoring.statistics import WindowStats, output_column_names
+from modelplane.services.monitoring.statistics import (
+    COUNTER_MAX,
+    WindowStats,
+    output_column_names,
+)
 from modelplane.services.monitoring.store import (
     GRANULARITIES_US,
     MINUTE_US,
@@ -56,9 +60,6 @@ MAX_ERRORS = 16
 # Dirty windows held before a flush is forced (each holds a few KiB of sketches).
 MAX_DIRTY_WINDOWS = 2_000
 REPLAY_CHUNK = 64
-
-# Producer counters are totals since the producer started; past this they cannot be stored.
-MAX_COUNTER = 2**63 - 1
 
 
 @dataclass
@@ -242,9 +243,9 @@ class Ingestor:
             for c in counters
             if c.model_name
         }
-        if any(n > MAX_COUNTER for total in totals.values() for n in total):
+        if any(n > COUNTER_MAX for total in totals.values() for n in total):
             # uint64 on the wire; stored as (signed 64-bit) SQL integers.
-            raise InvalidArgument(f"producer counters must be at most {MAX_COUNTER}")
+            raise InvalidArgument(f"producer counters must be at most {COUNTER_MAX}")
         with self._lock:
             deltas = self._store_new(decoded, result, producer, totals)
             self._count_producers(deltas, now_us)
@@ -388,9 +389,7 @@ class Ingestor:
         minute = now_us // MINUTE_US * MINUTE_US
         for model, (dropped, failed, requests) in deltas.items():
             window = self._window(WindowKey(model, "", MINUTE_US, minute))
-            window.dropped_records += dropped
-            window.failed_requests += failed
-            window.requests += requests
+            window.add_producer_counts(dropped, failed, requests)
 
     def _count_rejected(
         self, result: IngestResult, batches: Sequence[pb.PredictionBatch], now_us: int

@@ -445,6 +445,14 @@ def output_column_names(names: Sequence[str], widths: Sequence[int]) -> list[str
     return columns
 
 
+COUNTER_MAX = 2**63 - 1
+"""The most a producer's counter (a running total: uint64 on the wire, a signed 64-bit
+SQL integer in the store) or a window's sum of them holds. A window's sum saturates here:
+several producers, or one restarting, each reporting totals near it made a window that
+protobuf could not serialize, and every summary and report of the model failed with it
+(found by tests/fuzz)."""
+
+
 @dataclass(eq=False)
 class WindowStats:
     """Everything kept of one model version in one window (and slice).
@@ -466,6 +474,12 @@ class WindowStats:
     first_us: int = 0
     last_us: int = 0
     outputs: set[str] = field(default_factory=set)
+
+    def add_producer_counts(self, dropped: int, failed: int, requests: int) -> None:
+        """Adds producers' counts, each held at most COUNTER_MAX (see there)."""
+        self.dropped_records = min(self.dropped_records + dropped, COUNTER_MAX)
+        self.failed_requests = min(self.failed_requests + failed, COUNTER_MAX)
+        self.requests = min(self.requests + requests, COUNTER_MAX)
 
     def add_rows(
         self,
@@ -538,9 +552,7 @@ class WindowStats:
         nothing with the result."""
         self.count += other.count
         self.latency_sum_ms += other.latency_sum_ms
-        self.dropped_records += other.dropped_records
-        self.failed_requests += other.failed_requests
-        self.requests += other.requests
+        self.add_producer_counts(other.dropped_records, other.failed_requests, other.requests)
         for reason, n in other.rejected.items():
             self.rejected[reason] = self.rejected.get(reason, 0) + n
         for route, n in other.routes.items():

@@ -252,3 +252,31 @@ def test_out_of_range_input_is_invalid_argument(tmp_path: Path):
             assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT, request
         counters.counters[0].dropped_records = 2**63 - 1
         stub.LogPredictions(counters, timeout=10)
+
+
+def test_producers_counting_near_the_bound_never_break_summaries(tmp_path: Path):
+    """Found by tests/fuzz: several producers each reporting totals near the bound made
+    the model's minute window unserializable, so every summary and report of the model
+    answered INTERNAL from then on. The window's counts now saturate."""
+    server = build(Settings(port=0, data_dir=tmp_path, log_json=False, log_level="WARNING"))
+    with running_aio_in_thread(server) as address, grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.MonitoringServiceStub(channel)
+        near = 2**63 - 1
+        for producer in ("inference-0", "inference-1", "inference-2"):
+            stub.LogPredictions(
+                pb.LogPredictionsRequest(
+                    producer_id=producer,
+                    counters=[
+                        pb.ProducerCounters(
+                            model_name="fraud", dropped_records=near, failed_requests=near
+                        )
+                    ],
+                ),
+                timeout=10,
+            )
+        summary = stub.GetPredictionSummary(
+            pb.GetPredictionSummaryRequest(model_name="fraud"), timeout=10
+        )
+        assert summary.count == 0
+        report = stub.GetReport(pb.GetReportRequest(model_name="fraud"), timeout=10)
+        assert report.model_name == "fraud"

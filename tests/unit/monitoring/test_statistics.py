@@ -10,6 +10,7 @@ import pytest
 from modelplane.kernel.errors import InvalidArgument
 from modelplane.monitoring.v1 import monitoring_pb2 as pb
 from modelplane.services.monitoring.statistics import (
+    COUNTER_MAX,
     MAX_CATEGORIES,
     OTHER,
     CategoricalColumn,
@@ -445,3 +446,23 @@ def test_window_bytes_round_trip() -> None:
     assert WindowStats.from_bytes(WindowStats().to_bytes()).count == 0
     with pytest.raises(InvalidArgument):
         WindowStats.from_bytes(b"\xff\xff\xff")
+
+
+def test_producer_counts_saturate_so_a_window_always_serializes() -> None:
+    """Found by tests/fuzz: producers each reporting totals near the bound summed past
+    uint64 in one window, which then failed to serialize, and every summary and report
+    of the model with it."""
+    window = WindowStats()
+    for _ in range(3):  # three producers, or one restarting twice
+        window.add_producer_counts(COUNTER_MAX, COUNTER_MAX - 1, 5)
+    other = WindowStats()
+    other.add_producer_counts(COUNTER_MAX, 1, 7)
+    window.merge(other)
+    assert (window.dropped_records, window.failed_requests) == (COUNTER_MAX, COUNTER_MAX)
+    assert window.requests == 22  # below the bound, counts stay exact
+    back = WindowStats.from_bytes(window.to_bytes())
+    assert (back.dropped_records, back.failed_requests, back.requests) == (
+        COUNTER_MAX,
+        COUNTER_MAX,
+        22,
+    )
