@@ -719,15 +719,12 @@ class DynamicBatcher:
         while queue_:
             request = queue_[0]
             reason = _stale(request, now)
+            if reason is None and timeout_ns and now_ns - request.enqueued_ns > timeout_ns:
+                reason = "queue_timeout"
             if reason is not None:
                 queue_.popleft()
                 self._queued_rows -= request.rows
                 self._drop(request, reason)
-                continue
-            if timeout_ns and now_ns - request.enqueued_ns > timeout_ns:
-                queue_.popleft()
-                self._queued_rows -= request.rows
-                self._time_out(request, now_ns, timeout_ns)
                 continue
             if batch:
                 if rows + request.rows > cap:
@@ -795,41 +792,39 @@ class DynamicBatcher:
         self._check_drained()
 
     def _drop(self, request: PendingRequest, reason: str) -> None:
-        if reason == "cancelled":
+        """Fails a request taken out of the queue unrun: "cancelled", "expired" (its
+        deadline passed) or "queue_timeout" (it waited past the queue-wait bound, the
+        admission estimate having been short: UNAVAILABLE with a retry hint, counted as a
+        rejection)."""
+        request.finished_ns = time.perf_counter_ns()
+        report = self._observer.request_dropped
+        if reason == "queue_timeout":
+            request.error = self._timed_out(request)
+            report = self._observer.request_rejected
+        elif reason == "cancelled":
             request.error = Cancelled(f"request to model '{self.name}' cancelled; not executed")
         else:
             request.error = DeadlineExceeded(
                 f"deadline passed while queued for model '{self.name}'; not executed"
             )
-        request.finished_ns = time.perf_counter_ns()
         try:
-            self._observer.request_dropped(request, reason)
+            report(request, reason)
         except Exception:
             log.exception("batch observer failed", extra={"model": self.name})
         future = request.future
         if future is not None and not future.done():
             future.set_exception(request.error)
 
-    def _time_out(self, request: PendingRequest, now_ns: int, timeout_ns: int) -> None:
-        """Refuses a queued request that has waited past the queue-wait bound (the
-        admission estimate was short): UNAVAILABLE with a retry hint, never run."""
+    def _timed_out(self, request: PendingRequest) -> Rejected:
         retry_ms = _retry_ms(self.drain_s(self._queued_rows + self._running_rows))
-        request.error = Rejected(
+        return Rejected(
             f"Queue timeout: request to model '{self.name}' waited "
-            f"{(now_ns - request.enqueued_ns) / 1e6:.0f} ms in the queue, past the "
-            f"queue-wait bound ({timeout_ns / 1e6:.0f} ms); not executed; "
+            f"{(request.finished_ns - request.enqueued_ns) / 1e6:.0f} ms in the queue, past "
+            f"the queue-wait bound ({self.wait_bound_s() * 1000:.0f} ms); not executed; "
             f"retry after {retry_ms} ms",
             "queue_timeout",
             retry_ms,
         )
-        request.finished_ns = now_ns
-        try:
-            self._observer.request_rejected(request, "queue_timeout")
-        except Exception:
-            log.exception("batch observer failed", extra={"model": self.name})
-        future = request.future
-        if future is not None and not future.done():
-            future.set_exception(request.error)
 
     def _check_drained(self) -> None:
         if (
